@@ -1,0 +1,328 @@
+"""From region features and a text to decoded, JSON-ready answers for any set of tasks, in batched forwards.
+
+Inputs are built exactly as the reference's feature reader and demo do: the mean of the region features is
+prepended as a "global" region 0 with location [0, 0, 1, 1, 1]; every box gets the 5-d location
+[x1/W, y1/H, x2/W, y2/H, area/(W*H)] in the original image size; [CLS] text [SEP] with segment ids 0; the
+task's token id per row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+
+from .answers import load_bundle_answers
+from .checkpoint import load_model
+from .configuration import ViLBertConfig
+from .modeling import ViLBertForVLTasks, ViLBertOutput
+from .tasks import Task, TaskRegistry
+from .tokenization import PACKAGED_VOCAB, EncodedText, Tokenizer
+
+PACKAGED_CONFIG = Path(__file__).resolve().parent.parent / "config" / "bert_base_6layer_6conect.json"
+CHECKPOINT_FILE = "multi_task_model.bin"
+CONFIG_FILE = "vilbert_config.json"
+VOCAB_FILE = "vocab.txt"
+# Regions the detector contributes to every row (100 boxes + the global region), as in training.
+DETECTED_REGIONS = 101
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class RegionsLike(Protocol):
+    boxes: np.ndarray  # [N, 4] float x1 y1 x2 y2, original-image pixels
+    features: np.ndarray  # [N, D] float
+    image_width: int
+    image_height: int
+
+
+@dataclass
+class ImageRegions:
+    """Region features of one image (the detector's RegionFeatures has the same attributes)."""
+
+    boxes: np.ndarray
+    features: np.ndarray
+    image_width: int
+    image_height: int
+
+
+class PredictionInputError(ValueError):
+    """The request cannot be answered as given (wrong image count, missing candidate boxes, …)."""
+
+    def __init__(self, code: str, message: str):
+        self.code = code
+        self.message = message
+        super().__init__(message)
+
+
+def box_locations(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+    """[N, 4] pixel boxes -> [N, 5] normalised locations (x1/W, y1/H, x2/W, y2/H, relative area)."""
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / float(width * height)
+    scale = np.array([width, height, width, height], dtype=np.float32)
+    return np.concatenate([boxes / scale, area[:, None]], axis=1).astype(np.float32)
+
+
+@dataclass
+class RegionRows:
+    """The visual input of one batch row. Row 0 is the global region."""
+
+    features: np.ndarray  # [R, D]
+    spatials: np.ndarray  # [R, 5]
+    boxes: np.ndarray  # [R, 4] pixel boxes; the global region is the whole image
+    num_candidates: int = 0  # candidate boxes at the end (pointing tasks)
+
+
+def region_rows(image: RegionsLike, max_regions: int = DETECTED_REGIONS, candidates: RegionsLike | None = None) -> RegionRows:
+    """Global region + detected boxes (+ candidate boxes for pointing tasks), as the reference datasets build them.
+
+    For pointing tasks the reference merges the detected and the candidate ("ground-truth") feature files: the
+    global feature is the count-weighted mean of both files' global rows, detected boxes come first and the
+    candidates occupy the last rows."""
+    features = np.asarray(image.features, dtype=np.float32)
+    boxes = np.asarray(image.boxes, dtype=np.float32).reshape(-1, 4)
+    if features.ndim != 2 or len(features) != len(boxes) or len(boxes) == 0:
+        raise PredictionInputError("invalid_regions", "region features and boxes must be non-empty and of equal count")
+    width, height = int(image.image_width), int(image.image_height)
+    global_feature = features.mean(axis=0, keepdims=True)
+    count = len(boxes) + 1  # the reference's num_boxes includes the global row
+    num_candidates = 0
+    if candidates is not None:
+        cand_features = np.asarray(candidates.features, dtype=np.float32)
+        cand_boxes = np.asarray(candidates.boxes, dtype=np.float32).reshape(-1, 4)
+        num_candidates = len(cand_boxes)
+        cand_count = num_candidates + 1
+        global_feature = (global_feature * count + cand_features.mean(axis=0, keepdims=True) * cand_count) / (
+            count + cand_count
+        )
+    keep = min(len(boxes), max_regions - 1 - num_candidates)
+    rows_features = [global_feature, features[:keep]]
+    rows_boxes = [np.array([[0, 0, width, height]], dtype=np.float32), boxes[:keep]]
+    if num_candidates:
+        rows_features.append(cand_features)
+        rows_boxes.append(cand_boxes)
+    all_boxes = np.concatenate(rows_boxes)
+    spatials = box_locations(all_boxes, width, height)
+    spatials[0] = [0.0, 0.0, 1.0, 1.0, 1.0]
+    return RegionRows(np.concatenate(rows_features), spatials, all_boxes, num_candidates)
+
+
+@dataclass
+class _Row:
+    task: Task
+    text: EncodedText
+    regions: RegionRows
+
+
+def softmax(x: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(x.float(), dim=-1)
+
+
+class Predictor:
+    """Runs the multi-task model for a text and the region features of one or more images."""
+
+    def __init__(
+        self,
+        model: ViLBertForVLTasks,
+        tokenizer: Tokenizer,
+        answers: dict[str, list[str]],
+        registry: TaskRegistry | None = None,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+    ):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.answers = answers
+        self.tasks = registry or TaskRegistry.from_file()
+        self.precision = precision
+        self.feature_dim = model.config.v_feature_size
+
+    @classmethod
+    def from_dir(cls, model_dir: str | os.PathLike, device: str = "cpu", precision: str = "fp32") -> "Predictor":
+        """Load a weights bundle: multi_task_model.bin, answer lists, optional vilbert_config.json and vocab.txt."""
+        model_dir = Path(model_dir)
+        checkpoint = model_dir / CHECKPOINT_FILE
+        if not checkpoint.is_file():
+            raise FileNotFoundError(
+                f"no ViLBERT checkpoint at {checkpoint}: run `python models/fetch.py --dest {model_dir}` for the "
+                f"released weights, or `python models/make_tiny.py --out {model_dir}` for a tiny test bundle"
+            )
+        config_path = model_dir / CONFIG_FILE
+        config = ViLBertConfig.from_json_file(config_path if config_path.is_file() else PACKAGED_CONFIG)
+        vocab = model_dir / VOCAB_FILE
+        tokenizer = Tokenizer(vocab if vocab.is_file() else PACKAGED_VOCAB)
+        model = load_model(checkpoint, config, device=device)
+        return cls(model, tokenizer, load_bundle_answers(model_dir), device=device, precision=precision)
+
+    # ----------------------------------------------------------------------------------------------------------
+
+    def predict(
+        self,
+        images: Sequence[RegionsLike],
+        text: str,
+        tasks: Sequence[str],
+        top_k: int = 3,
+        candidates: Sequence[RegionsLike | None] | None = None,
+    ) -> dict[str, dict]:
+        """Answers for every task in `tasks`, keyed by task name.
+
+        images: region features per image (nlvr2 needs exactly two; retrieval scores each one; the other tasks
+        read the first). candidates: per image, the caller-given boxes with their features (pointing tasks)."""
+        selected = self.tasks.resolve(tasks)
+        if not selected:
+            raise PredictionInputError("no_tasks", "no task requested")
+        if not images:
+            raise PredictionInputError("no_images", "at least one image is required")
+        for image in images:
+            if np.asarray(image.features).shape[-1] != self.feature_dim:
+                raise PredictionInputError(
+                    "feature_size", f"region features have {np.asarray(image.features).shape[-1]} dimensions, "
+                    f"the model expects {self.feature_dim}"
+                )
+        rows: list[_Row] = []
+        row_ids: dict[str, list[int]] = {}
+        for task in selected:
+            # Single-image tasks read the first image of a multi-image request; the others need their count.
+            if task.max_images != 1 and not task.accepts_image_count(len(images)):
+                raise PredictionInputError(
+                    "image_count", f"task {task.name} needs {task.images} images, got {len(images)}"
+                )
+            encoded = self.tokenizer.encode(text, task.max_seq_length, pad=False)
+            row_ids[task.name] = []
+            for image_index in self._images_for(task, len(images)):
+                cand = None
+                if task.needs_candidates:
+                    cand = candidates[image_index] if candidates and image_index < len(candidates) else None
+                    if cand is None or len(np.asarray(cand.boxes).reshape(-1, 4)) == 0:
+                        raise PredictionInputError("missing_candidates", f"task {task.name} needs candidate boxes")
+                    if len(np.asarray(cand.boxes).reshape(-1, 4)) > task.max_region_num - DETECTED_REGIONS:
+                        raise PredictionInputError(
+                            "too_many_candidates",
+                            f"task {task.name} takes at most {task.max_region_num - DETECTED_REGIONS} candidate boxes",
+                        )
+                regions = region_rows(images[image_index], DETECTED_REGIONS, cand)
+                row_ids[task.name].append(len(rows))
+                rows.append(_Row(task, encoded, regions))
+        outputs = self._run(rows)
+        return {task.name: self._decode(task, [outputs[i] for i in row_ids[task.name]], rows, row_ids[task.name], top_k)
+                for task in selected}
+
+    @staticmethod
+    def _images_for(task: Task, count: int) -> range:
+        # Retrieval scores every image against the text and NLVR2 reads its two images as a pair of rows;
+        # every other task reads the first image.
+        return range(count) if task.max_images != 1 else range(1)
+
+    def _autocast(self):
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def _run(self, rows: list[_Row]) -> list[dict[str, torch.Tensor]]:
+        """One forward per distinct region count (normally one), rows padded within it. Returns per-row heads."""
+        per_row: list[dict[str, torch.Tensor] | None] = [None] * len(rows)
+        groups: dict[int, list[int]] = {}
+        for index, row in enumerate(rows):
+            groups.setdefault(len(row.regions.features), []).append(index)
+        for indices in groups.values():
+            output = self.forward([rows[i] for i in indices])
+            for position, index in enumerate(indices):
+                per_row[index] = {
+                    "vil_prediction": output.vil_prediction[position],
+                    "vil_prediction_gqa": output.vil_prediction_gqa[position],
+                    "vil_logit": output.vil_logit[position, 0],
+                    "vil_tri_prediction": output.vil_tri_prediction[position],
+                    "vision_logit": output.vision_logit[position, :, 0],
+                    "pooled_output": output.pooled_output[position],
+                }
+        return per_row  # type: ignore[return-value]
+
+    def forward(self, rows: list[_Row]) -> ViLBertOutput:
+        """Pad rows to a common text length and region count and run the model once."""
+        batch = len(rows)
+        length = max(len(r.text.input_ids) for r in rows)
+        regions = max(len(r.regions.features) for r in rows)
+        input_ids = torch.zeros(batch, length, dtype=torch.long)
+        attention_mask = torch.zeros(batch, length, dtype=torch.long)
+        features = torch.zeros(batch, regions, self.feature_dim)
+        spatials = torch.zeros(batch, regions, 5)
+        image_mask = torch.zeros(batch, regions, dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row.text.input_ids)
+            input_ids[i, :n] = torch.tensor(row.text.input_ids)
+            attention_mask[i, :n] = 1
+            r = len(row.regions.features)
+            features[i, :r] = torch.from_numpy(row.regions.features)
+            spatials[i, :r] = torch.from_numpy(row.regions.spatials)
+            image_mask[i, :r] = 1
+        task_ids = torch.tensor([[row.task.task_id] for row in rows], dtype=torch.long)
+        device = self.device
+        with torch.inference_mode(), self._autocast():
+            return self.model(
+                input_ids=input_ids.to(device),
+                features=features.to(device),
+                spatials=spatials.to(device),
+                token_type_ids=torch.zeros_like(input_ids).to(device),
+                attention_mask=attention_mask.to(device),
+                image_attention_mask=image_mask.to(device),
+                task_ids=task_ids.to(device),
+            )
+
+    # ----------------------------------------------------------------------------------------------------------
+
+    def _decode(self, task: Task, outs: list[dict[str, torch.Tensor]], rows: list[_Row], ids: list[int], top_k: int) -> dict:
+        result: dict = {"task_id": task.task_id}
+        if task.kind == "answer":
+            probs = softmax(outs[0][task.head])
+            values, indices = probs.topk(min(top_k, probs.numel()))
+            vocab = self.answers[task.answers]
+            result["answers"] = [
+                {"answer": vocab[i], "probability": round(float(p), 6)} for p, i in zip(values.tolist(), indices.tolist())
+            ]
+        elif task.kind == "entailment":
+            probs = softmax(outs[0]["vil_tri_prediction"]).tolist()
+            labels = task.labels or ("contradiction", "neutral", "entailment")
+            best = int(np.argmax(probs))
+            result.update(label=labels[best], probabilities={l: round(p, 6) for l, p in zip(labels, probs)})
+        elif task.kind == "binary":
+            with torch.inference_mode(), self._autocast():
+                logits = self.model.pair_prediction(torch.stack([o["pooled_output"] for o in outs]))[0]
+            probs = softmax(logits).tolist()
+            labels = task.labels or ("false", "true")
+            best = int(np.argmax(probs))
+            result.update(label=labels[best], probability=round(probs[best], 6),
+                          probabilities={l: round(p, 6) for l, p in zip(labels, probs)})
+        elif task.kind == "score":
+            scores = torch.stack([o["vil_logit"] for o in outs]).float()
+            result.update(
+                scores=[round(float(s), 6) for s in scores],
+                probabilities=[round(float(p), 6) for p in softmax(scores)],
+                ranking=[int(i) for i in torch.argsort(scores, descending=True, stable=True)],
+            )
+        elif task.kind == "grounding":
+            regions = rows[ids[0]].regions
+            logits = outs[0]["vision_logit"][: len(regions.features)]
+            probs = softmax(logits)
+            values, indices = probs.topk(min(top_k, probs.numel()))
+            result["regions"] = [
+                {"box": [round(float(c), 2) for c in regions.boxes[i]], "score": round(float(p), 6), "region": int(i)}
+                for p, i in zip(values.tolist(), indices.tolist())
+            ]
+        elif task.kind == "pointing":
+            regions = rows[ids[0]].regions
+            start = len(regions.features) - regions.num_candidates
+            probs = softmax(outs[0]["vision_logit"][start: len(regions.features)])
+            result["candidates"] = [
+                {"box": [round(float(c), 2) for c in regions.boxes[start + i]], "score": round(float(p), 6)}
+                for i, p in enumerate(probs.tolist())
+            ]
+            result["best"] = int(torch.argmax(probs))
+        return result
