@@ -16,6 +16,7 @@ from tokenizers import BertWordPieceTokenizer
 
 PACKAGED_VOCAB = Path(__file__).resolve().parent / "data" / "bert-base-uncased-vocab.txt"
 PAD_ID = 0
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
 @dataclass
@@ -33,17 +34,15 @@ class Tokenizer:
         if not vocab_path.is_file():
             raise FileNotFoundError(f"WordPiece vocabulary not found: {vocab_path}")
         self.vocab_path = vocab_path
+        vocab = {line.rstrip("\r\n"): i for i, line in enumerate(vocab_path.read_text(encoding="utf-8").splitlines())}
+        for token in SPECIAL_TOKENS:
+            if token not in vocab:
+                raise ValueError(f"{vocab_path}: vocabulary has no {token} token")
         self._tokenizer = BertWordPieceTokenizer(
-            str(vocab_path), lowercase=True, strip_accents=True, clean_text=True, handle_chinese_chars=True
+            vocab, lowercase=True, strip_accents=True, clean_text=True, handle_chinese_chars=True
         )
-        self.cls_id = self._require("[CLS]")
-        self.sep_id = self._require("[SEP]")
-
-    def _require(self, token: str) -> int:
-        token_id = self._tokenizer.token_to_id(token)
-        if token_id is None:
-            raise ValueError(f"{self.vocab_path}: vocabulary has no {token} token")
-        return token_id
+        self.cls_id = vocab["[CLS]"]
+        self.sep_id = vocab["[SEP]"]
 
     @property
     def vocab_size(self) -> int:
