@@ -38,9 +38,10 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     MODEL_DIR=/models \
-    NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
+# NVIDIA_VISIBLE_DEVICES is deliberately unset: which GPU a container sees comes from its compose
+# reservation only, so web containers never see a GPU.
 # Docker copies /models (owned by app) into a fresh named volume, so the fetch service can write it.
 VOLUME ["/models"]
 # Numeric, so runtimes can verify "non-root" without reading /etc/passwd.

@@ -25,6 +25,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE = REPO / "docker-compose.yml"
 COMPOSE_CPU = REPO / "docker-compose.cpu.yml"
+COMPOSE_GPUS = REPO / "docker-compose.gpus.yml"
 DOCKERFILE = REPO / "Dockerfile"
 HEALTHCHECK = REPO / "docker" / "healthcheck.py"
 
@@ -129,13 +130,28 @@ def test_compose_volumes_keep_weights_and_jobs_outside_the_image():
 
 def test_compose_knobs_are_configurable():
     config = compose_config(COMPOSE, env={"WORKER_REPLICAS": "3", "WEB_REPLICAS": "2", "WORKER_GPU": "1",
-                                          "WEB_PORT": "8080", "VILBERT_IMAGE": "registry.example/vilbert:1.2"})
+                                          "WEB_PORT": "8080", "VILBERT_IMAGE": "registry.example/vilbert:1.2",
+                                          "VILBERT_REDIS_URL": "redis://:secret@queue.internal:6379/1"})
     services = config["services"]
     assert services["worker"]["deploy"]["replicas"] == 3
     assert services["web"]["deploy"]["replicas"] == 2
     assert services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["1"]
     assert services["web"]["ports"][0]["published"] == "8080"
     assert services["worker"]["image"] == "registry.example/vilbert:1.2"
+    assert {services[s]["environment"]["REDIS_URL"] for s in ("web", "worker", "fetch-weights")} == {
+        "redis://:secret@queue.internal:6379/1"}
+
+
+def test_gpus_example_puts_one_worker_on_each_gpu():
+    services = compose_config(COMPOSE, COMPOSE_GPUS)["services"]
+    workers = {name: svc for name, svc in services.items() if name.startswith("worker")}
+    assert set(workers) == {"worker", "worker-gpu1"}
+    reserved = {name: svc["deploy"]["resources"]["reservations"]["devices"] for name, svc in workers.items()}
+    assert [d["device_ids"] for d in reserved["worker"]] == [["0"]]
+    assert [d["device_ids"] for d in reserved["worker-gpu1"]] == [["1"]]  # replaced, not appended
+    gpu1 = workers["worker-gpu1"]
+    assert gpu1["command"] == ["python", "worker.py"]
+    assert gpu1["depends_on"]["fetch-weights"]["condition"] == "service_completed_successfully"
 
 
 def test_cpu_override_drops_the_gpu_reservation():
@@ -156,6 +172,8 @@ def test_compose_files_structure_without_the_compose_binary():
     assert "replicas" in worker["deploy"] and "replicas" in base["services"]["web"]["deploy"]
     assert cpu["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"] == {"__tag__": "reset"}
     assert set(cpu["services"]) == {"worker"}
+    gpus = load_yaml(COMPOSE_GPUS)["services"]["worker-gpu1"]
+    assert gpus["extends"] == {"file": "docker-compose.yml", "service": "worker"}
 
 
 # --------------------------------------------------------------------------------------------
