@@ -46,7 +46,7 @@ from typing import BinaryIO, Callable, Iterable, Optional
 if __package__ in (None, ""):  # run as `python models/fetch.py`: make `models.` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.safe_pickle import Label2AnsError, load_label2ans  # noqa: E402
+from models.safe_pickle import MAX_PICKLE_BYTES, Label2AnsError, load_label2ans  # noqa: E402
 
 DEFAULT_BASE_URL = "https://dl.fbaipublicfiles.com/vilbert-multi-task/"
 BASE_URL_ENV = "VILBERT_WEIGHTS_URL"
@@ -371,8 +371,6 @@ def read_tar_members(fileobj: BinaryIO, wanted: Iterable[str], label: str = ARCH
 
     Nothing is extracted to disk; links, directories and oversized members are refused.
     """
-    from models.safe_pickle import MAX_PICKLE_BYTES
-
     wanted = {_strip_dot(name) for name in wanted}
     found: dict[str, bytes] = {}
     try:

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
-import uuid
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -273,35 +273,49 @@ def test_healthcheck_web():
     assert proc.returncode == 1 and "healthcheck:" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def _redis_url() -> str:
-    url = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+@pytest.fixture
+def redis_url():
+    """A private redis-server, so the RQ worker registered here never shows up in other tests' Redis."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=1):
-            pass
-    except OSError:
-        pytest.skip("no Redis on 127.0.0.1:6379")
-    return url
+        from redis import Redis
+
+        client = Redis(port=port)
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except Exception:
+                time.sleep(0.05)
+        else:
+            pytest.fail("redis-server did not start")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
-def test_healthcheck_worker_follows_rq_registration():
+def test_healthcheck_worker_follows_rq_registration(redis_url):
     from redis import Redis
     from rq import Queue, Worker
 
-    url = _redis_url()
-    connection = Redis.from_url(url)
-    queue = Queue(f"healthcheck-{uuid.uuid4().hex}", connection=connection)
-    worker = Worker([queue], connection=connection, name=f"healthcheck-{uuid.uuid4().hex}")
-    try:
-        assert worker.hostname == socket.gethostname()
-        mine_before = [w for w in Worker.all(connection=connection) if w.hostname == socket.gethostname()]
-        if not mine_before:  # another test's worker on this host would make "unhealthy" untestable
-            proc = _healthcheck("worker", {"REDIS_URL": url})
-            assert proc.returncode == 1 and "no RQ worker" in proc.stderr
-        worker.register_birth()
-        assert _healthcheck("worker", {"REDIS_URL": url}).returncode == 0
-    finally:
-        worker.register_death()
-        queue.delete()
+    connection = Redis.from_url(redis_url)
+    worker = Worker([Queue("default", connection=connection)], connection=connection, name="healthcheck-test")
+    assert worker.hostname == socket.gethostname()
+
+    proc = _healthcheck("worker", {"REDIS_URL": redis_url})
+    assert proc.returncode == 1 and "no RQ worker" in proc.stderr
+    worker.register_birth()
+    assert _healthcheck("worker", {"REDIS_URL": redis_url}).returncode == 0
+    worker.register_death()
+    assert _healthcheck("worker", {"REDIS_URL": redis_url}).returncode == 1
 
     proc = _healthcheck("worker", {"REDIS_URL": "redis://127.0.0.1:1/0"})
     assert proc.returncode == 1 and "redis" in proc.stderr and "Traceback" not in proc.stderr
