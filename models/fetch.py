@@ -202,6 +202,7 @@ class Http:
     retries: int = 3
     backoff: float = 1.0
     quiet: bool = False
+    log: Callable[[str], None] = lambda msg: None
 
     def open(self, url: str, offset: int = 0):
         headers = {"User-Agent": USER_AGENT}
@@ -220,6 +221,9 @@ class Http:
             if attempt:
                 self.sleep(attempt - 1)
             offset = part.stat().st_size if part.exists() else 0
+            if attempt:
+                self.log(f"{desc}: {_reason(last_error)}; resuming at byte {offset} "
+                         f"(attempt {attempt + 1} of {self.retries + 1})")
             if expected_size is not None and offset > expected_size:
                 part.unlink()
                 offset = 0
@@ -351,6 +355,7 @@ class ResumingStream:
                 raise FetchError(f"download of {self.url} kept failing at byte {self.pos}; rerun to retry")
             self.response.close()
             self.http.sleep(self.failures - 1)
+            self.http.log(f"{ARCHIVE_NAME}: connection dropped; resuming at byte {self.pos}")
             self.response = self._connect()
 
     def close(self) -> None:
@@ -614,8 +619,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             expect=args.expect, verify=args.verify, refresh=args.refresh, skip_answers=args.skip_answers,
             quiet=args.quiet)
         with _lock(dest):
-            Fetcher(opts, Http(timeout=args.timeout, retries=max(0, args.retries), backoff=max(0.0, args.retry_wait),
-                             quiet=args.quiet), log).run()
+            http = Http(timeout=args.timeout, retries=max(0, args.retries), backoff=max(0.0, args.retry_wait),
+                        quiet=args.quiet, log=log)
+            Fetcher(opts, http, log).run()
     except FetchError as exc:
         print(f"fetch: error: {exc}", file=sys.stderr)
         return 1

@@ -326,3 +326,13 @@ def test_answer_list_table_matches_the_model_heads():
 
     sizes = {a.filename: a.size for a in ANSWER_LISTS}
     assert sizes == {"vqa_answers.json": VQA_NUM_ANSWERS, "gqa_answers.json": GQA_NUM_ANSWERS}
+
+
+def test_complete_part_file_from_a_crash_is_installed_without_download(server, tmp_path):
+    # A run that died between the last byte and the rename leaves a complete .part behind.
+    body = server.files["detectron_model.pth"]
+    (tmp_path / "detectron_model.pth.part").write_bytes(body)
+    proc = run_fetch(tmp_path, base_url=server.url)
+    assert proc.returncode == 0, proc.stderr
+    assert server.requests_for("detectron_model.pth") == [f"bytes={len(body)}-"]  # answered 416, nothing sent
+    assert (tmp_path / "detectron_model.pth").read_bytes() == body
