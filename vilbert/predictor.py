@@ -20,6 +20,7 @@ import torch
 from .answers import load_bundle_answers
 from .checkpoint import load_model
 from .configuration import ViLBertConfig
+from .cpu_inference import onednn_linear_available, pack_linear_weights
 from .modeling import ViLBertForVLTasks, ViLBertOutput
 from .tasks import Task, TaskRegistry
 from .tokenization import PACKAGED_VOCAB, EncodedText, Tokenizer
@@ -133,11 +134,17 @@ class Predictor:
         registry: TaskRegistry | None = None,
         device: str | torch.device = "cpu",
         precision: str = "fp32",
+        pack_cpu_weights: bool = True,
     ):
+        """pack_cpu_weights: on CPU in fp32, reorder the Linear weights for oneDNN (see cpu_inference); the model
+        is then inference-only."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        self.packed_weights = False
+        if pack_cpu_weights and self.device.type == "cpu" and precision == "fp32" and onednn_linear_available():
+            self.packed_weights = pack_linear_weights(self.model) > 0
         self.tokenizer = tokenizer
         self.answers = answers
         self.tasks = registry or TaskRegistry.from_file()
@@ -145,7 +152,9 @@ class Predictor:
         self.feature_dim = model.config.v_feature_size
 
     @classmethod
-    def from_dir(cls, model_dir: str | os.PathLike, device: str = "cpu", precision: str = "fp32") -> "Predictor":
+    def from_dir(
+        cls, model_dir: str | os.PathLike, device: str = "cpu", precision: str = "fp32", pack_cpu_weights: bool = True
+    ) -> "Predictor":
         """Load a weights bundle: multi_task_model.bin, answer lists, optional vilbert_config.json and vocab.txt."""
         model_dir = Path(model_dir)
         checkpoint = model_dir / CHECKPOINT_FILE
@@ -159,7 +168,8 @@ class Predictor:
         vocab = model_dir / VOCAB_FILE
         tokenizer = Tokenizer(vocab if vocab.is_file() else PACKAGED_VOCAB)
         model = load_model(checkpoint, config, device=device)
-        return cls(model, tokenizer, load_bundle_answers(model_dir), device=device, precision=precision)
+        return cls(model, tokenizer, load_bundle_answers(model_dir), device=device, precision=precision,
+                   pack_cpu_weights=pack_cpu_weights)
 
     # ----------------------------------------------------------------------------------------------------------
 

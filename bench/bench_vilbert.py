@@ -1,0 +1,153 @@
+"""ViLBERT forward speed against the machine's own matmul speed, measured in one process.
+
+Full official config (bert_base_6layer_6conect + task tokens), random weights, inference mode:
+  * B=1: 37 text tokens (the demo's length), 101 regions;  B=8: 23 tokens (VQA's length), 101 regions.
+For each it prints the FLOPs of one forward (counted by torch.utils.flop_counter, without the pre-training
+heads, which no task reads), the median time, the achieved GFLOP/s, and the ratio to the FLOP floor = FLOPs /
+(GFLOP/s of a large fp32 matmul, measured interleaved with the forwards in the same process). It also reports
+the speed-up of bf16 autocast and the largest probability difference against fp32 on the same inputs.
+
+    python bench/bench_vilbert.py [--repeats 15] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from vilbert.configuration import ViLBertConfig  # noqa: E402
+from vilbert.cpu_inference import onednn_linear_available, pack_linear_weights  # noqa: E402
+from vilbert.modeling import ViLBertForVLTasks  # noqa: E402
+
+CONFIG = Path(__file__).resolve().parent.parent / "config" / "bert_base_6layer_6conect.json"
+MATMUL_SIZE = 2048
+
+
+def make_inputs(batch: int, length: int, regions: int, device: str) -> dict:
+    g = torch.Generator().manual_seed(0)
+    return dict(
+        input_ids=torch.randint(1000, 30000, (batch, length), generator=g).to(device),
+        features=torch.rand(batch, regions, 2048, generator=g).to(device) * 2,
+        spatials=torch.rand(batch, regions, 5, generator=g).to(device),
+        token_type_ids=torch.zeros(batch, length, dtype=torch.long, device=device),
+        attention_mask=torch.ones(batch, length, dtype=torch.long, device=device),
+        image_attention_mask=torch.ones(batch, regions, dtype=torch.long, device=device),
+        task_ids=torch.full((batch, 1), 1, dtype=torch.long, device=device),
+    )
+
+
+def count_flops(model, inputs, pretraining_heads: bool = False) -> int:
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(**inputs, output_pretraining_heads=pretraining_heads)
+    return counter.get_total_flops()
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    device = args.device
+    torch.manual_seed(0)
+
+    config = ViLBertConfig.from_dict({**ViLBertConfig.from_json_file(CONFIG).to_dict(), "task_specific_tokens": True})
+    model = ViLBertForVLTasks(config).eval().to(device)
+    # What the predictor serves on CPU: the same weights, reordered for oneDNN (vilbert/cpu_inference.py).
+    served = model
+    if device == "cpu" and onednn_linear_available():
+        served = copy.deepcopy(model)
+        pack_linear_weights(served)
+    a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device)
+    b = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device)
+    matmul_flops = 2 * MATMUL_SIZE**3
+
+    print(f"# ViLBERT forward benchmark — {time.strftime('%Y-%m-%d')} — {platform.processor() or platform.machine()}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
+    results = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "device": device, "packed_weights": served is not model, "cases": []}
+    for batch, length in ((1, 37), (8, 23)):
+        inputs = make_inputs(batch, length, 101, device)
+        flops = count_flops(model, inputs)
+        flops_with_heads = count_flops(model, inputs, pretraining_heads=True)
+
+        def forward(net, precision=None):
+            with torch.inference_mode():
+                if precision is None:
+                    return net(**inputs)
+                with torch.autocast(device_type=torch.device(device).type, dtype=precision):
+                    return net(**inputs)
+
+        for _ in range(2):  # warm-up
+            forward(model), forward(served), forward(model, torch.bfloat16)
+            torch.mm(a, b)
+        times: dict[str, list[float]] = {"matmul": [], "plain": [], "served": [], "bf16": []}
+        for _ in range(args.repeats):  # interleaved, so that load from other processes hits all alike
+            times["matmul"].append(timed(lambda: torch.mm(a, b), device))
+            times["plain"].append(timed(lambda: forward(model), device))
+            times["served"].append(timed(lambda: forward(served), device))
+            times["bf16"].append(timed(lambda: forward(model, torch.bfloat16), device))
+        median = {k: statistics.median(v) for k, v in times.items()}
+        matmul_gflops = matmul_flops / median["matmul"] / 1e9
+        floor_s = flops / (matmul_gflops * 1e9)
+        fp32, served_out, bf16 = forward(model), forward(served), forward(model, torch.bfloat16)
+
+        def max_prob_diff(x, y):
+            return max(
+                (torch.softmax(getattr(x, h).float(), -1) - torch.softmax(getattr(y, h).float(), -1)).abs().max().item()
+                for h in ("vil_prediction", "vil_prediction_gqa", "vil_tri_prediction")
+            )
+
+        case = {
+            "batch": batch, "tokens": length, "regions": 101,
+            "gflop_per_forward": flops / 1e9,
+            "gflop_pretraining_heads": (flops_with_heads - flops) / 1e9,
+            "matmul_gflops": matmul_gflops,
+            "plain_median_ms": median["plain"] * 1e3,
+            "plain_ratio_to_floor": median["plain"] / floor_s,
+            "served_median_ms": median["served"] * 1e3,
+            "served_achieved_gflops": flops / median["served"] / 1e9,
+            "served_ratio_to_floor": median["served"] / floor_s,
+            "served_max_prob_diff": max_prob_diff(fp32, served_out),
+            "bf16_speedup": median["plain"] / median["bf16"],
+            "bf16_max_prob_diff": max_prob_diff(fp32, bf16),
+        }
+        results["cases"].append(case)
+        print(
+            f"B={batch:<2d} L={length} R=101: {case['gflop_per_forward']:.2f} GFLOP/forward "
+            f"(+{case['gflop_pretraining_heads']:.2f} if the pre-training heads ran); matmul {matmul_gflops:.1f} GFLOP/s\n"
+            f"   served (packed): {case['served_median_ms']:.1f} ms, {case['served_achieved_gflops']:.1f} GFLOP/s, "
+            f"{case['served_ratio_to_floor']:.3f}x the floor (max prob diff vs plain {case['served_max_prob_diff']:.1e})\n"
+            f"   plain nn.Linear: {case['plain_median_ms']:.1f} ms, {case['plain_ratio_to_floor']:.3f}x the floor\n"
+            f"   bf16 autocast: {case['bf16_speedup']:.2f}x the speed of fp32, max prob diff {case['bf16_max_prob_diff']:.2e}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
