@@ -263,3 +263,22 @@ def test_task_token_changes_the_answer_and_nlvr2_pairs_rows():
     torch.testing.assert_close(pair, a.vil_binary_prediction)
     with pytest.raises(ValueError, match="even number"):
         model.pair_prediction(a.pooled_output[:1])
+
+
+@pytest.mark.skipif(not __import__("vilbert.cpu_inference").cpu_inference.onednn_linear_available(),
+                    reason="this PyTorch build has no oneDNN linear ops")
+def test_packed_cpu_weights_give_the_same_outputs():
+    import copy
+
+    from vilbert.cpu_inference import PackedLinear, pack_linear_weights
+
+    model = perturbed_model(small_config())
+    packed = copy.deepcopy(model)
+    count = pack_linear_weights(packed)
+    assert count == sum(1 for m in model.modules() if type(m) is torch.nn.Linear) - 1  # all but the tied decoder
+    assert not isinstance(packed.cls.predictions.decoder, PackedLinear)
+    inputs = random_inputs(model.config, 2, 8, 6)
+    with torch.inference_mode():
+        a, b = model(**inputs, output_pretraining_heads=True), packed(**inputs, output_pretraining_heads=True)
+    for name in HEADS + ["vil_binary_prediction", "linguisic_prediction", "vision_prediction"]:
+        assert_close_relative(getattr(b, name), getattr(a, name), name, rel=1e-5)
