@@ -2,20 +2,25 @@
 
 At batch size 1 the text stream has ~38 rows and the visual stream 101, so every GEMM is short and wide. The
 default BLAS path repacks the weight matrix on every call; with the weights reordered ahead of time the oneDNN
-kernel reaches 1.3-1.5x the throughput on these shapes (bench/bench_vilbert.py records the effect). Results
+kernel reaches 1.3-1.5x the throughput on these shapes. From about 150 rows on (batched requests) the default
+BLAS kernel is faster again, so each layer keeps both copies and picks by row count: this costs a second copy
+of the weights in memory (about 1 GB for the full model). bench/bench_vilbert.py records the effect. Results
 agree with nn.Linear to fp32 rounding.
 
-Packing replaces the modules in place: the packed model is for inference only (no gradients, and its
-state_dict no longer holds the packed weights). Load or save checkpoints before packing, never after.
+Packing replaces the modules in place: the packed model is for inference only (no gradients). Load or save
+checkpoints before packing.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # The reorder takes the expected number of input rows as a layout hint; ViLBERT's rows are tens to hundreds.
 ROWS_HINT = 64
+# Above this many rows the default BLAS path beats the packed kernel (measured on AVX2; see docs/PERFORMANCE.md).
+MAX_PACKED_ROWS = 128
 
 
 def onednn_linear_available() -> bool:
@@ -29,17 +34,20 @@ def onednn_linear_available() -> bool:
 
 
 class PackedLinear(nn.Module):
-    """y = x W^T + b with W held in oneDNN's blocked layout. x [..., in] -> [..., out]"""
+    """y = x W^T + b; W also held in oneDNN's blocked layout for short inputs. x [..., in] -> [..., out]"""
 
-    def __init__(self, linear: nn.Linear, rows_hint: int = ROWS_HINT):
+    def __init__(self, linear: nn.Linear, rows_hint: int = ROWS_HINT, max_packed_rows: int = MAX_PACKED_ROWS):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach().float()
-        self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(weight, rows_hint), persistent=False)
-        bias = linear.bias.detach().float() if linear.bias is not None else None
-        self.register_buffer("bias", bias, persistent=False)
+        self.max_packed_rows = max_packed_rows
+        self.weight = linear.weight
+        self.bias = linear.bias
+        packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows_hint)
+        self.register_buffer("packed_weight", packed, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() // self.in_features > self.max_packed_rows:
+            return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
