@@ -1,0 +1,85 @@
+"""The detector as one module whose state-dict keys are the released checkpoint's, and its strict loader."""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from .backbone import Backbone
+from .config import DetectorConfig
+from .roi_heads import RoIHeads
+from .rpn import RPN
+
+# Keys the checkpoint may carry that the feature path never reads.
+OPTIONAL_PREFIXES = ("roi_heads.box.predictor.cls_embed.", "roi_heads.box.predictor.attr_linear1.",
+                     "roi_heads.box.predictor.attr_linear2.", "roi_heads.box.predictor.bbox_pred.")
+ANCHOR_PREFIX = "rpn.anchor_generator.cell_anchors."
+
+
+class DetectorCheckpointError(ValueError):
+    pass
+
+
+class RegionDetector(nn.Module):
+    """Faster R-CNN (ResNe(X)t-FPN) up to proposals, their fc6 features and class scores."""
+
+    def __init__(self, config: DetectorConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = Backbone(config)
+        self.rpn = RPN(config)
+        self.roi_heads = RoIHeads(config)
+
+    def forward(self, images: torch.Tensor, image_sizes: list[tuple[int, int]]):
+        """images [N, 3, H, W] padded to multiples of 32; image_sizes: the (height, width) proposals are clipped to.
+        Returns per image: proposals [P, 4], fc6 [P, D], class logits [P, K]."""
+        features = self.backbone(images)
+        proposals = self.rpn(features, image_sizes)
+        fc6, logits = self.roi_heads(features, proposals)
+        return proposals, fc6, logits
+
+
+def read_checkpoint(path: str | os.PathLike) -> "OrderedDict[str, torch.Tensor]":
+    """Load `detectron_model.pth` safely: {"model": state_dict} (or a bare state dict), `module.` stripped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"detector checkpoint not found: {path}")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise DetectorCheckpointError(f"{path}: cannot be read with weights_only=True ({exc})") from exc
+    if isinstance(loaded, Mapping) and isinstance(loaded.get("model"), Mapping):
+        loaded = loaded["model"]
+    if not isinstance(loaded, Mapping):
+        raise DetectorCheckpointError(f"{path}: expected {{'model': state_dict}} or a state dict")
+    state = OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in loaded.items())
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DetectorCheckpointError(f"{path}: state dict values must all be tensors")
+    return state
+
+
+def load_detector_state(model: RegionDetector, state: Mapping[str, torch.Tensor]) -> None:
+    """Strict about every key the feature path needs; optional heads and anchors load when present."""
+    expected = model.state_dict()
+    required = [k for k in expected if not k.startswith(OPTIONAL_PREFIXES) and not k.startswith(ANCHOR_PREFIX)]
+    missing = [k for k in required if k not in state]
+    misshaped = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                 for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    unexpected = [k for k in state if k not in expected and not k.startswith(OPTIONAL_PREFIXES)]
+    problems = []
+    for title, keys in (("missing", missing), ("mis-shaped", misshaped), ("unexpected", unexpected)):
+        if keys:
+            shown = "\n    ".join(keys[:20]) + (f"\n    … and {len(keys) - 20} more" if len(keys) > 20 else "")
+            problems.append(f"  {len(keys)} {title} key(s):\n    {shown}")
+    if problems:
+        raise DetectorCheckpointError("detector checkpoint does not match the config:\n" + "\n".join(problems))
+    anchors = [k for k in expected if k.startswith(ANCHOR_PREFIX)]
+    for key in anchors:  # the checkpoint's own anchors, when saved, must be the legacy ones this code generates
+        if key in state and not torch.allclose(state[key].float(), expected[key].float()):
+            raise DetectorCheckpointError(f"{key}: anchors in the checkpoint differ from the config's legacy anchors")
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
