@@ -26,7 +26,8 @@ from .images import DEFAULT_MAX_PIXELS, load_image
 from .model import RegionDetector, load_detector_state, read_checkpoint
 from .selection import select_regions
 
-PIXEL_MEANS_BGR = np.array([102.9801, 115.9465, 122.7717], dtype=np.float32)
+# float64, as in the reference: its float32 image minus these is computed in float64 and rounded once.
+PIXEL_MEANS_BGR = np.array([102.9801, 115.9465, 122.7717], dtype=np.float64)
 SIZE_DIVISIBLE = 32
 
 
@@ -43,7 +44,8 @@ class RegionFeatures:
 
 def preprocess(image_rgb: np.ndarray, min_size: int = 800, max_size: int = 1333) -> tuple[np.ndarray, float]:
     """HxWx3 uint8 RGB -> (resized mean-subtracted BGR float32 HxWx3, scale)."""
-    bgr = image_rgb[:, :, ::-1].astype(np.float32) - PIXEL_MEANS_BGR
+    bgr = image_rgb[:, :, ::-1].astype(np.float32)
+    bgr -= PIXEL_MEANS_BGR  # in place: stays float32, subtraction in float64 (the reference's arithmetic)
     height, width = bgr.shape[:2]
     scale = min_size / min(height, width)
     if round(scale * max(height, width)) > max_size:
