@@ -12,6 +12,7 @@ test oracle and the benchmark baseline).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torchvision.ops import nms
 
@@ -51,27 +52,40 @@ def max_confidence(boxes: torch.Tensor, probs: torch.Tensor, threshold: float = 
     num_boxes, num_classes = probs.shape
     if num_boxes == 0:
         return probs.new_zeros(0)
-    scores, order = probs.t().sort(dim=1, descending=True, stable=True)  # [C, R] per class, best first
     floor = conf_thresh
+    by_class = probs.t()  # [C, R]
     if top is not None and top < num_boxes:
-        guaranteed = probs.new_zeros(num_boxes).scatter_reduce(0, order[:, 0], scores[:, 0], reduce="amax")
+        best_score, best_box = by_class.max(dim=1)
+        guaranteed = probs.new_zeros(num_boxes).scatter_reduce(0, best_box, best_score, reduce="amax")
         if int((guaranteed > conf_thresh).sum()) >= top:
             floor = max(floor, float(guaranteed.topk(top).values[-1]))
-            relevant = scores[:, 0] >= floor
-            steps = int((scores >= floor).sum(1).max())
-            scores, order = scores[relevant, :steps], order[relevant, :steps]
-    suppress = _pack_bits(legacy_iou(boxes.float()) > threshold)  # [R, W]
-    words, shifts = order >> 6, order & 63
-    removed = torch.zeros(scores.shape[0], suppress.shape[1], dtype=torch.int64, device=boxes.device)
-    kept = torch.empty(scores.shape, dtype=torch.bool, device=boxes.device)
-    for rank in range(scores.shape[1]):
-        bit = (removed.gather(1, words[:, rank, None]).squeeze(1) >> shifts[:, rank]) & 1
-        keep = bit == 0
-        kept[:, rank] = keep
-        removed |= suppress[order[:, rank]] & -keep.long()[:, None]  # rows of kept boxes only (all-ones mask)
+            by_class = by_class[best_score >= floor]
+    steps = int((by_class >= floor).sum(1).max()) if floor > conf_thresh else num_boxes
+    if steps < num_boxes:
+        scores, order = by_class.topk(steps, dim=1, sorted=True)  # [C', S] per class, best first
+    else:
+        scores, order = by_class.sort(dim=1, descending=True, stable=True)
+    suppress = _pack_bits(legacy_iou(boxes.float()) > threshold).cpu().numpy().view(np.uint64)  # [R, W]
+    kept = torch.from_numpy(_greedy_scan(order.cpu().numpy(), suppress)).to(scores.device)
     gains = torch.where(kept & (scores > conf_thresh) & (scores >= floor), scores, torch.zeros_like(scores))
     best = probs.new_zeros(num_boxes)
     return best.scatter_reduce(0, order.reshape(-1), gains.reshape(-1), reduce="amax")
+
+
+def _greedy_scan(order: np.ndarray, suppress: np.ndarray) -> np.ndarray:
+    """Greedy NMS for every class at once. order [C, S] box indices per class, best first; suppress [R, W] bit
+    rows. Returns kept [C, S]. NumPy on purpose: each step is a handful of tiny operations, where a thread pool
+    only adds latency (and much more of it when other processes share the cores)."""
+    classes, steps = order.shape
+    rows = np.arange(classes)
+    words, shifts = order >> 6, (order & 63).astype(np.uint64)
+    removed = np.zeros((classes, suppress.shape[1]), dtype=np.uint64)
+    kept = np.empty((classes, steps), dtype=bool)
+    for rank in range(steps):
+        keep = ((removed[rows, words[:, rank]] >> shifts[:, rank]) & np.uint64(1)) == 0
+        kept[:, rank] = keep
+        removed[keep] |= suppress[order[keep, rank]]
+    return kept
 
 
 def max_confidence_loop(boxes: torch.Tensor, probs: torch.Tensor, threshold: float = NMS_THRESHOLD,

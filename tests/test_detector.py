@@ -24,6 +24,7 @@ from detector.selection import max_confidence, max_confidence_loop, select_regio
 from detector.tiny import tiny_detector_config, write_tiny_detector
 
 DATA = Path(__file__).parent / "data"
+X152_CONFIG = Path(__file__).parent.parent / "config" / "detectron_config_x152.yaml"
 ATTRIBUTE_KEYS = ("roi_heads.box.predictor.cls_embed", "roi_heads.box.predictor.attr_linear")
 
 
@@ -41,7 +42,7 @@ def extractor(tiny_files) -> RegionFeatureExtractor:
 
 
 def test_x152_config_builds_with_the_released_keys_and_shapes():
-    config = load_config(DATA / "detectron_config_x152.yaml")
+    config = load_config(X152_CONFIG)
     assert (config.conv_body, config.num_groups, config.width_per_group, config.out_channels) == ("R-152-FPN", 32, 8, 512)
     assert config.anchor_stride == (4, 8, 16, 32, 64) and config.pooler_scales == (0.25, 0.125, 0.0625, 0.03125)
     with torch.device("meta"):
@@ -49,7 +50,7 @@ def test_x152_config_builds_with_the_released_keys_and_shapes():
     ours = sorted([k, list(v.shape)] for k, v in model.state_dict().items())
     reference = sorted(json.loads((DATA / "detector_state_dict.json").read_text()))
     assert len(ours) == 815 and ours == reference
-    raw = _raw(DATA / "detectron_config_x152.yaml")
+    raw = _raw(X152_CONFIG)
     raw["MODEL"]["ROI_BOX_HEAD"]["ATTR"] = False
     with torch.device("meta"):
         plain = RegionDetector(config_from_dict(raw))
