@@ -74,6 +74,9 @@ def _fingerprint(config_path: Path, checkpoint_path: Path, extra: str) -> str:
     return digest.hexdigest()[:16]
 
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class RegionFeatureExtractor:
     def __init__(self, model: RegionDetector, device: str | torch.device = "cpu", min_size: int = 800,
                  max_size: int = 1333, num_regions: int = 100, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -83,7 +86,10 @@ class RegionFeatureExtractor:
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.channels_last = channels_last
-        self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.precision = precision
+        self.dtype = PRECISIONS[precision]
         self.min_size, self.max_size, self.num_regions = min_size, max_size, num_regions
         self.max_pixels = max_pixels
         self.identity = identity or f"unsaved-{id(model)}"
@@ -95,7 +101,10 @@ class RegionFeatureExtractor:
         config = load_config(config_path)
         model = RegionDetector(config)
         load_detector_state(model, read_checkpoint(checkpoint_path))
-        identity = _fingerprint(config_path, checkpoint_path, f"{min_size}:{max_size}:{num_regions}")
+        # Reduced precision changes the features, so it is part of what a cached feature was made with;
+        # channels-last only changes the summation order (relative error ~1e-6) and is not.
+        precision = options.get("precision", "fp32")
+        identity = _fingerprint(config_path, checkpoint_path, f"{min_size}:{max_size}:{num_regions}:{precision}")
         return cls(model, device, min_size, max_size, num_regions, identity=identity, **options)
 
     @property

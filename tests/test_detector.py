@@ -253,3 +253,24 @@ def test_identity_changes_with_sizes(tiny_files):
     a = RegionFeatureExtractor.from_files(*tiny_files)
     b = RegionFeatureExtractor.from_files(*tiny_files, min_size=600)
     assert a.identity != b.identity and a.identity == RegionFeatureExtractor.from_files(*tiny_files).identity
+
+
+def test_precision_options(tiny_files):
+    """channels-last changes only the summation order; bf16 stays close on the same boxes (drift figures for the
+    X-152 are in docs/PERFORMANCE.md, from bench/drift_detector.py); bad values are clear errors."""
+    image = data.coffee()
+    fp32 = RegionFeatureExtractor.from_files(*tiny_files)
+    boxes = fp32.extract([image])[0].boxes[:20]
+    reference = fp32.extract_boxes(image, boxes).features
+    channels_last = RegionFeatureExtractor.from_files(*tiny_files, channels_last=True)
+    np.testing.assert_allclose(channels_last.extract_boxes(image, boxes).features, reference, rtol=1e-4, atol=1e-4)
+    assert channels_last.identity == fp32.identity
+    bf16 = RegionFeatureExtractor.from_files(*tiny_files, precision="bf16")
+    features = bf16.extract_boxes(image, boxes).features
+    assert features.dtype == np.float32
+    cosine = (features * reference).sum(1) / (np.linalg.norm(features, axis=1) * np.linalg.norm(reference, axis=1))
+    assert cosine.min() > 0.99
+    assert not np.array_equal(features, reference)  # autocast really ran
+    assert bf16.identity != fp32.identity  # cached fp32 features are never served for bf16
+    with pytest.raises(ValueError, match="precision"):
+        RegionFeatureExtractor.from_files(*tiny_files, precision="int8")
