@@ -40,8 +40,8 @@ from detector.selection import legacy_iou  # noqa: E402
 
 OPTIONS = {
     "channels_last": {"channels_last": True},
-    "bf16": {"precision": "bf16"},
-    "fp16": {"precision": "fp16"},
+    "bf16": {"precision": "bf16", "channels_last": False},
+    "fp16": {"precision": "fp16", "channels_last": False},
     "channels_last+bf16": {"channels_last": True, "precision": "bf16"},
     "channels_last+fp16": {"channels_last": True, "precision": "fp16"},
 }
@@ -100,7 +100,7 @@ def main() -> None:
         return RegionFeatureExtractor(fresh, args.device, min_size, max_size, **options)
 
     images = photos()
-    baseline = extractor()
+    baseline = extractor(channels_last=False)
     reference, reference_features, base_time = {}, {}, 0.0
     for name, image in images.items():
         start = time.perf_counter()

@@ -259,13 +259,14 @@ def test_precision_options(tiny_files):
     """channels-last changes only the summation order; bf16 stays close on the same boxes (drift figures for the
     X-152 are in docs/PERFORMANCE.md, from bench/drift_detector.py); bad values are clear errors."""
     image = data.coffee()
-    fp32 = RegionFeatureExtractor.from_files(*tiny_files)
+    fp32 = RegionFeatureExtractor.from_files(*tiny_files, channels_last=False)
+    assert RegionFeatureExtractor.from_files(*tiny_files).channels_last  # the CPU default
     boxes = fp32.extract([image])[0].boxes[:20]
     reference = fp32.extract_boxes(image, boxes).features
     channels_last = RegionFeatureExtractor.from_files(*tiny_files, channels_last=True)
     np.testing.assert_allclose(channels_last.extract_boxes(image, boxes).features, reference, rtol=1e-4, atol=1e-4)
     assert channels_last.identity == fp32.identity
-    bf16 = RegionFeatureExtractor.from_files(*tiny_files, precision="bf16")
+    bf16 = RegionFeatureExtractor.from_files(*tiny_files, precision="bf16", channels_last=False)
     features = bf16.extract_boxes(image, boxes).features
     assert features.dtype == np.float32
     cosine = (features * reference).sum(1) / (np.linalg.norm(features, axis=1) * np.linalg.norm(reference, axis=1))
