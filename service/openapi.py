@@ -1,0 +1,96 @@
+"""OpenAPI 3.1 description of the HTTP API, served at /api/v1/openapi.json (a test keeps it equal to the routes)."""
+
+from __future__ import annotations
+
+from .settings import Settings
+
+
+def _error(description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+def _submit_operation(summary: str, classic: bool) -> dict:
+    image_field = "fileupload" if classic else "image"
+    text_field = "text_input" if classic else "text"
+    return {
+        "summary": summary,
+        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+            "type": "object",
+            "required": [image_field, text_field],
+            "properties": {
+                image_field: {"type": "array", "items": {"type": "string", "format": "binary"},
+                              "description": "one or more images (JPEG, PNG, GIF, BMP, TIFF, WEBP); "
+                                             f"'{'image' if classic else 'fileupload'}' is accepted too"},
+                text_field: {"type": "string", "description": "question, caption, statement or referring expression; "
+                                                              f"'{'text' if classic else 'text_input'}' is accepted too"},
+                "tasks": {"type": "string", "description": "comma-separated task names (GET /api/v1/tasks); "
+                                                           "default depends on the number of images"},
+                "top_k": {"type": "integer", "minimum": 1, "description": "answers/regions per task (default 3)"},
+                "boxes": {"type": "string", "description": "JSON [[x1, y1, x2, y2], ...]: candidate boxes in pixels of "
+                                                           "the first image, required by visual7w and guesswhat"},
+            },
+        }}}},
+        "responses": {
+            "202": {"description": "queued", "headers": {"Location": {"schema": {"type": "string"},
+                                                                      "description": "the job's URL to poll"}},
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Accepted"}}}},
+            "400": _error("bad input: missing or empty text, not an image, unknown task, wrong image count, bad boxes, "
+                          "bad top_k"),
+            "413": _error("upload over the size limit, or an image over the pixel limit"),
+            "503": _error("Redis unavailable or the queue is full (Retry-After is set)"),
+        },
+    }
+
+
+def openapi_spec(settings: Settings) -> dict:
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "12-in-1 ViLBERT inference service", "version": "1.0.0",
+                 "description": "Upload images and a text, get a job id, poll for every task's answer. "
+                                f"Limits: {settings.max_upload_bytes} bytes per request, {settings.max_images} images, "
+                                f"{settings.max_text_chars} characters of text, {settings.max_image_pixels} pixels per image."},
+        "paths": {
+            "/": {
+                "get": {"summary": "Index of the API's URLs", "responses": {"200": {"description": "links"}}},
+                "post": _submit_operation("Submit a job with the classic demo's form fields", classic=True),
+            },
+            "/api/v1/jobs": {"post": _submit_operation("Submit a job", classic=False)},
+            "/api/v1/jobs/{job_id}": {"get": {
+                "summary": "Status of a job, and its result once finished",
+                "parameters": [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {
+                    "200": {"description": "the job", "content": {"application/json": {
+                        "schema": {"$ref": "#/components/schemas/Job"}}}},
+                    "404": _error("unknown or expired job id"),
+                    "503": _error("Redis unavailable"),
+                },
+            }},
+            "/api/v1/tasks": {"get": {"summary": "The tasks, what they answer and how many images they take",
+                                      "responses": {"200": {"description": "task list"}}}},
+            "/api/v1/openapi.json": {"get": {"summary": "This description", "responses": {"200": {"description": "OpenAPI"}}}},
+            "/healthz": {"get": {"summary": "Liveness: the API process answers",
+                                 "responses": {"200": {"description": "alive"}}}},
+            "/readyz": {"get": {"summary": "Readiness: Redis reachable and at least one worker with models loaded",
+                                "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}},
+        },
+        "components": {"schemas": {
+            "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+                "type": "object", "required": ["code", "message"],
+                "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
+            "Accepted": {"type": "object", "required": ["id", "status", "url"], "properties": {
+                "id": {"type": "string"}, "status": {"const": "queued"}, "url": {"type": "string"},
+                "tasks": {"type": "array", "items": {"type": "string"}}}},
+            "Job": {"type": "object", "required": ["id", "status"], "properties": {
+                "id": {"type": "string"},
+                "status": {"enum": ["queued", "started", "finished", "failed"]},
+                "tasks": {"type": "array", "items": {"type": "string"}},
+                "queue_position": {"type": ["integer", "null"], "description": "jobs ahead of this one (queued)"},
+                "stage": {"enum": ["queued", "decode", "detector", "vilbert", "done"], "description": "while started"},
+                "result": {"type": "object", "description": "when finished: tasks (one entry per task), images "
+                                                            "(width, height, regions), timings, model"},
+                "error": {"type": "object", "properties": {"code": {"type": "string"}, "message": {"type": "string"}}},
+                "created_at": {"type": "string"}, "enqueued_at": {"type": "string"},
+                "started_at": {"type": "string"}, "ended_at": {"type": "string"},
+            }},
+        }},
+    }

@@ -1,0 +1,206 @@
+"""Models loaded once, requests in, JSON-ready results out: decode -> regions (detector) -> predict (ViLBERT).
+
+Usable in-process without HTTP or Redis:
+
+    pipeline = Pipeline.from_dir("models/weights")
+    result = pipeline.run(InferenceRequest(images=[open("cat.jpg", "rb").read()], text="what is this?",
+                                           tasks=["vqa"]))
+
+`run_many` takes several requests and runs each stage over all of them together (one detector call over every
+image, then the ViLBERT forwards), so a batching worker can hand it whatever it has dequeued; `run` is the
+one-request case. The stages are separate methods with their own timings, so a feature cache can later sit
+between decode and the detector.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from detector.extractor import RegionFeatureExtractor, RegionFeatures
+from detector.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
+from detector.tiny import CHECKPOINT_FILE as DETECTOR_CHECKPOINT, CONFIG_FILE as DETECTOR_CONFIG
+from vilbert.predictor import PredictionInputError, Predictor
+from vilbert.tasks import UnknownTaskError
+
+from .bundle import TINY_NOTICE, is_tiny, missing_files
+from .errors import BadRequest, PipelineError
+from .inputs import check_boxes
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+# on_stage(stage, detail): called as a request batch enters each stage, for progress reporting.
+StageCallback = Callable[[str, str], None]
+
+
+@dataclass
+class InferenceRequest:
+    images: Sequence[bytes | np.ndarray]  # encoded image bytes (or RGB arrays, in-process)
+    text: str
+    tasks: Sequence[str]
+    top_k: int = 3
+    boxes: Sequence[Sequence[float]] | None = None  # candidate boxes on the first image, for pointing tasks
+
+
+@dataclass
+class _Work:
+    """One request on its way through the stages."""
+
+    request: InferenceRequest
+    rgb: list[np.ndarray] = field(default_factory=list)
+    regions: list[RegionFeatures] = field(default_factory=list)
+    candidates: RegionFeatures | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    error: PipelineError | None = None
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+class Pipeline:
+    def __init__(self, extractor: RegionFeatureExtractor, predictor: Predictor, max_image_pixels: int = DEFAULT_MAX_PIXELS,
+                 tiny: bool = False):
+        if extractor.feature_dim != predictor.feature_dim:
+            raise ValueError(
+                f"the detector gives {extractor.feature_dim}-d region features but ViLBERT expects "
+                f"{predictor.feature_dim}-d (v_feature_size): the bundle mixes files of different models"
+            )
+        self.extractor = extractor
+        self.predictor = predictor
+        self.max_image_pixels = max_image_pixels
+        self.tiny = tiny
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, device: str = "auto", precision: str = "fp32", min_size: int = 800,
+                 max_size: int = 1333, num_regions: int = 100, max_image_pixels: int = DEFAULT_MAX_PIXELS) -> "Pipeline":
+        """Load the detector and ViLBERT from a weights bundle (see docs/WEIGHTS.md for the layout)."""
+        model_dir = Path(model_dir)
+        missing = missing_files(model_dir)
+        if missing:
+            raise FileNotFoundError(
+                f"the weights bundle in {model_dir} lacks {', '.join(missing)}: run `python models/fetch.py --dest "
+                f"{model_dir}` for the released weights, or `python models/make_tiny.py --out DIR` for a tiny test bundle"
+            )
+        device = resolve_device(device)
+        started = time.perf_counter()
+        extractor = RegionFeatureExtractor.from_files(
+            model_dir / DETECTOR_CONFIG, model_dir / DETECTOR_CHECKPOINT, device=device, min_size=min_size,
+            max_size=max_size, num_regions=num_regions, max_pixels=max_image_pixels,
+            precision="fp32" if precision == "fp32" or device == "cpu" else precision,
+        )
+        predictor = Predictor.from_dir(model_dir, device=device, precision=precision)
+        log.info("loaded detector %s and ViLBERT from %s on %s in %.1f s", extractor.identity, model_dir, device,
+                 time.perf_counter() - started)
+        return cls(extractor, predictor, max_image_pixels=max_image_pixels, tiny=is_tiny(model_dir))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Pipeline":
+        return cls.from_dir(settings.model_dir, settings.device, settings.precision, settings.detector_min_size,
+                            settings.detector_max_size, settings.detector_num_regions, settings.max_image_pixels)
+
+    @property
+    def info(self) -> dict:
+        """What a result says about the models that produced it."""
+        info = {"device": str(self.predictor.device), "detector": self.extractor.identity, "tiny": self.tiny}
+        if self.tiny:
+            info["notice"] = TINY_NOTICE
+        return info
+
+    # ----------------------------------------------------------------------------------------------------------
+
+    def run(self, request: InferenceRequest, on_stage: StageCallback | None = None) -> dict:
+        """The result for one request; raises PipelineError for a request that cannot be answered."""
+        outcome = self.run_many([request], on_stage)[0]
+        if isinstance(outcome, PipelineError):
+            raise outcome
+        return outcome
+
+    def run_many(self, requests: Sequence[InferenceRequest],
+                 on_stage: StageCallback | None = None) -> list[dict | PipelineError]:
+        """One outcome per request, in order: its result, or the PipelineError that stopped it. A failing request
+        does not fail the others."""
+        notify = on_stage or (lambda stage, detail: None)
+        work = [_Work(request) for request in requests]
+        notify("decode", f"{sum(len(r.images) for r in requests)} image(s)")
+        for item in work:
+            self._decode(item)
+        live = [item for item in work if item.error is None]
+        notify("detector", f"{sum(len(item.rgb) for item in live)} image(s)")
+        self._regions(live)
+        live = [item for item in live if item.error is None]
+        notify("vilbert", f"{sum(len(item.request.tasks) for item in live)} task(s)")
+        results = {id(item): self._predict(item) for item in live}
+        return [item.error if item.error is not None else results[id(item)] for item in work]
+
+    def _decode(self, item: _Work) -> None:
+        started = time.perf_counter()
+        try:
+            if not item.request.images:
+                raise PipelineError("missing_image", "at least one image is required", "decode")
+            for index, image in enumerate(item.request.images):
+                try:
+                    item.rgb.append(load_image(image, self.max_image_pixels))
+                except ImageDecodeError as exc:
+                    raise PipelineError(exc.code, f"image {index}: {exc.message}", "decode") from None
+            if item.request.boxes:
+                height, width = item.rgb[0].shape[:2]
+                try:
+                    check_boxes(item.request.boxes, width, height)
+                except BadRequest as exc:
+                    raise PipelineError(exc.code, exc.message, "decode") from None
+        except PipelineError as exc:
+            item.error = exc
+        item.timings["decode_s"] = time.perf_counter() - started
+
+    def _regions(self, items: list[_Work]) -> None:
+        """One detector call over every image of every request; then the candidate boxes of pointing requests."""
+        if not items:
+            return
+        started = time.perf_counter()
+        images = [rgb for item in items for rgb in item.rgb]
+        regions = iter(self.extractor.extract(images))
+        for item in items:
+            item.regions = [next(regions) for _ in item.rgb]
+        shared = time.perf_counter() - started
+        for item in items:
+            extra = 0.0
+            if item.request.boxes and any(self.predictor.tasks.get(n).needs_candidates for n in item.request.tasks
+                                          if n in self.predictor.tasks):
+                box_started = time.perf_counter()
+                item.candidates = self.extractor.extract_boxes(item.rgb[0], np.asarray(item.request.boxes, np.float32))
+                extra = time.perf_counter() - box_started
+            # In a batch each request waited for the whole detector call: report that, not a share of it.
+            item.timings["detector_s"] = shared + extra
+
+    def _predict(self, item: _Work) -> dict | None:
+        started = time.perf_counter()
+        request = item.request
+        candidates = [item.candidates] + [None] * (len(item.regions) - 1) if item.candidates is not None else None
+        try:
+            answers = self.predictor.predict(item.regions, request.text, list(request.tasks), top_k=request.top_k,
+                                             candidates=candidates)
+        except PredictionInputError as exc:
+            item.error = PipelineError(exc.code, exc.message, "vilbert")
+            return None
+        except UnknownTaskError as exc:
+            item.error = PipelineError("unknown_task", str(exc), "vilbert")
+            return None
+        item.timings["vilbert_s"] = time.perf_counter() - started
+        return {
+            "text": request.text,
+            "tasks": answers,
+            "images": [{"width": r.image_width, "height": r.image_height, "regions": int(len(r.boxes))}
+                       for r in item.regions],
+            "timings": {name: round(value, 4) for name, value in item.timings.items()},
+            "model": self.info,
+        }

@@ -1,0 +1,171 @@
+"""The one settings module: every knob of the web tier, the worker and `serve.py`, read from environment
+variables and validated together, so a typo fails at start with every problem listed, not at the first job.
+
+Importing this module imports neither torch nor redis.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "weights"
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+PRECISIONS = ("fp32", "bf16", "fp16")
+# Task set for a request that names none: one answer head of each family that reads one image.
+DEFAULT_TASKS = ("vqa", "gqa", "snli_ve", "refcoco", "retrieval_coco")
+
+
+class SettingsError(ValueError):
+    """One or more environment variables are invalid; `problems` lists each one."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid settings:\n  " + "\n  ".join(problems))
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    queue_name: str = "vilbert"
+    model_dir: Path = DEFAULT_MODEL_DIR
+    device: str = "auto"  # auto = cuda when available, else cpu (resolved by the worker)
+    precision: str = "fp32"
+    detector_min_size: int = 800
+    detector_max_size: int = 1333
+    detector_num_regions: int = 100
+    # Queue and storage lifetimes, in seconds.
+    job_timeout: int = 300  # a started job is killed after this long
+    upload_ttl: int = 3600  # uploaded images (and the queued job) are dropped if not started within this
+    result_ttl: int = 3600  # finished results are kept this long
+    failure_ttl: int = 86400  # failed jobs are kept this long
+    # A worker refreshes its liveness key every heartbeat_ttl/3 s; a started job whose worker's key is gone
+    # is failed as "worker_lost", so a killed worker is noticed within about heartbeat_ttl seconds.
+    worker_heartbeat_ttl: int = 15
+    # Request limits.
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_images: int = 8
+    max_text_chars: int = 1000
+    max_image_pixels: int = 40_000_000
+    max_top_k: int = 20
+    max_queued_jobs: int = 1000
+    redis_timeout: float = 5.0
+    log_level: str = "INFO"
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return self.worker_heartbeat_ttl / 3.0
+
+
+def _int(low: int, high: int | None = None) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        value = int(raw.strip())
+        if value < low or (high is not None and value > high):
+            raise ValueError(f"must be between {low} and {high}" if high is not None else f"must be >= {low}")
+        return value
+    return parse
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0:
+        raise ValueError("must be > 0")
+    return value
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return value
+    return parse
+
+
+def _device(raw: str) -> str:
+    value = raw.strip().lower()
+    if not DEVICE_PATTERN.match(value):
+        raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+    return value
+
+
+def _redis_url(raw: str) -> str:
+    value = raw.strip()
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("must start with redis://, rediss:// or unix://")
+    return value
+
+
+def _queue_name(raw: str) -> str:
+    value = raw.strip()
+    if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", value):
+        raise ValueError("must be 1-64 letters, digits, '_', '.' or '-'")
+    return value
+
+
+def _path(raw: str) -> Path:
+    if not raw.strip():
+        raise ValueError("must not be empty")
+    return Path(raw.strip()).expanduser()
+
+
+# field name -> (environment variable, parser)
+_ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "redis_url": ("REDIS_URL", _redis_url),
+    "queue_name": ("QUEUE_NAME", _queue_name),
+    "model_dir": ("MODEL_DIR", _path),
+    "device": ("DEVICE", _device),
+    "precision": ("PRECISION", _choice(PRECISIONS)),
+    "detector_min_size": ("DETECTOR_MIN_SIZE", _int(32, 4000)),
+    "detector_max_size": ("DETECTOR_MAX_SIZE", _int(32, 8000)),
+    "detector_num_regions": ("DETECTOR_NUM_REGIONS", _int(1, 100)),
+    "job_timeout": ("JOB_TIMEOUT", _int(1)),
+    "upload_ttl": ("UPLOAD_TTL", _int(10)),
+    "result_ttl": ("RESULT_TTL", _int(1)),
+    "failure_ttl": ("FAILURE_TTL", _int(1)),
+    "worker_heartbeat_ttl": ("WORKER_HEARTBEAT_TTL", _int(2, 3600)),
+    "max_upload_bytes": ("MAX_UPLOAD_BYTES", _int(1024)),
+    "max_images": ("MAX_IMAGES", _int(1, 64)),
+    "max_text_chars": ("MAX_TEXT_CHARS", _int(1, 100_000)),
+    "max_image_pixels": ("MAX_IMAGE_PIXELS", _int(1024)),
+    "max_top_k": ("MAX_TOP_K", _int(1, 1000)),
+    "max_queued_jobs": ("MAX_QUEUED_JOBS", _int(1)),
+    "redis_timeout": ("REDIS_TIMEOUT", _positive_float),
+    "log_level": ("LOG_LEVEL", _choice(("debug", "info", "warning", "error"))),
+}
+
+ENV_VARIABLES = {name: env for name, (env, _) in _ENV.items()}
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from `environ` (default os.environ); unset or empty variables take the defaults.
+    Raises SettingsError naming every invalid variable."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for name, (env, parse) in _ENV.items():
+        raw = environ.get(env)
+        if raw is None or raw.strip() == "":
+            continue
+        try:
+            values[name] = parse(raw)
+        except ValueError as exc:
+            problems.append(f"{env}={raw!r}: {exc}")
+    if "log_level" in values:
+        values["log_level"] = values["log_level"].upper()
+    settings = Settings(**values)
+    if settings.detector_max_size < settings.detector_min_size:
+        problems.append("DETECTOR_MAX_SIZE must be >= DETECTOR_MIN_SIZE")
+    if problems:
+        raise SettingsError(problems)
+    return settings
+
+
+def describe() -> list[tuple[str, str]]:
+    """(environment variable, default) for every setting, for docs and --help."""
+    defaults = Settings()
+    return [(_ENV[f.name][0], str(getattr(defaults, f.name))) for f in fields(Settings)]
