@@ -106,6 +106,10 @@ class TaskDataset(Dataset):
         encoded = self.tokenizer.encode(text, self.spec.max_seq_length)
         return np.asarray(encoded.input_ids, np.int64), np.asarray(encoded.attention_mask, np.int64)
 
+    def visual(self, image_id: str):
+        """The padded visual input of one image (no candidate boxes)."""
+        return visual_input(self._image(image_id), self.spec.max_region_num)
+
     def _image(self, image_id: str) -> ImageRegions:
         try:
             return self.features[image_id]
@@ -128,7 +132,7 @@ class TaskDataset(Dataset):
             rows.append(best)
         return ImageRegions(gt.boxes[rows], gt.features[rows], gt.image_width, gt.image_height)
 
-    def _rows(self, texts: list[str], visuals: list) -> dict[str, np.ndarray]:
+    def rows(self, texts: list[str], visuals: list) -> dict[str, np.ndarray]:
         ids, masks = zip(*(self._text(t) for t in texts))
         return {
             "input_ids": np.stack(ids), "input_mask": np.stack(masks), "segment_ids": np.zeros_like(np.stack(ids)),
@@ -144,7 +148,7 @@ class TaskDataset(Dataset):
             item = self._retrieval_item(index)
         elif kind == "binary":
             visuals = [visual_input(self._image(i), regions) for i in example.image_ids]
-            item = self._rows([example.text] * 2, visuals)
+            item = self.rows([example.text] * 2, visuals)
             label = example.labels[0]
             item["label"] = np.int64(label)
             item["target"] = np.eye(2, dtype=np.float32)[label] if label >= 0 else np.zeros(2, np.float32)
@@ -152,7 +156,7 @@ class TaskDataset(Dataset):
             image = self._image(example.image_ids[0])
             candidates = self._candidates(example.image_ids[0], example.candidates)
             visual = visual_input(image, regions, DETECTED_SLOTS, candidates)
-            item = self._rows([example.text], [visual])
+            item = self.rows([example.text], [visual])
             slots = regions - DETECTED_SLOTS
             count = min(len(example.candidates), slots)
             mc_ids, mc_mask, target = np.zeros(slots, np.int64), np.zeros(slots, np.int64), np.zeros(slots, np.float32)
@@ -169,7 +173,7 @@ class TaskDataset(Dataset):
                 except KeyError as exc:
                     raise ann.MissingDataError(f"{spec.name}: {exc.args[0]}") from None
             visual = visual_input(image, regions, None, candidates)
-            item = self._rows([example.text], [visual])
+            item = self.rows([example.text], [visual])
             target = iou(visual.boxes, example.box) * visual.mask
             if self.split == "train":  # the reference trains on IoU >= 0.5 only, and evaluates on raw IoU
                 target[target < 0.5] = 0
@@ -177,7 +181,7 @@ class TaskDataset(Dataset):
                         gt_box=np.asarray(example.box, np.float32))
         else:
             visual = visual_input(self._image(example.image_ids[0]), regions)
-            item = self._rows([example.text], [visual])
+            item = self.rows([example.text], [visual])
             if kind == "classifier":
                 target = np.zeros(self.num_labels, np.float32)
                 for label, score in zip(example.labels, example.scores):
@@ -221,6 +225,6 @@ class TaskDataset(Dataset):
         hard_caption = caption_of(pool[int(rng.integers(len(pool)))] if pool else other_image())
         own = visual_input(self._image(image), self.spec.max_region_num)
         other = visual_input(self._image(random_image), self.spec.max_region_num)
-        item = self._rows([example.text, random_caption, example.text, hard_caption], [own, own, other, own])
+        item = self.rows([example.text, random_caption, example.text, hard_caption], [own, own, other, own])
         item["label"] = np.int64(0)
         return item
