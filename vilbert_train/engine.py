@@ -143,6 +143,17 @@ def enable_gradient_checkpointing(model: ViLBertForVLTasks) -> int:
     return len(layers)
 
 
+class OutputsAsDict(torch.nn.Module):
+    """DDP finds the tensors of a forward's result (to detect unused parameters) in dicts, not dataclasses."""
+
+    def __init__(self, model: ViLBertForVLTasks):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs: torch.Tensor) -> dict[str, Any]:
+        return dict(vars(self.model(**inputs)))
+
+
 def freeze_text(model: ViLBertForVLTasks, last_layer: int) -> int:
     """--freeze N: the text embeddings and text layers 0..N stop training (the reference meant this; its name
     check against a `module.` prefix made the flag do nothing)."""
@@ -259,7 +270,7 @@ class Trainer:
         self.wrapped: torch.nn.Module = model
         if ctx.distributed:
             self.wrapped = DistributedDataParallel(
-                model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                OutputsAsDict(model), device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
                 find_unused_parameters=True)  # each task reads one head: the others get no gradient
         self.optimizer = build_optimizer(model, base_lr, args.vil_learning_rate, args.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, args.lr_scheduler, self.total_steps, warmup,

@@ -30,9 +30,10 @@ def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], spec: TaskSp
     rows = flatten_rows(batch)
     task_ids = torch.full((rows["input_ids"].shape[0], 1), spec.task_id, dtype=torch.long,
                           device=rows["input_ids"].device)
-    return model(input_ids=rows["input_ids"], features=rows["features"], spatials=rows["spatials"],
-                 token_type_ids=rows["segment_ids"], attention_mask=rows["input_mask"],
-                 image_attention_mask=rows["image_mask"], task_ids=task_ids)
+    output = model(input_ids=rows["input_ids"], features=rows["features"], spatials=rows["spatials"],
+                   token_type_ids=rows["segment_ids"], attention_mask=rows["input_mask"],
+                   image_attention_mask=rows["image_mask"], task_ids=task_ids)
+    return ViLBertOutput(**output) if isinstance(output, dict) else output  # dict: from engine.OutputsAsDict
 
 
 def compute_loss(output: ViLBertOutput, batch: dict[str, torch.Tensor], spec: TaskSpec) -> StepResult:
