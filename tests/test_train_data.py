@@ -1,0 +1,244 @@
+"""Training data: every official annotation format parses, feature LMDBs (released pickled records and our
+FeatureStore) read back, the restricted unpickler refuses code, and missing files are named exactly."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from detector.extractor import RegionFeatures
+from detector.store import FeatureStore
+from vilbert.tokenization import Tokenizer
+from vilbert_train import synthetic
+from vilbert_train.annotations import MissingDataError, guesswhat_dialog
+from vilbert_train.datasets import TaskDataset, iou
+from vilbert_train.features import ReleasedFeatureReader, StoreFeatureReader, open_features
+from vilbert_train.pickles import UnsafePickleError, loads
+from vilbert_train.specs import SPECS, resolve_tasks
+
+DIM = 16
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("datasets")
+    synthetic.write_snli_ve(root, DIM)
+    synthetic.write_vqa(root, DIM)
+    synthetic.write_gqa(root, DIM)
+    synthetic.write_genome(root, DIM)
+    synthetic.write_nlvr2(root, DIM)
+    synthetic.write_retrieval(root, DIM, 7)
+    synthetic.write_retrieval(root, DIM, 8)
+    for dataset in ("refcoco", "refcoco+", "refcocog"):
+        synthetic.write_refcoco(root, DIM, dataset)
+    synthetic.write_visual7w(root, DIM)
+    synthetic.write_guesswhat(root, DIM)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer()
+
+
+def dataset(root, tokenizer, task_id, split, **kw):
+    return TaskDataset(SPECS[task_id], split, root, tokenizer, **kw)
+
+
+# ------------------------------------------------------------------------------------------ restricted unpickler
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_released_record_round_trips_through_restricted_unpickler(protocol):
+    record = {"image_id": b"42", "image_h": np.int64(480), "image_w": 640, "num_boxes": np.int32(2),
+              "boxes": np.arange(8, dtype=np.float32).reshape(2, 4), "features": np.ones((2, 3), np.float32)}
+    loaded = loads(pickle.dumps(record, protocol=protocol))
+    assert loaded["image_h"] == 480 and loaded["image_id"] == b"42"
+    np.testing.assert_array_equal(loaded["boxes"], record["boxes"])
+    assert loaded["features"].dtype == np.float32
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+@pytest.mark.parametrize("payload", [Exploit(), np.array([1, "x"], dtype=object), {"a": Exploit}])
+def test_restricted_unpickler_refuses_code_and_objects(payload):
+    with pytest.raises(UnsafePickleError, match="refusing"):
+        loads(pickle.dumps(payload))
+
+
+def test_restricted_unpickler_rejects_garbage():
+    with pytest.raises(UnsafePickleError, match="not a valid pickle"):
+        loads(b"\x80\x04garbage")
+
+
+# -------------------------------------------------------------------------------------------- feature readers
+
+
+def test_released_lmdb_reader_matches_written_record(root):
+    reader = open_features(root / SPECS[13].features)
+    assert isinstance(reader, ReleasedFeatureReader)
+    image = reader["1000"]
+    assert image.features.shape == (10, DIM) and image.boxes.shape == (10, 4)
+    assert (image.image_width, image.image_height) == (synthetic.WIDTH, synthetic.HEIGHT)
+    assert "1000" in reader and "nope" not in reader
+    with pytest.raises(KeyError, match="nope"):
+        reader["nope"]
+
+
+def test_our_feature_store_is_read_too(tmp_path):
+    rng = np.random.default_rng(0)
+    regions = RegionFeatures(boxes=rng.uniform(0, 50, (5, 4)).astype(np.float32),
+                             features=rng.random((5, DIM), dtype=np.float32), scores=np.ones(5, np.float32),
+                             class_ids=np.arange(5), image_width=100, image_height=80, num_boxes=5)
+    with FeatureStore(tmp_path / "store", readonly=False) as store:
+        store.put("img1", regions)
+    reader = open_features(tmp_path / "store")
+    assert isinstance(reader, StoreFeatureReader)
+    image = reader["img1"]
+    np.testing.assert_array_equal(image.features, regions.features)
+    assert image.image_width == 100
+
+
+def test_missing_lmdb_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "x.lmdb" / "data.mdb")):
+        open_features(tmp_path / "x.lmdb")
+
+
+# ------------------------------------------------------------------------------------------------ task ids
+
+
+def test_task_ids_and_names_resolve():
+    assert [s.task_id for s in resolve_tasks("1-2-4-7-8-9-10-11-12-13-15-17")] == [1, 2, 4, 7, 8, 9, 10, 11, 12, 13, 15, 17]
+    assert [s.task_id for s in resolve_tasks("vqa-refcoco_plus,snli_ve")] == [1, 10, 13]
+    with pytest.raises(ValueError, match="unknown task"):
+        resolve_tasks("3")
+    with pytest.raises(ValueError, match="unknown task"):
+        resolve_tasks("vqa-foo")
+
+
+# ---------------------------------------------------------------------------------------------- readers
+
+
+def test_snli_ve(root, tokenizer):
+    ds = dataset(root, tokenizer, 13, "train")
+    assert len(ds) == 24 and ds.examples[0].labels == [0] and ds.examples[2].labels == [2]
+    item = ds[2]
+    assert item["input_ids"].shape == (1, 56) and item["features"].shape == (1, 101, DIM)
+    assert item["image_mask"][0].sum() == 11  # global region + 10 boxes
+    np.testing.assert_array_equal(item["spatials"][0, 0], [0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(item["target"], [0, 0, 1])
+    assert item["input_ids"][0, 0] == 101 and 102 in item["input_ids"][0]
+
+
+def test_vqa_splits_and_soft_targets(root, tokenizer):
+    train = dataset(root, tokenizer, 1, "train")
+    minval = dataset(root, tokenizer, 1, "minval")
+    trainval = dataset(root, tokenizer, 1, "trainval")
+    assert len(train) == 12 and len(minval) == 12 and len(trainval) == 12  # val has < 3000 questions
+    item = train[1]
+    assert item["target"].shape == (3129,) and item["target"][1] == 1.0 and item["target"][3] == pytest.approx(0.3)
+    assert item["target"].sum() == pytest.approx(1.3)
+    test = dataset(root, tokenizer, 1, "test")
+    assert len(test) == 3 and test.examples[0].qid == 9000
+
+
+def test_vqa_missing_answer_targets_is_named(root, tokenizer, tmp_path):
+    (tmp_path / "VQA").mkdir()
+    for name in ("train", "val"):
+        (tmp_path / "VQA" / f"v2_OpenEnded_mscoco_{name}2014_questions.json").write_bytes(
+            (root / "VQA" / f"v2_OpenEnded_mscoco_{name}2014_questions.json").read_bytes())
+    with pytest.raises(MissingDataError, match=r"answer targets.*VQA/cache/train_target.pkl"):
+        dataset(tmp_path, tokenizer, 1, "train")
+
+
+def test_gqa_and_genome(root, tokenizer):
+    gqa = dataset(root, tokenizer, 15, "train")
+    assert gqa[0]["target"].shape == (1533,) and gqa.examples[0].image_ids == ["n100"]
+    assert len(dataset(root, tokenizer, 15, "minval")) == 24  # trainval_target.pkl[-3000:]
+    test = dataset(root, tokenizer, 15, "test")
+    assert [e.qid for e in test.examples] == ["t0", "t1", "t2"]
+    genome = dataset(root, tokenizer, 2, "val")
+    assert len(genome) == 9 and genome[0]["input_ids"].shape == (1, 26)
+
+
+def test_nlvr2_pairs(root, tokenizer):
+    ds = dataset(root, tokenizer, 12, "dev")
+    example = ds.examples[1]
+    assert example.image_ids == ["dev-1-0-img0", "dev-1-0-img1"] and example.labels == [0]
+    assert ds.examples[0].labels == [1]
+    item = ds[0]
+    assert item["input_ids"].shape == (2, 40) and item["features"].shape == (2, 101, DIM)
+    np.testing.assert_array_equal(item["input_ids"][0], item["input_ids"][1])  # the statement for both images
+
+
+def test_retrieval_four_options_with_hard_negatives(root, tokenizer):
+    for task_id in (7, 8):
+        ds = dataset(root, tokenizer, task_id, "train")
+        assert len(ds) == 12 and set(ds.retrieval.hard_pool) == set(ds.retrieval.image_ids)
+        item = ds[0]
+        assert item["input_ids"].shape == (4, 30) and item["label"] == 0
+        f = item["features"]
+        assert np.array_equal(f[0], f[1]) and np.array_equal(f[0], f[3]) and not np.array_equal(f[0], f[2])
+        assert np.array_equal(item["input_ids"][0], item["input_ids"][2])
+        ds.set_epoch(0)
+        again = ds[0]
+        np.testing.assert_array_equal(item["input_ids"], again["input_ids"])  # negatives fixed by (seed, epoch)
+    val = dataset(root, tokenizer, 7, "val")
+    assert val[0]["input_ids"].shape == (1, 30)
+
+
+def test_retrieval_training_needs_hard_negatives(root, tokenizer, tmp_path):
+    folder = tmp_path / "cocoRetreival"
+    folder.mkdir()
+    name = "all_data_final_train_2014.jsonline"
+    (folder / name).write_bytes((root / "cocoRetreival" / name).read_bytes())
+    with pytest.raises(MissingDataError, match=r"hard negatives.*cocoRetreival/hard_negative.pkl"):
+        dataset(tmp_path, tokenizer, 7, "train")
+
+
+@pytest.mark.parametrize("task_id", [9, 10, 11])
+def test_refer_grounding_targets(root, tokenizer, task_id):
+    train = dataset(root, tokenizer, task_id, "train")
+    val = dataset(root, tokenizer, task_id, "val")
+    assert len(train) == 4 and len(val) == 2
+    item = val[0]
+    example = val.examples[0]
+    k = 4  # image 704's referred object is its detected box 4 (row 5 after the global row)
+    assert example.image_ids == ["704"]
+    assert item["target"].shape == (101,)
+    assert item["target"][k + 1] == pytest.approx(1.0)
+    np.testing.assert_allclose(item["target"], iou(item["boxes"], example.box) * item["image_mask"][0], rtol=1e-6)
+    train_item = train[0]
+    assert (train_item["target"][(train_item["target"] > 0)] >= 0.5).all()  # training targets drop IoU < 0.5
+    assert train_item["image_mask"][0].sum() == 12  # ground-truth box appended after the 11 detected rows
+
+
+def test_visual7w_pointing(root, tokenizer):
+    ds = dataset(root, tokenizer, 4, "train")
+    assert len(ds) == 4
+    item = ds[1]
+    example = ds.examples[1]
+    assert len(example.candidates) == 4 and example.answer_index == 1
+    assert item["features"].shape == (1, 200, DIM) and item["input_ids"].shape == (1, 20)
+    np.testing.assert_array_equal(item["mc_ids"][:4], [101, 102, 103, 104])
+    assert item["mc_mask"].sum() == 4 and item["target"][1] == pytest.approx(1.0)
+    assert item["image_mask"][0, 101:105].all() and not item["image_mask"][0, 11:101].any()
+    # the candidate rows carry the ground-truth file's boxes, in the annotation's order
+    np.testing.assert_allclose(item["spatials"][0, 101, 0] * synthetic.WIDTH, example.candidates[0][0], rtol=1e-5)
+
+
+def test_guesswhat_pointing(root, tokenizer):
+    ds = dataset(root, tokenizer, 17, "train")
+    assert len(ds) == 5  # the failed game is skipped
+    example = ds.examples[0]
+    assert example.text == "start is it red? answer No stop start is it on the left? answer Yes stop "
+    assert guesswhat_dialog([{"question": "a", "answer": "b"}]) == "start a answer b stop "
+    item = ds[0]
+    assert item["input_ids"].shape == (1, 256) and item["features"].shape == (1, 306, DIM)
+    assert item["mc_mask"].sum() == 3 and item["label"] == example.answer_index == 1
