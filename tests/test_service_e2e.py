@@ -428,3 +428,45 @@ def test_worker_lifecycle_graceful_stop_queueing_and_sigkill(stack):
     assert stack.get(f"/api/v1/jobs/{job_id}")[1]["error"]["code"] == "worker_lost"
     assert stack.wait_ready(60)
     assert stack.wait(stack.submit("alive?", [CAT], tasks="vqa"))["status"] == "finished"
+
+
+# ------------------------------------------------------------------------------------- serve.py + demo.py
+
+
+def test_serve_runs_the_stack_and_demo_prints_answers(stack, tmp_path):
+    """The one-command local run as a new user meets it: no weights in MODEL_DIR (tiny demo bundle instead), no
+    REDIS_URL (embedded redis-server); demo.py against it prints answers; SIGINT stops everything cleanly."""
+    import re
+
+    from service.localstack import port_in_use
+
+    port = free_port()
+    env = {k: v for k, v in stack.env.items() if k not in ("REDIS_URL", "QUEUE_NAME")}
+    env.update(MODEL_DIR=str(tmp_path / "no-weights-here"), WEB_CONCURRENCY="1")
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        serve = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--port", str(port), "--tiny-dir",
+                                  str(stack.bundle)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        assert wait_until(lambda: "Ready: " in log.read_text(), 90, interval=0.2), log.read_text()
+        text = log.read_text()
+        assert "NO MODEL WEIGHTS" in text and "python models/fetch.py" in text and "MEANINGLESS" in text
+        redis_port = int(re.search(r"embedded redis-server on 127\.0\.0\.1:(\d+)", text).group(1))
+        drawn = tmp_path / "boxes.png"
+        demo = subprocess.run([sys.executable, str(ROOT / "demo.py"), "--url", f"http://127.0.0.1:{port}",
+                               "--draw", str(drawn)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert demo.returncode == 0, demo.stderr
+        for expected in ("TINY RANDOM-WEIGHT", "vqa", "gqa", "snli_ve", "refcoco", "retrieval_coco", "untrained-vqa-answer"):
+            assert expected in demo.stdout
+        assert Image.open(drawn).size == (512, 512)  # the scikit-image astronaut, with boxes drawn
+        refused = subprocess.run([sys.executable, str(ROOT / "demo.py"), "--url", f"http://127.0.0.1:{port}", "--tasks",
+                                  "teleport"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert refused.returncode == 1 and "unknown_task" in refused.stderr
+    finally:
+        serve.send_signal(signal.SIGINT)
+        code = serve.wait(90)
+    text = log.read_text()
+    assert code == 0, text
+    for part in ("web", "worker", "redis"):
+        assert f"{part} stopped (exit code 0)" in text, text
+    assert not port_in_use(port) and not port_in_use(redis_port)
