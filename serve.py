@@ -15,12 +15,14 @@ Ctrl+C (SIGINT) or SIGTERM stops the web server, lets the worker finish its curr
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -111,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
              "--graceful-timeout", "10", "--no-control-socket", "app:app"], env=env, cwd=ROOT, start_new_session=True)))
         url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{args.port}"
         say(f"loading the models (worker) and starting the API on {url} ...")
-        ready = False
+        ready = warned = False
+        begun = time.monotonic()
         while not stopping:
             dead = [(name, p) for name, p in processes if p.poll() is not None]
             if dead:
@@ -119,7 +122,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"serve: the {name} process exited with code {process.returncode}; stopping", file=sys.stderr)
                 status = 1
                 break
-            if not ready and _ready(url):
+            is_ready, why = (False, "") if ready else _ready(url)
+            if not ready and not is_ready and not warned and time.monotonic() - begun > 90:
+                say(f"still not ready after 90 s: {why}")
+                warned = True
+            if not ready and is_ready:
                 ready = True
                 demo = "python demo.py" + ("" if args.port == 5000 else f" --url {url}")
                 print(f"\n{BANNER}\nReady: {url}\n  {demo}      # sample photo, default tasks\n"
@@ -140,12 +147,19 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
-def _ready(url: str) -> bool:
+def _ready(url: str) -> tuple[bool, str]:
+    """(ready?, why not) from the API's /readyz."""
     try:
         with urllib.request.urlopen(url + "/readyz", timeout=2) as response:  # noqa: S310 - loopback
-            return response.status == 200
-    except OSError:
-        return False
+            return response.status == 200, ""
+    except urllib.error.HTTPError as exc:
+        try:
+            body = json.loads(exc.read())
+            return False, body.get("reason") or f"redis: {body.get('redis')}"
+        except ValueError:
+            return False, f"/readyz answered {exc.code}"
+    except OSError as exc:
+        return False, f"the API does not answer yet ({exc})"
 
 
 if __name__ == "__main__":
