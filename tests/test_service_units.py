@@ -43,6 +43,7 @@ def test_settings_report_every_bad_variable():
     for name in ("REDIS_URL", "DEVICE", "JOB_TIMEOUT", "MAX_IMAGES", "PRECISION", "QUEUE_NAME", "REDIS_TIMEOUT"):
         assert name in problems
     assert len(caught.value.problems) == 7
+    assert "JOB_TIMEOUT='soon': must be an integer" in problems
 
 
 def test_settings_cross_checks():
@@ -176,3 +177,22 @@ def test_service_doc_lists_every_setting():
     doc = (Path(__file__).resolve().parent.parent / "docs" / "SERVICE.md").read_text()
     for variable in ENV_VARIABLES.values():
         assert f"`{variable}`" in doc, variable
+
+
+def test_serve_no_tiny_and_worker_without_weights_exit_with_instructions(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, MODEL_DIR=str(tmp_path / "empty"), REDIS_URL="redis://127.0.0.1:1/0")
+    serve = subprocess.run([sys.executable, str(root / "serve.py"), "--no-tiny"], env=env, capture_output=True,
+                           text=True, timeout=60, cwd=root)
+    assert serve.returncode == 2 and "python models/fetch.py" in serve.stderr and "Refusing" in serve.stderr
+    worker = subprocess.run([sys.executable, str(root / "worker.py")], env=env, capture_output=True, text=True,
+                            timeout=120, cwd=root)
+    assert worker.returncode == 2 and "models/fetch.py" in worker.stderr and "multi_task_model.bin" in worker.stderr
+    bad = subprocess.run([sys.executable, str(root / "worker.py")], env=dict(env, DEVICE="gpu"), capture_output=True,
+                         text=True, timeout=60, cwd=root)
+    assert bad.returncode == 2 and "DEVICE='gpu'" in bad.stderr
