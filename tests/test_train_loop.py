@@ -140,10 +140,15 @@ def test_unknown_task_is_refused(work):
 
 def test_bf16_autocast_and_gradient_accumulation_run(work):
     args = classic(work, "bf16", "--num_train_epochs", "1", "--num_epoch", "1", "--precision", "bf16",
-                   "--gradient_accumulation_steps", "2", "--gradient_checkpointing")
+                   "--gradient_accumulation_steps", "2", "--gradient_checkpointing", "--stop_after_steps", "2")
     assert train_tasks.main(args) == 0
-    losses = [loss for _, loss in train_losses(run_dir(work, "bf16"))]
-    assert losses and all(np.isfinite(losses))
+    folder = run_dir(work, "bf16")
+    losses = [loss for _, loss in train_losses(folder)]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    state = torch.load(folder / "pytorch_ckpt_latest.tar", weights_only=True)
+    assert state["iteration"] == 2 and state["scheduler_state_dict"]["last_epoch"] == 1  # one step per 2 iterations
+    start = read_state_dict(work / "tiny" / "multi_task_model.bin")
+    assert not torch.equal(state["model_state_dict"]["vil_tri_prediction.weight"], start["vil_tri_prediction.weight"])
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(work):
