@@ -214,3 +214,19 @@ def test_stop_and_go_controller():
     d = StopOnPlateau()
     d.load_state_dict(state)
     assert d.state_dict() == state
+
+
+def test_cost_estimate_counts_flops_and_saved_activations(work):
+    from vilbert_train.estimate import measure
+
+    config = ViLBertConfig.from_json_file(work / "tiny" / "train_config.json")
+    with torch.device("meta"):
+        from vilbert.modeling import ViLBertForVLTasks
+
+        model = ViLBertForVLTasks(config).train()
+    small, large, larger = (measure(model, SPECS[13], b) for b in (2, 4, 6))
+    assert small["flops_per_step"] > 2 * small["forward_flops"] > 0  # backward costs about twice the forward
+    assert large["flops_per_step"] == pytest.approx(2 * small["flops_per_step"], rel=1e-3)  # linear in the batch
+    # saved tensors = weights (constant) + activations (linear in the batch)
+    step = large["activation_bytes"] - small["activation_bytes"]
+    assert step > 0 and larger["activation_bytes"] - large["activation_bytes"] == pytest.approx(step, rel=1e-3)
