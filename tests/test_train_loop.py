@@ -46,6 +46,7 @@ def work(tmp_path_factory) -> Path:
     config.update(attention_probs_dropout_prob=0.0, v_attention_probs_dropout_prob=0.0)
     (work / "tiny" / "train_config.json").write_text(json.dumps(config))
     synthetic.write_snli_ve(work / "datasets", DIM)
+    synthetic.write_nlvr2(work / "datasets", DIM)
     return work
 
 
@@ -124,6 +125,26 @@ def test_checkpoints_load_strictly_into_the_service_and_training(work, finished)
     args = classic(work, "again", "--num_train_epochs", "1", "--num_epoch", "1", "--stop_after_steps", "1")
     args[args.index("--from_pretrained") + 1] = str(finished / "pytorch_model_1.bin")
     assert train_tasks.main(args) == 0
+
+
+def test_stop_and_go_round_robin(work):
+    """Two tasks in turn; once validation stops improving a task trains only every 4th iteration."""
+    args = classic(work, "multi", "--tasks", "13-12", "--num_train_epochs", "1", "--num_epoch", "5")
+    assert train_tasks.main(args) == 0
+    folder = work / "multi" / "VisualEntailment-NLVR2_train_config-finetune_from_multi_task_model"
+    rows = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+    stopped = {"snli_ve": False, "nlvr2": False}
+    trained_while_stopped = 0
+    for row in rows:
+        if "eval" in row:  # logged after `iteration` iterations are done
+            stopped[row["eval"]] = row["in_stop"]
+        elif stopped[row["task"]]:
+            assert row["iteration"] % 4 == 0, row
+            trained_while_stopped += 1
+    assert trained_while_stopped >= 2  # the stop did happen (random-weight scores plateau at once)
+    iterations = [r["iteration"] for r in rows if r.get("task") == "snli_ve"]
+    assert iterations[:3] == [0, 1, 2]  # both tasks train every iteration before any stop
+    assert [r["task"] for r in rows if r.get("iteration") == 0] == ["snli_ve", "nlvr2"]  # in the given order
 
 
 def test_missing_data_is_named(work, tmp_path, capsys):
