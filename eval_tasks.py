@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     from vilbert.tasks import UnknownTaskError
     from vilbert.tokenization import Tokenizer
     from vilbert_train.annotations import AnnotationError
+    from vilbert_train.features import FeatureFileError
+    from vilbert_train.pickles import UnsafePickleError
     from vilbert_train.datasets import TaskDataset
     from vilbert_train.engine import (load_config, load_training_model, resolve_checkpoint, resolve_vocab,
                                       setup_distributed)
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             write_json(out_dir / f"{spec.name}_{split}_metrics.json", result)
             summary.append(result)
             logging.getLogger("vilbert_train").info("%s", json.dumps(result))
-    except (FileNotFoundError, AnnotationError) as exc:
+    except (FileNotFoundError, AnnotationError, FeatureFileError, UnsafePickleError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=1))

@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from vilbert.tasks import UnknownTaskError
     from vilbert_train.annotations import AnnotationError
+    from vilbert_train.features import FeatureFileError
+    from vilbert_train.pickles import UnsafePickleError
     from vilbert_train.engine import Trainer, setup_distributed
     from vilbert_train.specs import resolve_tasks, with_overrides
 
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = Trainer(args, specs, ctx)
         save_dir = trainer.train()
-    except (FileNotFoundError, AnnotationError) as exc:
+    except (FileNotFoundError, AnnotationError, FeatureFileError, UnsafePickleError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

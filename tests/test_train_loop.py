@@ -46,6 +46,7 @@ def work(tmp_path_factory) -> Path:
     config.update(attention_probs_dropout_prob=0.0, v_attention_probs_dropout_prob=0.0)
     (work / "tiny" / "train_config.json").write_text(json.dumps(config))
     synthetic.write_snli_ve(work / "datasets", DIM)
+    synthetic.write_nlvr2(work / "datasets", DIM)
     return work
 
 
@@ -126,6 +127,26 @@ def test_checkpoints_load_strictly_into_the_service_and_training(work, finished)
     assert train_tasks.main(args) == 0
 
 
+def test_stop_and_go_round_robin(work):
+    """Two tasks in turn; once validation stops improving a task trains only every 4th iteration."""
+    args = classic(work, "multi", "--tasks", "13-12", "--num_train_epochs", "1", "--num_epoch", "5")
+    assert train_tasks.main(args) == 0
+    folder = work / "multi" / "VisualEntailment-NLVR2_train_config-finetune_from_multi_task_model"
+    rows = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+    stopped = {"snli_ve": False, "nlvr2": False}
+    trained_while_stopped = 0
+    for row in rows:
+        if "eval" in row:  # logged after `iteration` iterations are done
+            stopped[row["eval"]] = row["in_stop"]
+        elif stopped[row["task"]]:
+            assert row["iteration"] % 4 == 0, row
+            trained_while_stopped += 1
+    assert trained_while_stopped >= 2  # the stop did happen (random-weight scores plateau at once)
+    iterations = [r["iteration"] for r in rows if r.get("task") == "snli_ve"]
+    assert iterations[:3] == [0, 1, 2]  # both tasks train every iteration before any stop
+    assert [r["task"] for r in rows if r.get("iteration") == 0] == ["snli_ve", "nlvr2"]  # in the given order
+
+
 def test_missing_data_is_named(work, tmp_path, capsys):
     args = classic(work, "missing")
     args[args.index("--data_root") + 1] = str(tmp_path)
@@ -140,10 +161,15 @@ def test_unknown_task_is_refused(work):
 
 def test_bf16_autocast_and_gradient_accumulation_run(work):
     args = classic(work, "bf16", "--num_train_epochs", "1", "--num_epoch", "1", "--precision", "bf16",
-                   "--gradient_accumulation_steps", "2", "--gradient_checkpointing")
+                   "--gradient_accumulation_steps", "2", "--gradient_checkpointing", "--stop_after_steps", "2")
     assert train_tasks.main(args) == 0
-    losses = [loss for _, loss in train_losses(run_dir(work, "bf16"))]
-    assert losses and all(np.isfinite(losses))
+    folder = run_dir(work, "bf16")
+    losses = [loss for _, loss in train_losses(folder)]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    state = torch.load(folder / "pytorch_ckpt_latest.tar", weights_only=True)
+    assert state["iteration"] == 2 and state["scheduler_state_dict"]["last_epoch"] == 1  # one step per 2 iterations
+    start = read_state_dict(work / "tiny" / "multi_task_model.bin")
+    assert not torch.equal(state["model_state_dict"]["vil_tri_prediction.weight"], start["vil_tri_prediction.weight"])
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(work):
@@ -209,3 +235,19 @@ def test_stop_and_go_controller():
     d = StopOnPlateau()
     d.load_state_dict(state)
     assert d.state_dict() == state
+
+
+def test_cost_estimate_counts_flops_and_saved_activations(work):
+    from vilbert_train.estimate import measure
+
+    config = ViLBertConfig.from_json_file(work / "tiny" / "train_config.json")
+    with torch.device("meta"):
+        from vilbert.modeling import ViLBertForVLTasks
+
+        model = ViLBertForVLTasks(config).train()
+    small, large, larger = (measure(model, SPECS[13], b) for b in (2, 4, 6))
+    assert small["flops_per_step"] > 2 * small["forward_flops"] > 0  # backward costs about twice the forward
+    assert large["flops_per_step"] == pytest.approx(2 * small["flops_per_step"], rel=1e-3)  # linear in the batch
+    # saved tensors = weights (constant) + activations (linear in the batch)
+    step = large["activation_bytes"] - small["activation_bytes"]
+    assert step > 0 and larger["activation_bytes"] - large["activation_bytes"] == pytest.approx(step, rel=1e-3)

@@ -402,6 +402,10 @@ class Trainer:
 
     def train(self) -> Path:
         args, accum = self.args, self.args.gradient_accumulation_steps
+        if self.ctx.is_main:
+            logger.info("training %s: %d iterations per epoch, %d epochs, %d optimiser steps, %d process(es) on %s",
+                        ", ".join(s.name for s in self.specs), self.iters_per_epoch, args.num_train_epochs,
+                        self.total_steps, self.ctx.world_size, self.ctx.device)
         start_epoch = self.iteration // self.iters_per_epoch
         stop_at = args.stop_after_steps if args.stop_after_steps else None
         for epoch in range(start_epoch, args.num_train_epochs):

@@ -8,6 +8,7 @@ service sees: a global mean-feature region 0 at [0, 0, 1, 1, 1], then the detect
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,15 +112,18 @@ def open_features(path: str | os.PathLike) -> ReleasedFeatureReader | StoreFeatu
     path = Path(path)
     if not (path / "data.mdb").is_file():
         raise FileNotFoundError(f"region-feature LMDB not found: {path / 'data.mdb'}")
-    from detector.store import MAGIC
-
     reader = ReleasedFeatureReader(path)
     with reader._env().begin() as txn:
         first = bytes(next(iter(txn.cursor().iternext(keys=False, values=True)), b""))
-    if first[: len(MAGIC)] == MAGIC:
-        _ENVS.pop((str(path.resolve()), os.getpid())).close()  # the FeatureStore opens its own
-        return StoreFeatureReader(path)
-    return ReleasedFeatureReader(path)
+    # Released records are pickles (protocol >= 2 starts with the PROTO opcode). Anything else is probed as our
+    # store; importing detector.store only then keeps torchvision out of the training processes' start-up.
+    if not first.startswith(pickle.PROTO):
+        from detector.store import MAGIC
+
+        if first.startswith(MAGIC):
+            _ENVS.pop((str(path.resolve()), os.getpid())).close()  # the FeatureStore opens its own
+            return StoreFeatureReader(path)
+    return reader
 
 
 @dataclass

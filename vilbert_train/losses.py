@@ -71,4 +71,5 @@ def compute_loss(output: ViLBertOutput, batch: dict[str, torch.Tensor], spec: Ta
         score = (logits.argmax(1) == batch["label"]).sum()
     else:
         raise ValueError(f"unknown task kind {kind}")
-    return StepResult(loss, float(score), batch_size, logits.detach())
+    # (meta tensors, used by vilbert_train.estimate to count FLOPs, have no value to read)
+    return StepResult(loss, 0.0 if score.is_meta else float(score), batch_size, logits.detach())
