@@ -51,7 +51,9 @@ def openapi_spec(settings: Settings) -> dict:
                                 f"{settings.max_text_chars} characters of text, {settings.max_image_pixels} pixels per image."},
         "paths": {
             "/": {
-                "get": {"summary": "Index of the API's URLs", "responses": {"200": {"description": "links"}}},
+                "get": {"summary": "The web page for browsers (Accept: text/html), else an index of the API's URLs",
+                        "responses": {"200": {"description": "the page, or links", "content": {
+                            "text/html": {"schema": {"type": "string"}}, "application/json": {"schema": {"type": "object"}}}}}},
                 "post": _submit_operation("Submit a job with the classic demo's form fields", classic=True),
             },
             "/api/v1/jobs": {"post": _submit_operation("Submit a job", classic=False)},
@@ -68,6 +70,11 @@ def openapi_spec(settings: Settings) -> dict:
             "/api/v1/tasks": {"get": {"summary": "The tasks, what they answer and how many images they take",
                                       "responses": {"200": {"description": "task list"}}}},
             "/api/v1/openapi.json": {"get": {"summary": "This description", "responses": {"200": {"description": "OpenAPI"}}}},
+            "/static/{filename}": {"get": {
+                "summary": "The web page's scripts and styles (service/static)",
+                "parameters": [{"name": "filename", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "the file"}, "404": {"description": "no such file"}},
+            }},
             "/healthz": {"get": {"summary": "Liveness: the API process answers",
                                  "responses": {"200": {"description": "alive"}}}},
             "/readyz": {"get": {"summary": "Readiness: Redis reachable and at least one worker with models loaded",
