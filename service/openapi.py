@@ -70,11 +70,6 @@ def openapi_spec(settings: Settings) -> dict:
             "/api/v1/tasks": {"get": {"summary": "The tasks, what they answer and how many images they take",
                                       "responses": {"200": {"description": "task list"}}}},
             "/api/v1/openapi.json": {"get": {"summary": "This description", "responses": {"200": {"description": "OpenAPI"}}}},
-            "/static/{filename}": {"get": {
-                "summary": "The web page's scripts and styles (service/static)",
-                "parameters": [{"name": "filename", "in": "path", "required": True, "schema": {"type": "string"}}],
-                "responses": {"200": {"description": "the file"}, "404": {"description": "no such file"}},
-            }},
             "/healthz": {"get": {"summary": "Liveness: the API process answers",
                                  "responses": {"200": {"description": "alive"}}}},
             "/readyz": {"get": {"summary": "Readiness: Redis reachable and at least one worker with models loaded",
