@@ -1,9 +1,10 @@
 """The web page in a real headless browser against the real stack.
 
-Real parts: a private redis-server, `python worker.py` on a tiny random-weight bundle, gunicorn serving `app:app`,
-(tests/stack.py, shared with the service's end-to-end tests) and Debian's chromium driven by Playwright (never a downloaded browser: `playwright install` is not used). The
-browser picks a real photograph, asks, waits through the progress states and checks what a user sees: answer rows
-with probabilities equal to the API's result, and the grounding boxes placed over the image at the right pixels.
+Real parts: the stack of tests/stack.py (shared with the service's end-to-end tests: a private redis-server,
+`python worker.py` on a tiny random-weight bundle, gunicorn serving `app:app`) and Debian's chromium driven by
+Playwright (never a downloaded browser: `playwright install` is not used). The browser picks a real photograph,
+asks, waits through the progress states and checks what a user sees: answer rows with probabilities equal to the
+API's result, and the grounding boxes placed over the image at the right pixels.
 
 Chromium is found through $CHROMIUM_PATH, else `chromium` / `chromium-browser` on PATH. Without it the test is
 skipped with the reason, except in CI (env CI set), where a missing browser is a failure (.ci/run installs it).
