@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""One command for the whole stack on this machine (`make serve`): Redis, one model worker, the API.
+
+    python serve.py [--host 127.0.0.1] [--port 5000] [--no-tiny]
+
+- Redis: REDIS_URL if set; otherwise a private `redis-server` on a free loopback port that keeps nothing on
+  disk (it is stopped with the stack, so queued jobs and results go with it).
+- Weights: MODEL_DIR (default models/weights/). If no complete bundle is there, a tiny random-weight demo bundle
+  is built in models/tiny-bundle/ and served instead, loudly marked as meaningless; `--no-tiny` (or
+  REQUIRE_WEIGHTS=1) refuses to start instead. Real weights: `python models/fetch.py`.
+- One `python worker.py` and gunicorn serving `app:app` (WEB_CONCURRENCY workers, default 2) on --port
+  (default $PORT or 5000).
+Ctrl+C (SIGINT) or SIGTERM stops the web server, lets the worker finish its current job, then stops Redis.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+from service.bundle import TINY_NOTICE, missing_files, tiny_bundle_complete, write_tiny_bundle  # noqa: E402
+from service.localstack import LocalStackError, free_port, port_in_use, start_redis, stop, wait_until  # noqa: E402
+from service.settings import SettingsError, load_settings  # noqa: E402
+
+TINY_DIR = ROOT / "models" / "tiny-bundle"
+BANNER = "=" * 100
+
+
+def say(message: str) -> None:
+    print(f"serve: {message}", flush=True)
+
+
+def choose_model_dir(model_dir: Path, allow_tiny: bool) -> tuple[Path | None, bool]:
+    """(bundle to serve, is it the tiny demo bundle); (None, False) when weights are required but missing."""
+    missing = missing_files(model_dir)
+    if not missing:
+        return model_dir, False
+    lines = [BANNER, f"NO MODEL WEIGHTS in {model_dir} (missing: {', '.join(missing)}).",
+             "Get the released 12-in-1 weights with:   python models/fetch.py      (see docs/WEIGHTS.md),",
+             "or set MODEL_DIR to a directory that holds them."]
+    if not allow_tiny:
+        print("\n".join(lines + ["Refusing to start (--no-tiny / REQUIRE_WEIGHTS).", BANNER]), file=sys.stderr, flush=True)
+        return None, False
+    print("\n".join(lines + [f"Serving a TINY RANDOM-WEIGHT DEMO bundle from {TINY_DIR} instead.",
+                             "ITS ANSWERS ARE MEANINGLESS: it only shows that the service works end to end.",
+                             BANNER]), flush=True)
+    if not tiny_bundle_complete(TINY_DIR):
+        say(f"building the tiny demo bundle in {TINY_DIR} ...")
+        write_tiny_bundle(TINY_DIR)
+    return TINY_DIR, True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"), help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "5000")), help="API port (default 5000)")
+    parser.add_argument("--no-tiny", action="store_true", default=os.environ.get("REQUIRE_WEIGHTS", "") not in ("", "0"),
+                        help="refuse to start without real weights instead of serving the tiny demo bundle")
+    args = parser.parse_args(argv)
+
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"serve: {exc}", file=sys.stderr)
+        return 2
+    model_dir, tiny = choose_model_dir(settings.model_dir, allow_tiny=not args.no_tiny)
+    if model_dir is None:
+        return 2
+    if port_in_use(args.port, "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host):
+        print(f"serve: port {args.port} is already in use; choose another with --port or PORT=", file=sys.stderr)
+        return 2
+
+    env = dict(os.environ, MODEL_DIR=str(model_dir), PYTHONUNBUFFERED="1")
+    env.setdefault("WEB_CONCURRENCY", "2")
+    processes: list[tuple[str, subprocess.Popen]] = []
+    stopping = False
+
+    def shutdown(signum=None, frame=None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, shutdown)
+    signal.signal(signal.SIGTERM, shutdown)
+    redis_dir = None
+    status = 0
+    try:
+        if not os.environ.get("REDIS_URL"):
+            redis_dir = tempfile.TemporaryDirectory(prefix="vilbert-redis-")
+            redis_port = free_port()
+            processes.append(("redis", start_redis(redis_port, redis_dir.name)))
+            env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
+            say(f"embedded redis-server on 127.0.0.1:{redis_port} (nothing kept on disk)")
+        else:
+            say(f"using REDIS_URL={os.environ['REDIS_URL']}")
+        # Own sessions: a terminal's Ctrl+C reaches only this process, which then stops each child once, in order.
+        processes.append(("worker", subprocess.Popen([sys.executable, str(ROOT / "worker.py")], env=env, cwd=ROOT,
+                                                     start_new_session=True)))
+        processes.append(("web", subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--bind", f"{args.host}:{args.port}", "--access-logfile", "-",
+             "--graceful-timeout", "10", "--no-control-socket", "app:app"], env=env, cwd=ROOT, start_new_session=True)))
+        url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{args.port}"
+        say(f"loading the models (worker) and starting the API on {url} ...")
+        ready = False
+        while not stopping:
+            dead = [(name, p) for name, p in processes if p.poll() is not None]
+            if dead:
+                name, process = dead[0]
+                print(f"serve: the {name} process exited with code {process.returncode}; stopping", file=sys.stderr)
+                status = 1
+                break
+            if not ready and _ready(url):
+                ready = True
+                print(f"\n{BANNER}\nReady: {url}\n  python demo.py                         # sample photo, default tasks\n"
+                      f"  curl --form fileupload=@photo.jpg --form text_input='what is this?' {url}/\n"
+                      f"  API: {url}/api/v1/openapi.json    Ctrl+C stops everything."
+                      + (f"\n  {TINY_NOTICE}" if tiny else "") + f"\n{BANNER}", flush=True)
+            time.sleep(0.5)
+    finally:
+        say("stopping ...")
+        # Web first (no new jobs), then the worker (finishes its current job), then Redis.
+        for name in ("web", "worker", "redis"):
+            for pname, process in processes:
+                if pname == name:
+                    code = stop(process, timeout=60 if name == "worker" else 15)
+                    say(f"{name} stopped (exit code {code})")
+        if redis_dir is not None:
+            redis_dir.cleanup()
+    return status
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/readyz", timeout=2) as response:  # noqa: S310 - loopback
+            return response.status == 200
+    except OSError:
+        return False
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except LocalStackError as exc:
+        print(f"serve: {exc}", file=sys.stderr)
+        sys.exit(2)

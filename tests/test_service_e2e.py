@@ -1,0 +1,415 @@
+"""End-to-end tests of the service with real processes: a private redis-server, `python worker.py` on a tiny
+bundle written by `python models/make_tiny.py`, gunicorn serving `app:app`, HTTP over loopback, real photographs
+(scikit-image's samples, downscaled so the tiny detector stays fast on CPU).
+
+The in-process Pipeline tests at the top use the same bundle."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+skimage_data = pytest.importorskip("skimage.data")
+
+from service import jobs  # noqa: E402
+from service.errors import PipelineError  # noqa: E402
+from service.inputs import JobRequest, parse_submission  # noqa: E402
+from service.localstack import free_port, start_redis, stop, wait_until  # noqa: E402
+from service.settings import load_settings  # noqa: E402
+from vilbert.tasks import TaskRegistry  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+HEARTBEAT_TTL = 3
+
+
+def photo(name: str, size: int = 192) -> bytes:
+    image = Image.fromarray(getattr(skimage_data, name)())
+    image.thumbnail((size, size))
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+ASTRONAUT, CAT, COFFEE, ROCKET = (photo(n) for n in ("astronaut", "chelsea", "coffee", "rocket"))
+
+
+# ---------------------------------------------------------------------------------------------- processes
+
+
+class Stack:
+    def __init__(self, root: Path):
+        self.root = root
+        self.bundle = root / "bundle"
+        subprocess.run([sys.executable, str(ROOT / "models" / "make_tiny.py"), "--out", str(self.bundle)], check=True,
+                       capture_output=True, cwd=ROOT)
+        self.redis_port = free_port()
+        self.web_port = free_port()
+        self.url = f"http://127.0.0.1:{self.web_port}"
+        self.env = dict(
+            os.environ, REDIS_URL=f"redis://127.0.0.1:{self.redis_port}/0", MODEL_DIR=str(self.bundle),
+            QUEUE_NAME=f"test-{uuid.uuid4().hex[:8]}", DETECTOR_MIN_SIZE="224", DETECTOR_MAX_SIZE="384",
+            WORKER_HEARTBEAT_TTL=str(HEARTBEAT_TTL), MAX_UPLOAD_BYTES=str(2_000_000), MAX_IMAGES="8",
+            MAX_TEXT_CHARS="300", MAX_IMAGE_PIXELS=str(4_000_000), JOB_TIMEOUT="120", PYTHONUNBUFFERED="1",
+            REDIS_TIMEOUT="2", OMP_NUM_THREADS="1",
+        )
+        self.settings = load_settings(self.env)
+        self.redis = None
+        self.worker = None
+        self.web = None
+        self.start_redis()
+        self.start_worker()
+        self.web = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{self.web_port}", "--workers", "2",
+             "--no-control-socket", "app:app"], cwd=ROOT, env=self.env, stdout=self.log("web"), stderr=subprocess.STDOUT)
+        assert self.wait_ready(90), f"stack not ready; worker log:\n{self.tail('worker')}\nweb log:\n{self.tail('web')}"
+
+    def log(self, name: str):
+        return open(self.root / f"{name}.log", "ab")
+
+    def tail(self, name: str) -> str:
+        path = self.root / f"{name}.log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+    def start_redis(self) -> None:
+        self.redis = start_redis(self.redis_port, self.root, self.root / "redis.log")
+
+    def start_worker(self, **overrides: str) -> subprocess.Popen:
+        env = dict(self.env, **overrides)
+        self.worker = subprocess.Popen([sys.executable, str(ROOT / "worker.py")], cwd=ROOT, env=env,
+                                       stdout=self.log("worker"), stderr=subprocess.STDOUT)
+        return self.worker
+
+    def wait_ready(self, timeout: float) -> bool:
+        return wait_until(lambda: self.get("/readyz")[0] == 200, timeout, interval=0.2)
+
+    def connection(self):
+        return jobs.connect(self.settings)
+
+    # HTTP
+    def request(self, method: str, path: str, data: bytes | None = None, headers: dict | None = None):
+        request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read()), dict(response.headers)
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read()), dict(exc.headers)
+
+    def get(self, path: str):
+        status, body, _ = self.request("GET", path)
+        return status, body
+
+    def post(self, path: str = "/api/v1/jobs", fields: dict | None = None, files: list | None = None):
+        """files: [(field name, bytes)] or [(field name, bytes, filename)]."""
+        boundary = uuid.uuid4().hex
+        body = io.BytesIO()
+        for name, value in (fields or {}).items():
+            body.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode())
+            body.write(str(value).encode() + b"\r\n")
+        for entry in files or []:
+            name, data, filename = (*entry, "upload.jpg") if len(entry) == 2 else entry
+            body.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                       f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
+        body.write(f"--{boundary}--\r\n".encode())
+        return self.request("POST", path, body.getvalue(), {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+    def submit(self, text: str, images: list[bytes], **fields) -> str:
+        status, body, headers = self.post(fields={"text": text, **fields}, files=[("image", i) for i in images])
+        assert status == 202, body
+        assert headers["Location"] == body["url"] == f"/api/v1/jobs/{body['id']}"
+        return body["id"]
+
+    def wait(self, job_id: str, timeout: float = 60, until=("finished", "failed")) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            status, body = self.get(f"/api/v1/jobs/{job_id}")
+            assert status == 200, body
+            if body["status"] in until:
+                return body
+            assert time.monotonic() < deadline, f"job still {body['status']} after {timeout} s: {body}"
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        for process in (self.web, self.worker, self.redis):
+            if process is not None:
+                stop(process)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    stack = Stack(tmp_path_factory.mktemp("stack"))
+    yield stack
+    stack.close()
+
+
+@pytest.fixture(scope="module")
+def pipeline(stack):
+    from service.pipeline import Pipeline
+
+    return Pipeline.from_settings(stack.settings)
+
+
+# ------------------------------------------------------------------------------------------- in-process pipeline
+
+
+def test_bundle_is_complete_and_marked_tiny(stack):
+    from service.bundle import REQUIRED_FILES, TINY_MARKER
+
+    for name in REQUIRED_FILES + (TINY_MARKER, "README.txt", "vocab.txt", "vilbert_config.json"):
+        assert (stack.bundle / name).is_file(), name
+    assert "meaningless" in (stack.bundle / "README.txt").read_text()
+    config = json.loads((stack.bundle / "vilbert_config.json").read_text())
+    assert config["v_feature_size"] == 64  # the tiny detector's fc6 width
+
+
+def test_pipeline_in_process(pipeline):
+    from service.pipeline import InferenceRequest
+
+    result = pipeline.run(InferenceRequest([ASTRONAUT], "what is she holding?", ["vqa", "refcoco"], top_k=4))
+    assert len(result["tasks"]["vqa"]["answers"]) == 4 and len(result["tasks"]["refcoco"]["regions"]) == 4
+    assert result["model"]["tiny"] is True and "meaningless" in result["model"]["notice"]
+    assert set(result["timings"]) == {"decode_s", "detector_s", "vilbert_s"}
+    # run_many: one failing request does not fail the others, and each result equals running it alone.
+    outcomes = pipeline.run_many([InferenceRequest([b"not an image"], "x", ["vqa"]),
+                                  InferenceRequest([CAT, COFFEE], "two cups", ["nlvr2", "retrieval_coco"])])
+    assert isinstance(outcomes[0], PipelineError) and (outcomes[0].code, outcomes[0].stage) == ("invalid_image", "decode")
+    alone = pipeline.run(InferenceRequest([CAT, COFFEE], "two cups", ["nlvr2", "retrieval_coco"]))
+    assert outcomes[1]["tasks"] == alone["tasks"]
+
+
+def test_pipeline_rejects_bad_boxes_and_missing_candidates(pipeline):
+    from service.pipeline import InferenceRequest
+
+    with pytest.raises(PipelineError) as caught:
+        pipeline.run(InferenceRequest([CAT], "which?", ["visual7w"], boxes=[[0, 0, 5000, 10]]))
+    assert caught.value.code == "invalid_boxes"
+    with pytest.raises(PipelineError) as caught:
+        pipeline.run(InferenceRequest([CAT], "which?", ["visual7w"]))
+    assert (caught.value.code, caught.value.stage) == ("missing_candidates", "vilbert")
+
+
+# --------------------------------------------------------------------------------------------------- HTTP API
+
+
+def test_health_ready_tasks_and_openapi(stack):
+    assert stack.get("/healthz") == (200, {"status": "ok"})
+    status, ready = stack.get("/readyz")
+    assert status == 200 and ready["redis"] == "ok" and ready["workers"][0]["tiny"] is True
+    status, tasks = stack.get("/api/v1/tasks")
+    names = {t["name"]: t for t in tasks["tasks"]}
+    assert status == 200 and len(names) == 12 and names["nlvr2"]["images"] == 2 and names["visual7w"]["needs_candidate_boxes"]
+    status, spec = stack.get("/api/v1/openapi.json")
+    assert status == 200 and "/api/v1/jobs/{job_id}" in spec["paths"]
+
+
+def test_classic_curl_form(stack, tmp_path):
+    image = tmp_path / "photo.jpg"
+    image.write_bytes(ROCKET)
+    headers = tmp_path / "headers"
+    body = subprocess.run(["curl", "-s", "-D", str(headers), "--form", f"fileupload=@{image}", "--form",
+                           "text_input=swimming elephant", stack.url + "/"], capture_output=True, text=True,
+                          check=True).stdout
+    head = headers.read_bytes().decode().split("\r\n\r\n")[-2]  # the last response (curl may show a 100 Continue first)
+    assert head.startswith("HTTP/1.1 202"), head
+    accepted = json.loads(body)
+    assert f"Location: /api/v1/jobs/{accepted['id']}" in head
+    job = stack.wait(accepted["id"])
+    assert job["status"] == "finished", job
+    assert set(job["result"]["tasks"]) == {"vqa", "gqa", "snli_ve", "refcoco", "retrieval_coco"}
+    assert job["result"]["text"] == "swimming elephant"
+
+
+def test_single_image_tasks_match_the_pipeline(stack, pipeline):
+    from service.pipeline import InferenceRequest
+
+    tasks = ["vqa", "genome_qa", "gqa", "snli_ve", "refcoco", "refcoco_plus", "refcocog", "retrieval_coco",
+             "retrieval_flickr30k"]
+    job = stack.wait(stack.submit("what is the astronaut holding?", [ASTRONAUT], tasks=",".join(tasks), top_k=2))
+    assert job["status"] == "finished", job
+    result = job["result"]
+    assert list(result["tasks"]) == tasks
+    width, height = Image.open(io.BytesIO(ASTRONAUT)).size
+    assert result["images"] == [{"width": width, "height": height, "regions": result["images"][0]["regions"]}]
+    assert 1 <= result["images"][0]["regions"] <= 100
+    vqa_vocab = set(json.loads((stack.bundle / "vqa_answers.json").read_text()))
+    gqa_vocab = set(json.loads((stack.bundle / "gqa_answers.json").read_text()))
+    for name, vocab in (("vqa", vqa_vocab), ("genome_qa", vqa_vocab), ("gqa", gqa_vocab)):
+        answers = result["tasks"][name]["answers"]
+        assert len(answers) == 2 and all(a["answer"] in vocab for a in answers)
+        assert answers[0]["probability"] >= answers[1]["probability"] > 0
+    snli = result["tasks"]["snli_ve"]
+    assert snli["label"] in ("contradiction", "neutral", "entailment")
+    assert abs(sum(snli["probabilities"].values()) - 1) < 1e-4
+    for name in ("refcoco", "refcoco_plus", "refcocog"):
+        for region in result["tasks"][name]["regions"]:
+            x1, y1, x2, y2 = region["box"]
+            assert 0 <= x1 <= x2 <= width and 0 <= y1 <= y2 <= height
+    assert result["tasks"]["retrieval_coco"]["ranking"] == [0]
+    timings = result["timings"]
+    assert {"queue_wait_s", "decode_s", "detector_s", "vilbert_s"} <= set(timings)
+    assert all(v >= 0 for v in timings.values())
+    # The service returns what the in-process pipeline computes for the same request.
+    direct = pipeline.run(InferenceRequest([ASTRONAUT], "what is the astronaut holding?", tasks, top_k=2))
+    assert json.dumps(direct["tasks"], sort_keys=True) == json.dumps(result["tasks"], sort_keys=True)
+
+
+def test_two_and_more_images(stack):
+    job = stack.wait(stack.submit("two animals are sleeping", [CAT, COFFEE]))
+    assert job["status"] == "finished", job
+    assert set(job["result"]["tasks"]) == {"nlvr2", "retrieval_coco"}
+    nlvr2 = job["result"]["tasks"]["nlvr2"]
+    assert nlvr2["label"] in ("true", "false") and abs(sum(nlvr2["probabilities"].values()) - 1) < 1e-4
+    job = stack.wait(stack.submit("a rocket on the launch pad", [CAT, ROCKET, COFFEE, ASTRONAUT], tasks="retrieval_flickr30k"))
+    ranking = job["result"]["tasks"]["retrieval_flickr30k"]
+    assert sorted(ranking["ranking"]) == [0, 1, 2, 3] and len(ranking["scores"]) == 4
+    assert ranking["scores"][ranking["ranking"][0]] == max(ranking["scores"])
+    assert len(job["result"]["images"]) == 4
+
+
+def test_pointing_tasks_with_candidate_boxes(stack):
+    boxes = [[10, 10, 90, 120], [100, 20, 180, 100], [0, 0, 50, 50]]
+    job = stack.wait(stack.submit("which one is the face?", [ASTRONAUT], tasks="visual7w,guesswhat",
+                                  boxes=json.dumps(boxes)))
+    assert job["status"] == "finished", job
+    for name in ("visual7w", "guesswhat"):
+        answer = job["result"]["tasks"][name]
+        assert [c["box"] for c in answer["candidates"]] == boxes
+        scores = [c["score"] for c in answer["candidates"]]
+        assert abs(sum(scores) - 1) < 1e-4 and answer["best"] == int(np.argmax(scores))
+
+
+def bomb_png() -> bytes:
+    """A 1-bit PNG of 20000 x 20000 pixels that compresses to a few kB."""
+    buffer = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fields, files, status, code", [
+    ({"text": "hi"}, [], 400, "missing_image"),
+    ({}, [("image", CAT)], 400, "missing_text"),
+    ({"text": "   "}, [("image", CAT)], 400, "empty_text"),
+    ({"text": "x" * 301}, [("image", CAT)], 400, "text_too_long"),
+    ({"text": "hi"}, [("image", b"GIF89a but not really")], 400, "invalid_image"),
+    ({"text": "hi"}, [("image", CAT[: len(CAT) // 2])], 400, "invalid_image"),
+    ({"text": "hi"}, [("image", b"%PDF-1.4 not an image at all")], 400, "invalid_image"),
+    ({"text": "hi"}, [("image", bomb_png())], 413, "image_too_large"),
+    ({"text": "hi"}, [("image", os.urandom(2_100_000))], 413, "payload_too_large"),
+    ({"text": "hi", "tasks": "vqa,mindreading"}, [("image", CAT)], 400, "unknown_task"),
+    ({"text": "hi", "tasks": "nlvr2"}, [("image", CAT)], 400, "image_count"),
+    ({"text": "hi", "tasks": "visual7w"}, [("image", CAT)], 400, "missing_boxes"),
+    ({"text": "hi", "tasks": "guesswhat", "boxes": "[[0, 0, 10]]"}, [("image", CAT)], 400, "invalid_boxes"),
+    ({"text": "hi", "tasks": "visual7w", "boxes": "[[0, 0, 9999, 10]]"}, [("image", CAT)], 400, "invalid_boxes"),
+    ({"text": "hi", "top_k": "many"}, [("image", CAT)], 400, "invalid_top_k"),
+    ({"text": "hi", "top_k": "0"}, [("image", CAT)], 400, "invalid_top_k"),
+    ({"text": "hi"}, [("image", CAT)] * 9, 400, "too_many_images"),
+], ids=["no-image", "no-text", "empty-text", "long-text", "not-image", "truncated-jpeg", "pdf", "bomb", "oversize",
+        "unknown-task", "nlvr2-one-image", "visual7w-no-boxes", "malformed-boxes", "box-outside", "top-k-text",
+        "top-k-zero", "too-many-images"])
+def test_bad_input_gets_4xx_json(stack, fields, files, status, code):
+    got, body, headers = stack.post(fields=fields, files=files)
+    assert (got, body["error"]["code"]) == (status, code), body
+    assert body["error"]["message"] and headers["Content-Type"] == "application/json"
+
+
+def test_client_filenames_are_never_paths(stack):
+    status, body, _ = stack.post(fields={"text": "hi", "tasks": "vqa"}, files=[("image", CAT, "../../../../etc/passwd")])
+    assert status == 202 and stack.wait(body["id"])["status"] == "finished"
+
+
+def test_unknown_ids_are_404(stack):
+    for job_id in (uuid.uuid4().hex, "not-a-job", "..%2F..%2Fetc"):
+        status, body = stack.get(f"/api/v1/jobs/{job_id}")
+        assert status == 404 and body["error"]["code"] in ("unknown_job", "not_found")
+    status, body = stack.get("/api/v2/nothing")
+    assert status == 404 and body["error"]["code"] == "not_found"
+
+
+def test_image_the_worker_cannot_decode_fails_the_job_with_a_code(stack):
+    """The web tier checks uploads, but the worker must not trust Redis contents: bytes queued past the web tier
+    (another client of the queue, a corrupted upload) fail the job with the decoder's code."""
+    connection = stack.connection()
+    request = JobRequest(text="hi", tasks=["vqa"], images=parse_submission({"text": "hi"}, [CAT], stack.settings,
+                                                                           TaskRegistry.from_file()).images)
+    job = jobs.submit(connection, stack.settings, request, [b"\x89PNG\r\n\x1a\n garbage"])
+    body = stack.wait(job.id)
+    assert body["status"] == "failed" and body["error"]["code"] == "invalid_image" and body["error"]["stage"] == "decode"
+    assert not connection.exists(jobs.upload_key(job.id))  # the upload is dropped with the job
+
+
+# -------------------------------------------------------------------------------------------- faults and lifecycle
+
+
+def test_redis_down_then_back(stack):
+    stop(stack.redis)
+    status, body = stack.get("/readyz")
+    assert status == 503 and body["status"] == "not_ready"
+    status, body, headers = stack.post(fields={"text": "hi"}, files=[("image", CAT)])
+    assert status == 503 and body["error"]["code"] == "redis_unavailable" and headers.get("Retry-After")
+    status, body = stack.get(f"/api/v1/jobs/{uuid.uuid4().hex}")
+    assert status == 503 and body["error"]["code"] == "redis_unavailable"
+    assert stack.get("/healthz")[0] == 200
+    stack.start_redis()  # same port, empty: the worker must reconnect and announce itself again
+    assert stack.wait_ready(30), stack.tail("worker")
+    job = stack.wait(stack.submit("back again?", [CAT], tasks="vqa"))
+    assert job["status"] == "finished", job
+
+
+def test_worker_lifecycle_graceful_stop_queueing_and_sigkill(stack):
+    # 1. SIGTERM on an idle worker: it exits cleanly and withdraws itself from readiness at once.
+    stack.worker.send_signal(signal.SIGTERM)
+    assert stack.worker.wait(30) == 0
+    status, body = stack.get("/readyz")
+    assert status == 503 and body["workers"] == []
+
+    # 2. With no worker, a job waits in the queue and says where it stands.
+    first = stack.submit("who is first?", [CAT], tasks="vqa")
+    second = stack.submit("who is second?", [CAT], tasks="vqa")
+    assert stack.get(f"/api/v1/jobs/{first}")[1]["queue_position"] == 0
+    queued = stack.get(f"/api/v1/jobs/{second}")[1]
+    assert (queued["status"], queued["queue_position"]) == ("queued", 1)
+
+    # 3. A slower worker (full-size detector input) picks them up; SIGTERM mid-job finishes that job first.
+    slow = {"DETECTOR_MIN_SIZE": "800", "DETECTOR_MAX_SIZE": "1333"}
+    stack.start_worker(**slow)
+    assert stack.wait(first, 90)["status"] == "finished"
+    assert stack.wait(second, 30)["status"] == "finished"
+    job_id = stack.submit("a long one", [ASTRONAUT, CAT, COFFEE, ROCKET] * 2, tasks="retrieval_coco")
+    started = stack.wait(job_id, 30, until=("started", "finished", "failed"))
+    assert started["status"] == "started" and started["stage"] in ("decode", "detector", "vilbert", "done")
+    stack.worker.send_signal(signal.SIGTERM)
+    assert stack.wait(job_id, 60)["status"] == "finished"
+    assert stack.worker.wait(30) == 0
+
+    # 4. SIGKILL mid-job: the job ends failed with a reason within about the heartbeat TTL; nothing hangs.
+    stack.start_worker(**slow)
+    assert stack.wait_ready(60)
+    job_id = stack.submit("this one dies", [ASTRONAUT, CAT, COFFEE, ROCKET] * 2, tasks="retrieval_coco")
+    started = stack.wait(job_id, 30, until=("started", "finished", "failed"))
+    assert started["status"] == "started", started
+    stack.worker.send_signal(signal.SIGKILL)
+    stack.worker.wait(10)
+    killed_at = time.monotonic()
+    failed = stack.wait(job_id, HEARTBEAT_TTL + 15)
+    assert failed["status"] == "failed" and failed["error"]["code"] == "worker_lost", failed
+    assert "stopped" in failed["error"]["message"]
+    assert time.monotonic() - killed_at < HEARTBEAT_TTL + 10
+    assert stack.get("/readyz")[0] == 503
+
+    # 5. A fresh worker serves again.
+    stack.start_worker()
+    assert stack.wait_ready(60)
+    assert stack.wait(stack.submit("alive?", [CAT], tasks="vqa"))["status"] == "finished"
