@@ -119,6 +119,7 @@ def run_batch(pipeline: Any, connection: Redis, batch: list[Job]) -> dict[str, A
             if job.enqueued_at and job.started_at:
                 timings["queue_wait_s"] = round(max(0.0, (job.started_at - job.enqueued_at).total_seconds()), 4)
             timings["run_s"] = run_s
+            result["batch_size"] = len(batch)  # jobs this worker took together
             outcomes[job.id] = result
     return outcomes
 

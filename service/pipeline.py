@@ -226,7 +226,6 @@ class Pipeline:
                            for r in item.regions],
                 "timings": {name: round(value, 4) for name, value in item.timings.items()},
                 "cache": item.cache,
-                "batch_size": len(items),
                 "model": self.info,
             }
         return results
