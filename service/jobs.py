@@ -18,7 +18,7 @@ import re
 import time
 import uuid
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any
 
 from redis import Redis
 from rq import Queue, get_current_job
@@ -114,7 +114,9 @@ def job_status(connection: Redis, settings: Settings, job_id: str) -> dict:
         position = job.get_position()
         body["queue_position"] = position
     if public == "started":
-        body["stage"] = job.meta.get("stage", "started")
+        stage = job.meta.get("stage")
+        # Between RQ marking the job started and run_job's first stage update, meta still says "queued".
+        body["stage"] = "starting" if stage in (None, "queued") else stage
         if job.meta.get("stage_detail"):
             body["stage_detail"] = job.meta["stage_detail"]
     if public == "finished":
@@ -221,6 +223,12 @@ def fail_if_orphaned(connection: Redis, settings: Settings, job: Job) -> bool:
         return False
     if job.worker_name and connection.exists(alive_key(job.worker_name)):
         return False
+    # A worker that just reconnected to a restarted Redis may take a job before its next heartbeat: only a job
+    # started at least one heartbeat TTL ago, with no live worker, is an orphan.
+    if job.started_at is not None:
+        started = job.started_at if job.started_at.tzinfo else job.started_at.replace(tzinfo=timezone.utc)
+        if (datetime.now(timezone.utc) - started).total_seconds() < settings.worker_heartbeat_ttl:
+            return False
     registry = StartedJobRegistry(settings.queue_name, connection=connection, serializer=JSONSerializer)
     message = (f"the worker {job.worker_name or '?'} stopped (killed or crashed) while running this job; no "
                f"heartbeat for {settings.worker_heartbeat_ttl} s")
@@ -252,11 +260,3 @@ def reap_orphans(connection: Redis, settings: Settings) -> list[str]:
             failed.append(job_id)
     return failed
 
-
-def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()

@@ -92,7 +92,7 @@ def openapi_spec(settings: Settings) -> dict:
                 "status": {"enum": ["queued", "started", "finished", "failed"]},
                 "tasks": {"type": "array", "items": {"type": "string"}},
                 "queue_position": {"type": ["integer", "null"], "description": "jobs ahead of this one (queued)"},
-                "stage": {"enum": ["queued", "decode", "detector", "vilbert", "done"], "description": "while started"},
+                "stage": {"enum": ["starting", "decode", "detector", "vilbert", "done"], "description": "while started"},
                 "result": {"type": "object", "description": "when finished: tasks (one entry per task), images "
                                                             "(width, height, regions), timings, model"},
                 "error": {"type": "object", "properties": {"code": {"type": "string"}, "message": {"type": "string"}}},

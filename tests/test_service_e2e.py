@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -215,6 +218,7 @@ def test_health_ready_tasks_and_openapi(stack):
     assert status == 200 and "/api/v1/jobs/{job_id}" in spec["paths"]
 
 
+@pytest.mark.skipif(shutil.which("curl") is None, reason="the curl binary is not installed")
 def test_classic_curl_form(stack, tmp_path):
     image = tmp_path / "photo.jpg"
     image.write_bytes(ROCKET)
@@ -389,7 +393,7 @@ def test_worker_lifecycle_graceful_stop_queueing_and_sigkill(stack):
     assert stack.wait(second, 30)["status"] == "finished"
     job_id = stack.submit("a long one", [ASTRONAUT, CAT, COFFEE, ROCKET] * 2, tasks="retrieval_coco")
     started = stack.wait(job_id, 30, until=("started", "finished", "failed"))
-    assert started["status"] == "started" and started["stage"] in ("decode", "detector", "vilbert", "done")
+    assert started["status"] == "started" and started["stage"] in ("starting", "decode", "detector", "vilbert", "done")
     stack.worker.send_signal(signal.SIGTERM)
     assert stack.wait(job_id, 60)["status"] == "finished"
     assert stack.worker.wait(30) == 0
@@ -409,7 +413,18 @@ def test_worker_lifecycle_graceful_stop_queueing_and_sigkill(stack):
     assert time.monotonic() - killed_at < HEARTBEAT_TTL + 10
     assert stack.get("/readyz")[0] == 503
 
-    # 5. A fresh worker serves again.
-    stack.start_worker()
+    # 5. Same again, but nobody polls: the next worker's heartbeat thread finds the orphan and fails it.
+    stack.start_worker(**slow)
+    assert stack.wait_ready(60)
+    job_id = stack.submit("this one dies unwatched", [ASTRONAUT, CAT, COFFEE, ROCKET] * 2, tasks="retrieval_coco")
+    connection = stack.connection()
+    assert wait_until(lambda: Job.fetch(job_id, connection=connection, serializer=JSONSerializer).get_status()
+                      == JobStatus.STARTED, 30, interval=0.02)
+    stack.worker.send_signal(signal.SIGKILL)
+    stack.worker.wait(10)
+    stack.start_worker()  # a fresh worker serves again
+    assert wait_until(lambda: Job.fetch(job_id, connection=connection, serializer=JSONSerializer).get_status()
+                      == JobStatus.FAILED, 60, interval=0.2), stack.tail("worker")
+    assert stack.get(f"/api/v1/jobs/{job_id}")[1]["error"]["code"] == "worker_lost"
     assert stack.wait_ready(60)
     assert stack.wait(stack.submit("alive?", [CAT], tasks="vqa"))["status"] == "finished"

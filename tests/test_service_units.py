@@ -166,3 +166,13 @@ def test_serve_refuses_without_weights_when_asked(tmp_path, capsys):
     assert model_dir is None and not tiny
     err = capsys.readouterr().err
     assert "NO MODEL WEIGHTS" in err and "python models/fetch.py" in err
+
+
+def test_service_doc_lists_every_setting():
+    from pathlib import Path
+
+    from service.settings import ENV_VARIABLES
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "SERVICE.md").read_text()
+    for variable in ENV_VARIABLES.values():
+        assert f"`{variable}`" in doc, variable
