@@ -31,8 +31,8 @@ from rq.timeouts import JobTimeoutException
 from rq.worker import WorkerStatus
 
 from . import jobs, metrics
-from .errors import PipelineError
-from .features import validate
+from .errors import BadRequest, PipelineError
+from .features import parse_features
 from .inputs import JobRequest
 from .settings import Settings
 
@@ -62,8 +62,6 @@ class JobFailed(Exception):
 
 def load_request(connection: Redis, job: Job):
     """The pipeline request of a job: its parameters and the images (or region features) stored with it."""
-    from detector.store import FeatureStoreError, decode_record
-
     from .pipeline import InferenceRequest  # torch: only in the worker
 
     raw = job.kwargs["request"]
@@ -74,10 +72,10 @@ def load_request(connection: Redis, job: Job):
         if count == 0 or len(stored) != count:
             raise PipelineError("upload_expired", "the uploaded features are gone (expired before the job started); "
                                                   "submit again", "load")
-        try:
-            features = [validate(decode_record(stored[str(i).encode()])[1]) for i in range(count)]
-        except (FeatureStoreError, KeyError, ValueError) as exc:
-            raise PipelineError("invalid_features", f"stored features do not decode: {exc}", "load") from None
+        try:  # stored by the web tier as .npz; checked again, the worker does not trust Redis contents
+            features = [parse_features(stored[str(i).encode()]) for i in range(count)]
+        except BadRequest as exc:
+            raise PipelineError(exc.code, f"stored features: {exc.message}", "load") from None
         return InferenceRequest([], parsed.text, parsed.tasks, parsed.top_k, parsed.boxes, features=features)
     if len(stored) != len(parsed.images) or not stored:
         raise PipelineError("upload_expired", "the uploaded images are gone (expired before the job started); "

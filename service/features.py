@@ -7,20 +7,24 @@
   array is refused, never unpickled.
 
 Everything a client can get wrong is a BadRequest("invalid_features", ...), checked in the web tier before the
-job is queued; the feature width is checked against the workers' model where the web tier knows it.
+job is queued; the feature width is checked against the workers' model where the web tier knows it. Validated
+features travel to the worker as .npz in the job's upload hash, and the worker validates them again.
+
+Torch-free on purpose: the web tier never imports torch (detector.store does, through detector.extractor), so
+the record format is read here with NumPy alone; `Regions` has the fields of detector.RegionFeatures.
 """
 
 from __future__ import annotations
 
 import io
+import json
+import struct
 import zipfile
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from detector.extractor import RegionFeatures
-from detector.store import MAGIC, FeatureStoreError, decode_record, encode_record
 
 from vilbert.tasks import TaskRegistry
 
@@ -28,17 +32,32 @@ from .errors import BadRequest
 from .inputs import ImageInfo, JobRequest, check_request, parse_text, parse_tasks, parse_top_k
 from .settings import Settings
 
+RECORD_MAGIC = b"VLBFEAT1"  # detector.store.MAGIC
+RECORD_ARRAYS = {"boxes": "<f4", "features": "<f4", "scores": "<f4", "class_ids": "<i8"}  # detector.store.ARRAYS
 MAX_REGIONS = 100  # what the detector gives and what ViLBERT's visual rows hold besides the global one
 MAX_FEATURE_DIM = 4096
 MAX_SIDE = 100_000
 
 
-def parse_features(data: bytes, expected_dim: int | None = None) -> RegionFeatures:
+@dataclass
+class Regions:
+    """Region features of one image (the fields of detector.RegionFeatures, which the predictor reads)."""
+
+    boxes: np.ndarray
+    features: np.ndarray
+    scores: np.ndarray
+    class_ids: np.ndarray
+    num_boxes: int
+    image_width: int
+    image_height: int
+
+
+def parse_features(data: bytes, expected_dim: int | None = None) -> Regions:
     """Decode and validate one feature file; raises BadRequest with a message saying what is wrong."""
-    if data[:len(MAGIC)] == MAGIC:
+    if data[:len(RECORD_MAGIC)] == RECORD_MAGIC:
         try:
-            _, regions = decode_record(data)
-        except (FeatureStoreError, KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
+            regions = _from_record(data)
+        except (KeyError, TypeError, ValueError, UnicodeDecodeError, struct.error) as exc:
             raise BadRequest("invalid_features", f"corrupt feature record: {exc}") from None
     elif data[:2] == b"PK":
         regions = _from_npz(data)
@@ -48,7 +67,23 @@ def parse_features(data: bytes, expected_dim: int | None = None) -> RegionFeatur
     return validate(regions, expected_dim)
 
 
-def _from_npz(data: bytes) -> RegionFeatures:
+def _from_record(data: bytes) -> Regions:
+    """A feature-store record: magic, u32 header length, JSON header, raw arrays at the header's offsets."""
+    (length,) = struct.unpack("<I", data[8:12])
+    header = json.loads(data[12:12 + length].decode("utf-8"))
+    body = memoryview(data)[12 + length:]
+    arrays = {}
+    for name, dtype in RECORD_ARRAYS.items():
+        spec = header["arrays"][name]
+        start, size = int(spec["offset"]), int(spec["nbytes"])
+        if spec["dtype"] != dtype or start < 0 or start + size > len(body):
+            raise ValueError(f"array {name} lies outside the record")
+        arrays[name] = np.frombuffer(body[start:start + size], dtype=dtype).reshape([int(n) for n in spec["shape"]])
+    return Regions(num_boxes=int(header["num_boxes"]), image_width=int(header["image_width"]),
+                   image_height=int(header["image_height"]), **arrays)
+
+
+def _from_npz(data: bytes) -> Regions:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files if name in
@@ -63,7 +98,7 @@ def _from_npz(data: bytes) -> RegionFeatures:
         width, height = int(np.asarray(arrays["image_width"]).item()), int(np.asarray(arrays["image_height"]).item())
     except (ValueError, TypeError):
         raise BadRequest("invalid_features", "image_width and image_height must be scalars") from None
-    return RegionFeatures(
+    return Regions(
         boxes=np.asarray(arrays["boxes"]), features=np.asarray(arrays["features"]),
         scores=np.asarray(arrays.get("scores", np.zeros(count, np.float32))),
         class_ids=np.asarray(arrays.get("class_ids", np.zeros(count, np.int64))),
@@ -71,7 +106,7 @@ def _from_npz(data: bytes) -> RegionFeatures:
     )
 
 
-def validate(regions: RegionFeatures, expected_dim: int | None = None) -> RegionFeatures:
+def validate(regions: Regions, expected_dim: int | None = None) -> Regions:
     """Shapes, dtypes, finiteness and sizes; returns float32/int64 copies."""
     def bad(message: str) -> BadRequest:
         return BadRequest("invalid_features", message)
@@ -103,12 +138,12 @@ def validate(regions: RegionFeatures, expected_dim: int | None = None) -> Region
     class_ids = np.asarray(regions.class_ids, np.int64).reshape(-1)
     if len(scores) != len(boxes) or len(class_ids) != len(boxes):
         raise bad("scores and class_ids, when given, need one value per box")
-    return RegionFeatures(boxes=boxes, features=features, scores=scores, class_ids=class_ids,
+    return Regions(boxes=boxes, features=features, scores=scores, class_ids=class_ids,
                           num_boxes=len(boxes), image_width=width, image_height=height)
 
 
-def to_npz(regions: RegionFeatures) -> bytes:
-    """The .npz form of a feature file (for clients and tests)."""
+def to_npz(regions: Regions) -> bytes:
+    """The .npz form of a feature file: what the web tier stores for the worker (and a client may send)."""
     buffer = io.BytesIO()
     np.savez(buffer, boxes=regions.boxes, features=regions.features, scores=regions.scores,
              class_ids=regions.class_ids, image_width=regions.image_width, image_height=regions.image_height)
@@ -157,4 +192,4 @@ def parse_feature_submission(form: Mapping[str, str], files: Sequence[bytes], im
     request = FeatureJobRequest(text=text, tasks=tasks, top_k=top_k, boxes=None, images=infos,
                                 feature_count=len(regions))
     check_request(request, registry, len(files))
-    return request, [encode_record("", r) for r in regions]
+    return request, [to_npz(r) for r in regions]

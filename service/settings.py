@@ -60,7 +60,8 @@ class Settings:
     feature_cache_max_entries: int = 2000
     feature_cache_max_bytes: int = 1 << 30
     batch_max_jobs: int = 8  # a worker runs up to this many waiting jobs as one batch; 1 = no batching
-    batch_max_wait_ms: int = 10  # how long a worker waits for partners once it has a job
+    batch_max_wait_ms: int = 2  # how long a worker waits for partners once it has a job (under load they are
+    # already queued when it finishes a batch; the wait only matters for near-simultaneous arrivals)
     worker_metrics_port: int = 0  # the worker's Prometheus /metrics port; 0 = off
 
     @property
