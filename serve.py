@@ -15,12 +15,14 @@ Ctrl+C (SIGINT) or SIGTERM stops the web server, lets the worker finish its curr
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -39,7 +41,7 @@ def say(message: str) -> None:
     print(f"serve: {message}", flush=True)
 
 
-def choose_model_dir(model_dir: Path, allow_tiny: bool) -> tuple[Path | None, bool]:
+def choose_model_dir(model_dir: Path, allow_tiny: bool, tiny_dir: Path = TINY_DIR) -> tuple[Path | None, bool]:
     """(bundle to serve, is it the tiny demo bundle); (None, False) when weights are required but missing."""
     missing = missing_files(model_dir)
     if not missing:
@@ -50,13 +52,13 @@ def choose_model_dir(model_dir: Path, allow_tiny: bool) -> tuple[Path | None, bo
     if not allow_tiny:
         print("\n".join(lines + ["Refusing to start (--no-tiny / REQUIRE_WEIGHTS).", BANNER]), file=sys.stderr, flush=True)
         return None, False
-    print("\n".join(lines + [f"Serving a TINY RANDOM-WEIGHT DEMO bundle from {TINY_DIR} instead.",
+    print("\n".join(lines + [f"Serving a TINY RANDOM-WEIGHT DEMO bundle from {tiny_dir} instead.",
                              "ITS ANSWERS ARE MEANINGLESS: it only shows that the service works end to end.",
                              BANNER]), flush=True)
-    if not tiny_bundle_complete(TINY_DIR):
-        say(f"building the tiny demo bundle in {TINY_DIR} ...")
-        write_tiny_bundle(TINY_DIR)
-    return TINY_DIR, True
+    if not tiny_bundle_complete(tiny_dir):
+        say(f"building the tiny demo bundle in {tiny_dir} ...")
+        write_tiny_bundle(tiny_dir)
+    return tiny_dir, True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "5000")), help="API port (default 5000)")
     parser.add_argument("--no-tiny", action="store_true", default=os.environ.get("REQUIRE_WEIGHTS", "") not in ("", "0"),
                         help="refuse to start without real weights instead of serving the tiny demo bundle")
+    parser.add_argument("--tiny-dir", type=Path, default=TINY_DIR,
+                        help="where the tiny demo bundle is built and served from when MODEL_DIR has no weights")
     args = parser.parse_args(argv)
 
     try:
@@ -72,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"serve: {exc}", file=sys.stderr)
         return 2
-    model_dir, tiny = choose_model_dir(settings.model_dir, allow_tiny=not args.no_tiny)
+    model_dir, tiny = choose_model_dir(settings.model_dir, allow_tiny=not args.no_tiny, tiny_dir=args.tiny_dir)
     if model_dir is None:
         return 2
     if port_in_use(args.port, "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host):
@@ -109,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
              "--graceful-timeout", "10", "--no-control-socket", "app:app"], env=env, cwd=ROOT, start_new_session=True)))
         url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{args.port}"
         say(f"loading the models (worker) and starting the API on {url} ...")
-        ready = False
+        ready = warned = False
+        begun = time.monotonic()
         while not stopping:
             dead = [(name, p) for name, p in processes if p.poll() is not None]
             if dead:
@@ -117,9 +122,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"serve: the {name} process exited with code {process.returncode}; stopping", file=sys.stderr)
                 status = 1
                 break
-            if not ready and _ready(url):
+            is_ready, why = (False, "") if ready else _ready(url)
+            if not ready and not is_ready and not warned and time.monotonic() - begun > 90:
+                say(f"still not ready after 90 s: {why}")
+                warned = True
+            if not ready and is_ready:
                 ready = True
-                print(f"\n{BANNER}\nReady: {url}\n  python demo.py                         # sample photo, default tasks\n"
+                demo = "python demo.py" + ("" if args.port == 5000 else f" --url {url}")
+                print(f"\n{BANNER}\nReady: {url}\n  {demo}      # sample photo, default tasks\n"
                       f"  curl --form fileupload=@photo.jpg --form text_input='what is this?' {url}/\n"
                       f"  API: {url}/api/v1/openapi.json    Ctrl+C stops everything."
                       + (f"\n  {TINY_NOTICE}" if tiny else "") + f"\n{BANNER}", flush=True)
@@ -137,12 +147,19 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
-def _ready(url: str) -> bool:
+def _ready(url: str) -> tuple[bool, str]:
+    """(ready?, why not) from the API's /readyz."""
     try:
         with urllib.request.urlopen(url + "/readyz", timeout=2) as response:  # noqa: S310 - loopback
-            return response.status == 200
-    except OSError:
-        return False
+            return response.status == 200, ""
+    except urllib.error.HTTPError as exc:
+        try:
+            body = json.loads(exc.read())
+            return False, body.get("reason") or f"redis: {body.get('redis')}"
+        except ValueError:
+            return False, f"/readyz answered {exc.code}"
+    except OSError as exc:
+        return False, f"the API does not answer yet ({exc})"
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from vilbert.tasks import TaskRegistry
 from . import jobs, metrics
 from .features import model_feature_dim, parse_feature_submission
 from .errors import BadRequest, ServiceError
-from .inputs import IMAGE_FIELDS, parse_submission
+from .inputs import IMAGE_FIELDS, parse_submission, parse_tasks
 from .openapi import openapi_spec
 from .settings import Settings, load_settings
 
@@ -97,7 +97,6 @@ def create_app(settings: Settings | None = None) -> Flask:
         return jsonify(body), 200 if ready else 503
 
     def parse_default_tasks() -> dict:
-        from .inputs import parse_tasks
         return {str(n): parse_tasks(None, registry, n) for n in (1, 2, 3)}
 
     @app.errorhandler(ServiceError)

@@ -27,6 +27,7 @@ from rq.job import Job, JobStatus
 from rq.job_lifecycle import record_job_failure
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
+from rq.timeouts import JobTimeoutException
 from rq.utils import parse_composite_key
 
 from .errors import NotFound, PipelineError, Unavailable
@@ -188,6 +189,10 @@ def run_job(request: dict) -> dict:
         return result
     except PipelineError as exc:
         job.meta["error"] = exc.to_dict()
+        job.save_meta()
+        raise
+    except JobTimeoutException:
+        job.meta["error"] = {"code": "timeout", "message": f"the job ran longer than its timeout of {job.timeout} s"}
         job.save_meta()
         raise
     except Exception as exc:

@@ -71,7 +71,10 @@ class Settings:
 
 def _int(low: int, high: int | None = None) -> Callable[[str], int]:
     def parse(raw: str) -> int:
-        value = int(raw.strip())
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ValueError("must be an integer") from None
         if value < low or (high is not None and value > high):
             raise ValueError(f"must be between {low} and {high}" if high is not None else f"must be >= {low}")
         return value
@@ -79,7 +82,10 @@ def _int(low: int, high: int | None = None) -> Callable[[str], int]:
 
 
 def _positive_float(raw: str) -> float:
-    value = float(raw)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("must be a number") from None
     if not value > 0:
         raise ValueError("must be > 0")
     return value

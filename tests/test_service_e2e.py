@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from rq.serializers import JSONSerializer
 skimage_data = pytest.importorskip("skimage.data")
 
 from service import jobs  # noqa: E402
-from service.errors import PipelineError  # noqa: E402
+from service.errors import PipelineError, Unavailable  # noqa: E402
 from service.inputs import JobRequest, parse_submission  # noqa: E402
 from service.localstack import free_port, start_redis, stop, wait_until  # noqa: E402
 from service.settings import load_settings  # noqa: E402
@@ -385,12 +386,23 @@ def test_worker_lifecycle_graceful_stop_queueing_and_sigkill(stack):
     assert stack.get(f"/api/v1/jobs/{first}")[1]["queue_position"] == 0
     queued = stack.get(f"/api/v1/jobs/{second}")[1]
     assert (queued["status"], queued["queue_position"]) == ("queued", 1)
+    connection = stack.connection()
+    request = JobRequest.from_json({"text": "x", "tasks": ["retrieval_coco"],
+                                    "images": [{"width": 1, "height": 1, "bytes": 1}] * 8})
+    with pytest.raises(Unavailable) as caught:  # back-pressure: the queue holds two, the bound is two
+        jobs.submit(connection, replace(stack.settings, max_queued_jobs=2), request, [CAT] * 8)
+    assert caught.value.code == "queue_full"
+    # A job whose timeout is shorter than its work (8 images at full detector size take seconds).
+    too_slow = jobs.submit(connection, replace(stack.settings, job_timeout=1), request,
+                           [ASTRONAUT, CAT, COFFEE, ROCKET] * 2).id
 
     # 3. A slower worker (full-size detector input) picks them up; SIGTERM mid-job finishes that job first.
     slow = {"DETECTOR_MIN_SIZE": "800", "DETECTOR_MAX_SIZE": "1333"}
     stack.start_worker(**slow)
     assert stack.wait(first, 90)["status"] == "finished"
     assert stack.wait(second, 30)["status"] == "finished"
+    timed_out = stack.wait(too_slow, 60)
+    assert (timed_out["status"], timed_out["error"]["code"]) == ("failed", "timeout"), timed_out
     job_id = stack.submit("a long one", [ASTRONAUT, CAT, COFFEE, ROCKET] * 2, tasks="retrieval_coco")
     started = stack.wait(job_id, 30, until=("started", "finished", "failed"))
     assert started["status"] == "started" and started["stage"] in ("starting", "decode", "detector", "vilbert", "done")
@@ -417,7 +429,6 @@ def test_worker_lifecycle_graceful_stop_queueing_and_sigkill(stack):
     stack.start_worker(**slow)
     assert stack.wait_ready(60)
     job_id = stack.submit("this one dies unwatched", [ASTRONAUT, CAT, COFFEE, ROCKET] * 2, tasks="retrieval_coco")
-    connection = stack.connection()
     assert wait_until(lambda: Job.fetch(job_id, connection=connection, serializer=JSONSerializer).get_status()
                       == JobStatus.STARTED, 30, interval=0.02)
     stack.worker.send_signal(signal.SIGKILL)
@@ -428,3 +439,45 @@ def test_worker_lifecycle_graceful_stop_queueing_and_sigkill(stack):
     assert stack.get(f"/api/v1/jobs/{job_id}")[1]["error"]["code"] == "worker_lost"
     assert stack.wait_ready(60)
     assert stack.wait(stack.submit("alive?", [CAT], tasks="vqa"))["status"] == "finished"
+
+
+# ------------------------------------------------------------------------------------- serve.py + demo.py
+
+
+def test_serve_runs_the_stack_and_demo_prints_answers(stack, tmp_path):
+    """The one-command local run as a new user meets it: no weights in MODEL_DIR (tiny demo bundle instead), no
+    REDIS_URL (embedded redis-server); demo.py against it prints answers; SIGINT stops everything cleanly."""
+    import re
+
+    from service.localstack import port_in_use
+
+    port = free_port()
+    env = {k: v for k, v in stack.env.items() if k not in ("REDIS_URL", "QUEUE_NAME")}
+    env.update(MODEL_DIR=str(tmp_path / "no-weights-here"), WEB_CONCURRENCY="1")
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        serve = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--port", str(port), "--tiny-dir",
+                                  str(stack.bundle)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        assert wait_until(lambda: "Ready: " in log.read_text(), 90, interval=0.2), log.read_text()
+        text = log.read_text()
+        assert "NO MODEL WEIGHTS" in text and "python models/fetch.py" in text and "MEANINGLESS" in text
+        redis_port = int(re.search(r"embedded redis-server on 127\.0\.0\.1:(\d+)", text).group(1))
+        drawn = tmp_path / "boxes.png"
+        demo = subprocess.run([sys.executable, str(ROOT / "demo.py"), "--url", f"http://127.0.0.1:{port}",
+                               "--draw", str(drawn)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert demo.returncode == 0, demo.stderr
+        for expected in ("TINY RANDOM-WEIGHT", "vqa", "gqa", "snli_ve", "refcoco", "retrieval_coco", "untrained-vqa-answer"):
+            assert expected in demo.stdout
+        assert Image.open(drawn).size == (512, 512)  # the scikit-image astronaut, with boxes drawn
+        refused = subprocess.run([sys.executable, str(ROOT / "demo.py"), "--url", f"http://127.0.0.1:{port}", "--tasks",
+                                  "teleport"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert refused.returncode == 1 and "unknown_task" in refused.stderr
+    finally:
+        serve.send_signal(signal.SIGINT)
+        code = serve.wait(90)
+    text = log.read_text()
+    assert code == 0, text
+    for part in ("web", "worker", "redis"):
+        assert f"{part} stopped (exit code 0)" in text, text
+    assert not port_in_use(port) and not port_in_use(redis_port)

@@ -43,6 +43,7 @@ def test_settings_report_every_bad_variable():
     for name in ("REDIS_URL", "DEVICE", "JOB_TIMEOUT", "MAX_IMAGES", "PRECISION", "QUEUE_NAME", "REDIS_TIMEOUT"):
         assert name in problems
     assert len(caught.value.problems) == 7
+    assert "JOB_TIMEOUT='soon': must be an integer" in problems
 
 
 def test_settings_cross_checks():
