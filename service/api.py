@@ -11,7 +11,8 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from vilbert.tasks import TaskRegistry
 
-from . import jobs
+from . import jobs, metrics
+from .features import model_feature_dim, parse_feature_submission
 from .errors import BadRequest, ServiceError
 from .inputs import IMAGE_FIELDS, parse_submission, parse_tasks
 from .openapi import openapi_spec
@@ -29,6 +30,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     registry = TaskRegistry.from_file()
     connection: Redis = jobs.connect(settings)
     app.extensions["vilbert"] = {"settings": settings, "registry": registry, "redis": connection}
+    metrics.install(app, connection, settings)  # GET /metrics, request counters
 
     def submit() -> tuple[Response, int, dict]:
         images = []
@@ -37,7 +39,12 @@ def create_app(settings: Settings | None = None) -> Flask:
                 data = upload.read()  # the client's filename is never used, not even for logging
                 if data or upload.filename:
                     images.append(data)
-        job_request = parse_submission(request.form, images, settings, registry)
+        features = [upload.read() for upload in request.files.getlist("features")]
+        if features:  # precomputed region features instead of images (service/features.py)
+            job_request, images = parse_feature_submission(request.form, features, images, settings, registry,
+                                                           model_feature_dim(connection))
+        else:
+            job_request = parse_submission(request.form, images, settings, registry)
         job = jobs.submit(connection, settings, job_request, images)
         location = url_for("get_job", job_id=job.id)
         body = {"id": job.id, "status": "queued", "url": location, "tasks": job_request.tasks}

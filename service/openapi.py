@@ -28,6 +28,11 @@ def _submit_operation(summary: str, classic: bool) -> dict:
                 "top_k": {"type": "integer", "minimum": 1, "description": "answers/regions per task (default 3)"},
                 "boxes": {"type": "string", "description": "JSON [[x1, y1, x2, y2], ...]: candidate boxes in pixels of "
                                                            "the first image, required by visual7w and guesswhat"},
+                "features": {"type": "array", "items": {"type": "string", "format": "binary"},
+                             "description": "instead of images: precomputed region features, one file per image, "
+                                            "as a feature-store record (detector.store.encode_record) or an .npz "
+                                            "with boxes [N,4], features [N,D], image_width, image_height "
+                                            "(docs/OPERATIONS.md)"},
             },
         }}}},
         "responses": {
@@ -72,6 +77,8 @@ def openapi_spec(settings: Settings) -> dict:
             "/api/v1/openapi.json": {"get": {"summary": "This description", "responses": {"200": {"description": "OpenAPI"}}}},
             "/healthz": {"get": {"summary": "Liveness: the API process answers",
                                  "responses": {"200": {"description": "alive"}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics of the web tier (requests, errors, queue depth)",
+                                 "responses": {"200": {"description": "Prometheus text format"}}}},
             "/readyz": {"get": {"summary": "Readiness: Redis reachable and at least one worker with models loaded",
                                 "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}},
         },

@@ -26,9 +26,9 @@ import torch
 from detector.extractor import RegionFeatureExtractor, RegionFeatures
 from detector.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 from detector.tiny import CHECKPOINT_FILE as DETECTOR_CHECKPOINT, CONFIG_FILE as DETECTOR_CONFIG
-from vilbert.predictor import PredictionInputError, Predictor
-from vilbert.tasks import UnknownTaskError
+from vilbert.predictor import PredictionInputError, Predictor, PredictRequest
 
+from .cache import FeatureCache, extract_cached
 from .bundle import TINY_NOTICE, is_tiny, missing_files
 from .errors import BadRequest, PipelineError
 from .inputs import check_boxes
@@ -47,6 +47,8 @@ class InferenceRequest:
     tasks: Sequence[str]
     top_k: int = 3
     boxes: Sequence[Sequence[float]] | None = None  # candidate boxes on the first image, for pointing tasks
+    # Precomputed region features per image (service.features), instead of `images`: no decode, no detector.
+    features: Sequence[RegionFeatures] | None = None
 
 
 @dataclass
@@ -59,6 +61,7 @@ class _Work:
     candidates: RegionFeatures | None = None
     timings: dict[str, float] = field(default_factory=dict)
     error: PipelineError | None = None
+    cache: str = "off"  # hit, miss, partial (some images), features (client sent them), off (no cache)
 
 
 def resolve_device(device: str) -> str:
@@ -79,6 +82,7 @@ class Pipeline:
         self.predictor = predictor
         self.max_image_pixels = max_image_pixels
         self.tiny = tiny
+        self.cache: FeatureCache | None = None  # set by the worker when FEATURE_CACHE_TTL > 0
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, device: str = "auto", precision: str = "fp32", min_size: int = 800,
@@ -111,7 +115,8 @@ class Pipeline:
     @property
     def info(self) -> dict:
         """What a result says about the models that produced it."""
-        info = {"device": str(self.predictor.device), "detector": self.extractor.identity, "tiny": self.tiny}
+        info = {"device": str(self.predictor.device), "detector": self.extractor.identity, "tiny": self.tiny,
+                "feature_dim": self.predictor.feature_dim}
         if self.tiny:
             info["notice"] = TINY_NOTICE
         return info
@@ -139,11 +144,18 @@ class Pipeline:
         self._regions(live)
         live = [item for item in live if item.error is None]
         notify("vilbert", f"{sum(len(item.request.tasks) for item in live)} task(s)")
-        results = {id(item): self._predict(item) for item in live}
+        results = self._predict_all(live)
         return [item.error if item.error is not None else results[id(item)] for item in work]
 
     def _decode(self, item: _Work) -> None:
         started = time.perf_counter()
+        if item.request.features is not None:
+            item.regions, item.cache = list(item.request.features), "features"
+            if item.request.boxes:
+                item.error = PipelineError("boxes_need_image", "candidate boxes need the image itself, not "
+                                                               "precomputed features", "decode")
+            item.timings["decode_s"] = 0.0
+            return
         try:
             if not item.request.images:
                 raise PipelineError("missing_image", "at least one image is required", "decode")
@@ -164,13 +176,19 @@ class Pipeline:
 
     def _regions(self, items: list[_Work]) -> None:
         """One detector call over every image of every request; then the candidate boxes of pointing requests."""
+        items = [item for item in items if item.request.features is None]
         if not items:
             return
         started = time.perf_counter()
         images = [rgb for item in items for rgb in item.rgb]
-        regions = iter(self.extractor.extract(images))
+        raw = [image for item in items for image in item.request.images]
+        found, hits = extract_cached(self.extractor, self.cache, raw, images)
+        regions, hit = iter(found), iter(hits)
         for item in items:
             item.regions = [next(regions) for _ in item.rgb]
+            if self.cache is not None:
+                own = [next(hit) for _ in item.rgb]
+                item.cache = "hit" if all(own) else "partial" if any(own) else "miss"
         shared = time.perf_counter() - started
         for item in items:
             extra = 0.0
@@ -182,25 +200,32 @@ class Pipeline:
             # In a batch each request waited for the whole detector call: report that, not a share of it.
             item.timings["detector_s"] = shared + extra
 
-    def _predict(self, item: _Work) -> dict | None:
+    def _predict_all(self, items: list[_Work]) -> dict[int, dict | None]:
+        """ONE ViLBERT batch over every live request (Predictor.predict_many); answers equal per-request calls."""
+        if not items:
+            return {}
         started = time.perf_counter()
-        request = item.request
-        candidates = [item.candidates] + [None] * (len(item.regions) - 1) if item.candidates is not None else None
-        try:
-            answers = self.predictor.predict(item.regions, request.text, list(request.tasks), top_k=request.top_k,
-                                             candidates=candidates)
-        except PredictionInputError as exc:
-            item.error = PipelineError(exc.code, exc.message, "vilbert")
-            return None
-        except UnknownTaskError as exc:
-            item.error = PipelineError("unknown_task", str(exc), "vilbert")
-            return None
-        item.timings["vilbert_s"] = time.perf_counter() - started
-        return {
-            "text": request.text,
-            "tasks": answers,
-            "images": [{"width": r.image_width, "height": r.image_height, "regions": int(len(r.boxes))}
-                       for r in item.regions],
-            "timings": {name: round(value, 4) for name, value in item.timings.items()},
-            "model": self.info,
-        }
+        requests = []
+        for item in items:
+            candidates = [item.candidates] + [None] * (len(item.regions) - 1) if item.candidates is not None else None
+            requests.append(PredictRequest(item.regions, item.request.text, list(item.request.tasks),
+                                           item.request.top_k, candidates))
+        outcomes = self.predictor.predict_many(requests)
+        elapsed = time.perf_counter() - started  # each request waited for the whole batch
+        results: dict[int, dict | None] = {}
+        for item, outcome in zip(items, outcomes):
+            if isinstance(outcome, PredictionInputError):
+                item.error = PipelineError(outcome.code, outcome.message, "vilbert")
+                results[id(item)] = None
+                continue
+            item.timings["vilbert_s"] = elapsed
+            results[id(item)] = {
+                "text": item.request.text,
+                "tasks": outcome,
+                "images": [{"width": r.image_width, "height": r.image_height, "regions": int(len(r.boxes))}
+                           for r in item.regions],
+                "timings": {name: round(value, 4) for name, value in item.timings.items()},
+                "cache": item.cache,
+                "model": self.info,
+            }
+        return results

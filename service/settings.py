@@ -55,6 +55,14 @@ class Settings:
     max_queued_jobs: int = 1000
     redis_timeout: float = 5.0
     log_level: str = "INFO"
+    # Scale (service/cache.py, service/batching.py, service/metrics.py; docs/OPERATIONS.md).
+    feature_cache_ttl: int = 86400  # seconds a cached image's region features live unused; 0 = no cache
+    feature_cache_max_entries: int = 2000
+    feature_cache_max_bytes: int = 1 << 30
+    batch_max_jobs: int = 8  # a worker runs up to this many waiting jobs as one batch; 1 = no batching
+    batch_max_wait_ms: int = 2  # how long a worker waits for partners once it has a job (under load they are
+    # already queued when it finishes a batch; the wait only matters for near-simultaneous arrivals)
+    worker_metrics_port: int = 0  # the worker's Prometheus /metrics port; 0 = off
 
     @property
     def heartbeat_interval(self) -> float:
@@ -142,6 +150,12 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "max_queued_jobs": ("MAX_QUEUED_JOBS", _int(1)),
     "redis_timeout": ("REDIS_TIMEOUT", _positive_float),
     "log_level": ("LOG_LEVEL", _choice(("debug", "info", "warning", "error"))),
+    "feature_cache_ttl": ("FEATURE_CACHE_TTL", _int(0)),
+    "feature_cache_max_entries": ("FEATURE_CACHE_MAX_ENTRIES", _int(1)),
+    "feature_cache_max_bytes": ("FEATURE_CACHE_MAX_BYTES", _int(1024)),
+    "batch_max_jobs": ("BATCH_MAX_JOBS", _int(1, 256)),
+    "batch_max_wait_ms": ("BATCH_MAX_WAIT_MS", _int(0, 10_000)),
+    "worker_metrics_port": ("WORKER_METRICS_PORT", _int(0, 65535)),
 }
 
 ENV_VARIABLES = {name: env for name, (env, _) in _ENV.items()}

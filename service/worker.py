@@ -28,7 +28,7 @@ from redis.exceptions import RedisError
 from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 
-from . import jobs
+from . import batching, jobs
 from .settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("service.worker")
@@ -100,6 +100,7 @@ def main() -> int:
     jobs.set_pipeline(pipeline)
 
     connection = worker_connection(settings)
+    worker_class = batching.prepare_worker(pipeline, settings, connection, ModelWorker)  # cache, metrics, batches
     base_name = f"{socket.gethostname()}.{os.getpid()}"
     info = {"host": socket.gethostname(), "pid": os.getpid(), "queue": settings.queue_name,
             "started_at": datetime.now(timezone.utc).isoformat(), **pipeline.info}
@@ -111,7 +112,7 @@ def main() -> int:
         while not ModelWorker.stop_requested:
             name = f"{base_name}.{uuid.uuid4().hex[:6]}"  # fresh per (re)start: RQ refuses a registered name
             try:
-                worker = ModelWorker([jobs.get_queue(connection, settings)], connection=connection, name=name,
+                worker = worker_class([jobs.get_queue(connection, settings)], connection=connection, name=name,
                                      serializer=JSONSerializer, worker_ttl=60)
                 heartbeat.worker_name = name
                 heartbeat.beat()  # ready now, not after the first interval

@@ -22,7 +22,7 @@ from .checkpoint import load_model
 from .configuration import ViLBertConfig
 from .cpu_inference import onednn_linear_available, pack_linear_weights
 from .modeling import ViLBertForVLTasks, ViLBertOutput
-from .tasks import Task, TaskRegistry
+from .tasks import Task, TaskRegistry, UnknownTaskError
 from .tokenization import PACKAGED_VOCAB, EncodedText, Tokenizer
 
 PACKAGED_CONFIG = Path(__file__).resolve().parent.parent / "config" / "bert_base_6layer_6conect.json"
@@ -49,6 +49,17 @@ class ImageRegions:
     features: np.ndarray
     image_width: int
     image_height: int
+
+
+@dataclass
+class PredictRequest:
+    """One request of `Predictor.predict_many`: the arguments of `predict`."""
+
+    images: Sequence[RegionsLike]
+    text: str
+    tasks: Sequence[str]
+    top_k: int = 3
+    candidates: Sequence[RegionsLike | None] | None = None
 
 
 class PredictionInputError(ValueError):
@@ -185,6 +196,42 @@ class Predictor:
 
         images: region features per image (nlvr2 needs exactly two; retrieval scores each one; the other tasks
         read the first). candidates: per image, the caller-given boxes with their features (pointing tasks)."""
+        selected, rows, row_ids = self._plan(images, text, tasks, candidates)
+        outputs = self._run(rows)
+        return {task.name: self._decode(task, [outputs[i] for i in row_ids[task.name]], rows, row_ids[task.name], top_k)
+                for task in selected}
+
+    def predict_many(self, requests: Sequence[PredictRequest]) -> list[dict[str, dict] | PredictionInputError]:
+        """`predict` for several requests with ONE forward over all their rows (per distinct region count), for
+        a batching worker. One outcome per request, in order: its answers, or the PredictionInputError that a
+        bad request raised (it does not fail the others). Answers equal `predict`'s per request: rows are
+        padded and masked, never mixed."""
+        outcomes: list[dict[str, dict] | PredictionInputError | None] = [None] * len(requests)
+        plans = []
+        rows: list[_Row] = []
+        for index, request in enumerate(requests):
+            try:
+                selected, own_rows, own_ids = self._plan(request.images, request.text, request.tasks,
+                                                         request.candidates)
+            except PredictionInputError as exc:
+                outcomes[index] = exc
+                continue
+            except UnknownTaskError as exc:
+                outcomes[index] = PredictionInputError("unknown_task", str(exc))
+                continue
+            offset = len(rows)
+            rows.extend(own_rows)
+            plans.append((index, selected, {name: [offset + i for i in ids] for name, ids in own_ids.items()}))
+        outputs = self._run(rows) if rows else []
+        for index, selected, row_ids in plans:
+            top_k = requests[index].top_k
+            outcomes[index] = {task.name: self._decode(task, [outputs[i] for i in row_ids[task.name]], rows,
+                                                       row_ids[task.name], top_k) for task in selected}
+        return outcomes  # type: ignore[return-value]
+
+    def _plan(self, images: Sequence[RegionsLike], text: str, tasks: Sequence[str],
+              candidates: Sequence[RegionsLike | None] | None) -> tuple[list[Task], list[_Row], dict[str, list[int]]]:
+        """Validate one request and lay out its model rows: (tasks, rows, row indices per task name)."""
         selected = self.tasks.resolve(tasks)
         if not selected:
             raise PredictionInputError("no_tasks", "no task requested")
@@ -220,9 +267,7 @@ class Predictor:
                 regions = region_rows(images[image_index], DETECTED_REGIONS, cand)
                 row_ids[task.name].append(len(rows))
                 rows.append(_Row(task, encoded, regions))
-        outputs = self._run(rows)
-        return {task.name: self._decode(task, [outputs[i] for i in row_ids[task.name]], rows, row_ids[task.name], top_k)
-                for task in selected}
+        return selected, rows, row_ids
 
     @staticmethod
     def _images_for(task: Task, count: int) -> range:

@@ -1,0 +1,210 @@
+"""Dynamic batching in the model worker: take up to BATCH_MAX_JOBS waiting jobs and run them as one pass.
+
+RQ 3.0 has no way to dequeue several jobs at once (`Worker.work` takes one job, `execute_job` runs it), so
+BatchWorker extends SimpleWorker's `execute_job`: having got one job from RQ's blocking dequeue, it takes
+more with RQ's own non-blocking `Queue.dequeue_any` (LMOVE into the intermediate queue, as RQ does) until it
+has BATCH_MAX_JOBS or BATCH_MAX_WAIT_MS have passed. Then, with RQ's primitives and in RQ's order:
+
+1. every job gets an Execution (`prepare_execution`: StartedJobRegistry, worker busy) and is marked started
+   with this worker's name (`prepare_job_execution`) BEFORE any work, so a worker killed mid-batch leaves only
+   started jobs that the orphan reaper (service.jobs.reap_orphans) fails as worker_lost;
+2. the batch runs once: `Pipeline.run_many` (decode, cache / one detector call over every image, ONE ViLBERT
+   forward over every request), under the smallest job timeout of the batch;
+3. each job then goes through RQ's normal `perform_job` (success/failure handling, result TTL, registries,
+   callbacks): its BatchJob returns the outcome computed in step 2 instead of calling the job function.
+Each job keeps its own status, result or error: a bad job fails alone (Pipeline.run_many's contract).
+
+One worker process per GPU: start `CUDA_VISIBLE_DEVICES=N python worker.py` once per GPU (docs/OPERATIONS.md);
+all workers on all hosts share the queue, and each batches what it takes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from redis import Redis
+from rq import Queue
+from rq.job import Job
+from rq.timeouts import JobTimeoutException
+from rq.worker import WorkerStatus
+
+from . import jobs, metrics
+from .errors import BadRequest, PipelineError
+from .features import parse_features
+from .inputs import JobRequest
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+_UNSET = object()
+FEATURES_INPUT = "features"  # JobRequest JSON key "inputs": the uploads are feature records, not images
+
+
+class BatchJob(Job):
+    """A job whose outcome the batch already computed: RQ's perform_job records it like any job's return."""
+
+    outcome: Any = _UNSET
+
+    def _execute(self) -> Any:
+        outcome, self.outcome = self.outcome, _UNSET
+        if outcome is _UNSET:  # not taken through a batch (cannot happen in BatchWorker): the plain job function
+            return super()._execute()
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+
+class JobFailed(Exception):
+    """Raised from a batched job so RQ marks it failed; the reason is in job.meta["error"]."""
+
+
+def load_request(connection: Redis, job: Job):
+    """The pipeline request of a job: its parameters and the images (or region features) stored with it."""
+    from .pipeline import InferenceRequest  # torch: only in the worker
+
+    raw = job.kwargs["request"]
+    parsed = JobRequest.from_json(raw)
+    stored = connection.hgetall(jobs.upload_key(job.id))
+    if raw.get("inputs") == FEATURES_INPUT:
+        count = int(raw.get("feature_count", 0))
+        if count == 0 or len(stored) != count:
+            raise PipelineError("upload_expired", "the uploaded features are gone (expired before the job started); "
+                                                  "submit again", "load")
+        try:  # stored by the web tier as .npz; checked again, the worker does not trust Redis contents
+            features = [parse_features(stored[str(i).encode()]) for i in range(count)]
+        except BadRequest as exc:
+            raise PipelineError(exc.code, f"stored features: {exc.message}", "load") from None
+        return InferenceRequest([], parsed.text, parsed.tasks, parsed.top_k, parsed.boxes, features=features)
+    if len(stored) != len(parsed.images) or not stored:
+        raise PipelineError("upload_expired", "the uploaded images are gone (expired before the job started); "
+                                              "submit again", "load")
+    images = [stored[str(i).encode()] for i in range(len(parsed.images))]
+    return InferenceRequest(images, parsed.text, parsed.tasks, parsed.top_k, parsed.boxes)
+
+
+def run_batch(pipeline: Any, connection: Redis, batch: list[Job]) -> dict[str, Any]:
+    """job id -> result dict, or the exception that fails that job (its reason saved in job.meta["error"])."""
+    outcomes: dict[str, Any] = {}
+    requests, live = [], []
+    for job in batch:
+        try:
+            requests.append(load_request(connection, job))
+            live.append(job)
+        except PipelineError as exc:
+            outcomes[job.id] = exc
+        except Exception as exc:  # a malformed job must not fail its partners
+            log.exception("job %s: cannot load its request", job.id)
+            outcomes[job.id] = PipelineError("internal_error", f"{type(exc).__name__}: {exc}", "load")
+
+    def stage(name: str, detail: str = "") -> None:
+        with connection.pipeline(transaction=False) as pipe:  # one round trip for the whole batch
+            for job in live:
+                job.meta.update(stage=name, stage_detail=detail)
+                pipe.hset(job.key, "meta", job._serialize_meta())
+            pipe.execute()
+
+    started = time.perf_counter()
+    if live:
+        results = pipeline.run_many(requests, on_stage=stage)
+        run_s = round(time.perf_counter() - started, 4)
+        for job, result in zip(live, results):
+            if isinstance(result, PipelineError):
+                outcomes[job.id] = result
+                continue
+            timings = result["timings"]
+            if job.enqueued_at and job.started_at:
+                timings["queue_wait_s"] = round(max(0.0, (job.started_at - job.enqueued_at).total_seconds()), 4)
+            timings["run_s"] = run_s
+            result["batch_size"] = len(batch)  # jobs this worker took together
+            outcomes[job.id] = result
+    return outcomes
+
+
+def _record_error(job: Job, error: dict) -> None:
+    job.meta["error"] = error
+    job.meta.update(stage="failed")
+    job.save_meta()
+
+
+def make_worker_class(base: type) -> type:
+    """BatchWorker on top of the service's worker class (service.worker.ModelWorker: SimpleWorker + stop flag)."""
+
+    class BatchWorker(base):  # type: ignore[misc, valid-type]
+        pipeline: Any = None
+        settings: Settings | None = None
+
+        def take_partners(self, first: tuple[Job, Queue]) -> list[tuple[Job, Queue]]:
+            settings = self.settings
+            batch = [first]
+            if settings is None or settings.batch_max_jobs <= 1:
+                return batch
+            deadline = time.monotonic() + settings.batch_max_wait_ms / 1000.0
+            while len(batch) < settings.batch_max_jobs and not self._stop_requested:
+                taken = Queue.dequeue_any(self._ordered_queues, None, connection=self.connection,
+                                          job_class=self.job_class, serializer=self.serializer,
+                                          death_penalty_class=self.death_penalty_class)
+                if taken is not None:
+                    batch.append(taken)
+                    continue
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.001)
+            return batch
+
+        def execute_job(self, job: Job, queue: Queue) -> None:
+            batch = self.take_partners((job, queue))
+            executions = []
+            for member, _ in batch:
+                executions.append(self.prepare_execution(member))
+                self.prepare_job_execution(member, remove_from_intermediate_queue=len(self.queues) == 1)
+            members = [member for member, _ in batch]
+            metrics.worker.batch(len(members))
+            timeout = min((m.timeout or self.queue_class.DEFAULT_TIMEOUT) for m in members)
+            try:
+                with self.death_penalty_class(timeout, JobTimeoutException, job_id=job.id):
+                    outcomes = run_batch(self.pipeline, self.connection, members)
+            except JobTimeoutException as exc:
+                outcomes = {m.id: exc for m in members}
+            except Exception as exc:
+                log.exception("batch of %d failed", len(members))
+                outcomes = {m.id: PipelineError("internal_error", f"{type(exc).__name__}: {exc}", "batch")
+                            for m in members}
+            for (member, member_queue), execution in zip(batch, executions):
+                outcome = outcomes.get(member.id)
+                if isinstance(outcome, PipelineError):
+                    _record_error(member, outcome.to_dict())
+                    outcome = JobFailed(f"{outcome.code}: {outcome.message}")
+                elif isinstance(outcome, JobTimeoutException):
+                    _record_error(member, {"code": "timeout", "message": f"the batch ran longer than the job "
+                                                                         f"timeout of {timeout} s"})
+                metrics.worker.job_done(member, outcome)
+                member.outcome = outcome
+                try:
+                    self.perform_job(member, member_queue, execution)
+                finally:
+                    self.connection.delete(jobs.upload_key(member.id))
+            self.set_state(WorkerStatus.IDLE)
+
+    return BatchWorker
+
+
+def prepare_worker(pipeline: Any, settings: Settings, connection: Redis, base: type) -> type:
+    """Everything the scale features add to a worker process, before it takes jobs: the feature cache on the
+    pipeline, the metrics endpoint, and the batching worker class to instantiate (called by service.worker)."""
+    from .cache import FeatureCache, detector_key
+
+    worker_metrics = metrics.start_worker_metrics(settings.worker_metrics_port)
+    if settings.feature_cache_ttl > 0:
+        cache = FeatureCache(connection, detector_key(pipeline.extractor), ttl=settings.feature_cache_ttl,
+                             max_entries=settings.feature_cache_max_entries,
+                             max_bytes=settings.feature_cache_max_bytes)
+        cache.on_event = worker_metrics.cache_event
+        pipeline.cache = cache
+    worker_class = make_worker_class(base)
+    worker_class.job_class = BatchJob
+    worker_class.pipeline, worker_class.settings = pipeline, settings
+    log.info("batching up to %d jobs (wait %d ms); feature cache %s", settings.batch_max_jobs,
+             settings.batch_max_wait_ms, f"ttl {settings.feature_cache_ttl} s" if pipeline.cache else "off")
+    return worker_class
