@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from test_service_e2e import ASTRONAUT, CAT, COFFEE, ROCKET, Stack  # noqa: E402  (same process fixtures)
+from stack import Stack
+from test_service_e2e import ASTRONAUT, CAT, COFFEE, ROCKET
 
 from detector.images import load_image
 from detector.store import encode_record
