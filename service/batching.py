@@ -128,6 +128,10 @@ def _record_error(job: Job, error: dict) -> None:
     job.save_meta()
 
 
+def _timeout(job: Job) -> int:
+    return job.timeout or Queue.DEFAULT_TIMEOUT
+
+
 def make_worker_class(base: type) -> type:
     """BatchWorker on top of the service's worker class (service.worker.ModelWorker: SimpleWorker + stop flag)."""
 
@@ -153,6 +157,20 @@ def make_worker_class(base: type) -> type:
                 time.sleep(0.001)
             return batch
 
+        def run_guarded(self, members: list[Job], job_id: str) -> dict[str, Any]:
+            """run_batch under the smallest job timeout of `members`: outcomes by job id (results, PipelineErrors,
+            or the JobTimeoutException for every member when the time ran out)."""
+            timeout = min(_timeout(m) for m in members)
+            try:
+                with self.death_penalty_class(timeout, JobTimeoutException, job_id=job_id):
+                    return run_batch(self.pipeline, self.connection, members)
+            except JobTimeoutException as exc:
+                return {m.id: exc for m in members}
+            except Exception as exc:
+                log.exception("batch of %d failed", len(members))
+                return {m.id: PipelineError("internal_error", f"{type(exc).__name__}: {exc}", "batch")
+                        for m in members}
+
         def execute_job(self, job: Job, queue: Queue) -> None:
             batch = self.take_partners((job, queue))
             executions = []
@@ -161,24 +179,22 @@ def make_worker_class(base: type) -> type:
                 self.prepare_job_execution(member, remove_from_intermediate_queue=len(self.queues) == 1)
             members = [member for member, _ in batch]
             metrics.worker.batch(len(members))
-            timeout = min((m.timeout or self.queue_class.DEFAULT_TIMEOUT) for m in members)
-            try:
-                with self.death_penalty_class(timeout, JobTimeoutException, job_id=job.id):
-                    outcomes = run_batch(self.pipeline, self.connection, members)
-            except JobTimeoutException as exc:
-                outcomes = {m.id: exc for m in members}
-            except Exception as exc:
-                log.exception("batch of %d failed", len(members))
-                outcomes = {m.id: PipelineError("internal_error", f"{type(exc).__name__}: {exc}", "batch")
-                            for m in members}
+            outcomes = self.run_guarded(members, job.id)
+            if len(members) > 1 and any(isinstance(o, JobTimeoutException) for o in outcomes.values()):
+                # The batch ran under its smallest job timeout; a job with a short timeout must not take its
+                # partners down with it, so each job runs again alone under its own timeout.
+                log.warning("batch of %d passed its smallest job timeout; running its jobs one by one", len(members))
+                outcomes = {}
+                for member in members:
+                    outcomes.update(self.run_guarded([member], member.id))
             for (member, member_queue), execution in zip(batch, executions):
                 outcome = outcomes.get(member.id)
                 if isinstance(outcome, PipelineError):
                     _record_error(member, outcome.to_dict())
                     outcome = JobFailed(f"{outcome.code}: {outcome.message}")
                 elif isinstance(outcome, JobTimeoutException):
-                    _record_error(member, {"code": "timeout", "message": f"the batch ran longer than the job "
-                                                                         f"timeout of {timeout} s"})
+                    _record_error(member, {"code": "timeout", "message": f"the job ran longer than its timeout "
+                                                                         f"of {_timeout(member)} s"})
                 metrics.worker.job_done(member, outcome)
                 member.outcome = outcome
                 try:

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import replace
@@ -28,7 +29,7 @@ skimage_data = pytest.importorskip("skimage.data")
 from service import jobs  # noqa: E402
 from service.errors import PipelineError, Unavailable  # noqa: E402
 from service.inputs import JobRequest, parse_submission  # noqa: E402
-from service.localstack import stop, wait_until  # noqa: E402
+from service.localstack import free_port, stop, wait_until  # noqa: E402
 from stack import HEARTBEAT_TTL  # noqa: E402
 from vilbert.tasks import TaskRegistry  # noqa: E402
 
