@@ -147,6 +147,25 @@ def test_stop_and_go_round_robin(work):
     assert [r["task"] for r in rows if r.get("iteration") == 0] == ["snli_ve", "nlvr2"]  # in the given order
 
 
+def test_from_pretraining_checkpoint_with_frozen_text_layers(work, caplog):
+    """pretrained_model.bin has only bert.* (no task tokens) and cls.*: the task heads start fresh."""
+    full = read_state_dict(work / "tiny" / "multi_task_model.bin")
+    pretrained = {k: v for k, v in full.items()
+                  if k.startswith(("bert.", "cls.")) and "task_embeddings" not in k}
+    torch.save(pretrained, work / "pretrained_model.bin")
+    args = classic(work, "pre", "--num_train_epochs", "1", "--num_epoch", "1", "--stop_after_steps", "2",
+                   "--freeze", "1")
+    args[args.index("--from_pretrained") + 1] = str(work / "pretrained_model.bin")
+    assert train_tasks.main(args) == 0
+    assert "lacks some weights" in caplog.text
+    trained = torch.load(run_dir(work, "pre") / "pytorch_ckpt_latest.tar", weights_only=True)["model_state_dict"]
+    assert set(trained) == set(full)  # the full official key set, task tokens and heads included
+    for key in ("bert.embeddings.word_embeddings.weight", "bert.encoder.layer.1.output.dense.weight"):
+        assert torch.equal(trained[key], full[key])  # frozen
+    for key in ("bert.encoder.layer.2.output.dense.weight", "bert.encoder.c_layer.0.biattention.query1.weight"):
+        assert not torch.equal(trained[key], full[key])  # trained
+
+
 def test_missing_data_is_named(work, tmp_path, capsys):
     args = classic(work, "missing")
     args[args.index("--data_root") + 1] = str(tmp_path)
