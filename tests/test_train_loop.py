@@ -96,6 +96,8 @@ def test_resume_reproduces_the_uninterrupted_losses(work, finished):
     folder = run_dir(work, "resumed")
     assert [i for i, _ in train_losses(folder)] == [0, 1, 2, 3]
     assert not (folder / "pytorch_model_1.bin").exists()
+    with (folder / "train_log.jsonl").open("a") as log:  # as if the run had crashed after more iterations
+        log.write(json.dumps({"iteration": 4, "epoch": 1, "task": "snli_ve", "loss": -1.0, "score": 0, "lr": 0}) + "\n")
     assert train_tasks.main(args + ["--resume"]) == 0
     expected, got = train_losses(finished), train_losses(folder)
     assert [i for i, _ in got] == [i for i, _ in expected] == list(range(6))

@@ -313,8 +313,24 @@ class Trainer:
         torch.set_rng_state(rng["cpu"][self.ctx.rank % len(rng["cpu"])])
         if self.ctx.device.type == "cuda" and rng.get("cuda"):
             torch.cuda.set_rng_state(rng["cuda"][self.ctx.rank % len(rng["cuda"])], self.ctx.device)
+        if int(state.get("world_size", 1)) != self.ctx.world_size:
+            logger.warning("%s was saved by %s process(es), this run has %d: the data order will not continue "
+                           "exactly", path, state.get("world_size"), self.ctx.world_size)
         if self.ctx.is_main:
+            self._trim_log()
             logger.info("resumed from %s at iteration %d", path, self.iteration)
+
+    def _trim_log(self) -> None:
+        """Drop log records of iterations after the resume point (a run that crashed after its last save)."""
+        if not self.log_path.is_file():
+            return
+        kept = []
+        for line in self.log_path.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            done = record["iteration"] + (0 if "eval" in record else 1)  # eval records count finished iterations
+            if done <= self.iteration:
+                kept.append(line)
+        self.log_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def _gather_rng(self) -> dict[str, list[torch.Tensor]]:
         cpu = torch.get_rng_state()
