@@ -175,6 +175,12 @@ def test_missing_data_is_named(work, tmp_path, capsys):
     assert f"{tmp_path}/visual_entailment/snli_ve_train.jsonl" in capsys.readouterr().err
 
 
+def test_resume_file_of_other_tasks_is_refused(work, finished, capsys):
+    args = classic(work, "other", "--tasks", "12", "--resume_file", str(finished / "pytorch_ckpt_latest.tar"))
+    assert train_tasks.main(args) == 2
+    assert "saved for tasks [13], this run has [12]" in capsys.readouterr().err
+
+
 def test_unknown_task_is_refused(work):
     with pytest.raises(SystemExit, match="unknown task"):
         train_tasks.main(classic(work, "x", "--tasks", "13-99"))

@@ -30,7 +30,7 @@ from vilbert.modeling import ViLBertForVLTasks
 from vilbert.predictor import CHECKPOINT_FILE, CONFIG_FILE, VOCAB_FILE
 from vilbert.tokenization import PACKAGED_VOCAB, Tokenizer
 
-from .checkpointing import RESUME_FILE, load_resume, save_resume
+from .checkpointing import RESUME_FILE, ResumeError, load_resume, save_resume
 from .datasets import TaskDataset
 from .losses import compute_loss, forward
 from .optimization import StopOnPlateau, build_optimizer, build_scheduler
@@ -285,10 +285,11 @@ class Trainer:
             self.resume_path = Path(args.resume_file)
         elif args.resume and (self.save_dir / RESUME_FILE).is_file():
             self.resume_path = self.save_dir / RESUME_FILE
+        if ctx.is_main:
+            self.save_dir.mkdir(parents=True, exist_ok=True)
         if self.resume_path:
             self._resume(self.resume_path)
         elif ctx.is_main:
-            self.save_dir.mkdir(parents=True, exist_ok=True)
             self.log_path.write_text("", encoding="utf-8")
             (self.save_dir / "command.json").write_text(json.dumps(vars(args), indent=2, default=str), encoding="utf-8")
 
@@ -297,7 +298,7 @@ class Trainer:
     def _resume(self, path: Path) -> None:
         state = load_resume(path)
         if state["task_ids"] != [s.task_id for s in self.specs]:
-            raise ValueError(f"{path}: saved for tasks {state['task_ids']}, this run has {[s.task_id for s in self.specs]}")
+            raise ResumeError(f"{path}: saved for tasks {state['task_ids']}, this run has {[s.task_id for s in self.specs]}")
         self.model.load_state_dict(state["model_state_dict"])
         self.optimizer.load_state_dict(state["optimizer_state_dict"])
         self.scheduler.load_state_dict(state["scheduler_state_dict"])
