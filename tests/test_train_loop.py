@@ -106,6 +106,13 @@ def test_resume_reproduces_the_uninterrupted_losses(work, finished):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_loader_worker_processes_give_the_same_batches(work, finished):
+    args = classic(work, "workers", "--num_train_epochs", "2", "--num_epoch", "2", "--stop_after_steps", "3")
+    args[args.index("--num_workers") + 1] = "2"
+    assert train_tasks.main(args) == 0
+    assert train_losses(run_dir(work, "workers")) == train_losses(finished)[:3]
+
+
 def test_checkpoints_load_strictly_into_the_service_and_training(work, finished):
     config = ViLBertConfig.from_json_file(finished / "vilbert_config.json")
     state = read_state_dict(finished / "pytorch_model_1.bin")
