@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     from vilbert_train.annotations import AnnotationError
     from vilbert_train.features import FeatureFileError
     from vilbert_train.pickles import UnsafePickleError
-    from vilbert_train.engine import Trainer, setup_distributed
+    from vilbert_train.engine import ResumeError, Trainer, setup_distributed
     from vilbert_train.specs import resolve_tasks, with_overrides
 
     try:
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = Trainer(args, specs, ctx)
         save_dir = trainer.train()
-    except (FileNotFoundError, AnnotationError, FeatureFileError, UnsafePickleError) as exc:
+    except (FileNotFoundError, AnnotationError, FeatureFileError, UnsafePickleError, ResumeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -12,12 +12,11 @@ import pytest
 import torch
 
 import eval_tasks
-from vilbert import ImageRegions, Predictor
+from vilbert import Predictor
 from vilbert.tiny import write_tiny_vilbert
 from vilbert_train import metrics, synthetic
 from vilbert_train.annotations import read_refer, read_retrieval, read_snli_ve, read_visual7w
 from vilbert_train.features import open_features
-from vilbert_train.pickles import load_file
 from vilbert_train.specs import SPECS
 
 DIM = 16
@@ -90,10 +89,6 @@ def run_eval(work: Path, root: Path, tasks: str, split: str | None = None) -> Pa
     return work / "results" / "multi_task_model"
 
 
-def image(reader, image_id) -> ImageRegions:
-    return reader[image_id]
-
-
 def test_vqa_soft_score_matches_hand_computation(setup):
     work, root, predictor = setup
     reader = open_features(root / SPECS[1].features)
@@ -102,7 +97,7 @@ def test_vqa_soft_score_matches_hand_computation(setup):
     # Rewrite the targets around what the model answers: 1.0 for every third question, 0.3 for the next, 0 else.
     targets, expected = [], []
     for k, q in enumerate(questions):
-        top = predictor.predict([image(reader, str(q["image_id"]))], q["question"], ["vqa"])["vqa"]["answers"][0]
+        top = predictor.predict([reader[str(q["image_id"])]], q["question"], ["vqa"])["vqa"]["answers"][0]
         chosen = answers.index(top["answer"])
         other = (chosen + 1) % 3129
         score = (1.0, 0.3, 0.0)[k % 3]

@@ -105,6 +105,25 @@ def test_our_feature_store_is_read_too(tmp_path):
     assert image.image_width == 100
 
 
+def test_training_items_from_our_store_equal_the_released_lmdb(root, tokenizer, tmp_path):
+    released = open_features(root / SPECS[13].features)
+    with FeatureStore(tmp_path / "store", readonly=False) as store:
+        for image_id in ("1000", "1001", "1002"):
+            image = released[image_id]
+            store.put(image_id, RegionFeatures(boxes=image.boxes, features=image.features,
+                                               scores=np.ones(len(image.boxes), np.float32),
+                                               class_ids=np.zeros(len(image.boxes), np.int64),
+                                               image_width=image.image_width, image_height=image.image_height,
+                                               num_boxes=len(image.boxes)))
+    ours = dataset(root, tokenizer, 13, "train", features=tmp_path / "store")
+    theirs = dataset(root, tokenizer, 13, "train")
+    for index in range(3):
+        a, b = ours[index], theirs[index]
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    with pytest.raises(MissingDataError, match="'1003' is not in"):
+        ours[3]
+
+
 def test_missing_lmdb_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "x.lmdb" / "data.mdb")):
         open_features(tmp_path / "x.lmdb")

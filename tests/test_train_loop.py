@@ -96,12 +96,21 @@ def test_resume_reproduces_the_uninterrupted_losses(work, finished):
     folder = run_dir(work, "resumed")
     assert [i for i, _ in train_losses(folder)] == [0, 1, 2, 3]
     assert not (folder / "pytorch_model_1.bin").exists()
+    with (folder / "train_log.jsonl").open("a") as log:  # as if the run had crashed after more iterations
+        log.write(json.dumps({"iteration": 4, "epoch": 1, "task": "snli_ve", "loss": -1.0, "score": 0, "lr": 0}) + "\n")
     assert train_tasks.main(args + ["--resume"]) == 0
     expected, got = train_losses(finished), train_losses(folder)
     assert [i for i, _ in got] == [i for i, _ in expected] == list(range(6))
     assert [loss for _, loss in got] == [loss for _, loss in expected]  # bit-identical, not approximately
     a, b = read_state_dict(finished / "pytorch_model_1.bin"), read_state_dict(folder / "pytorch_model_1.bin")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_loader_worker_processes_give_the_same_batches(work, finished):
+    args = classic(work, "workers", "--num_train_epochs", "2", "--num_epoch", "2", "--stop_after_steps", "3")
+    args[args.index("--num_workers") + 1] = "2"
+    assert train_tasks.main(args) == 0
+    assert train_losses(run_dir(work, "workers")) == train_losses(finished)[:3]
 
 
 def test_checkpoints_load_strictly_into_the_service_and_training(work, finished):
@@ -147,11 +156,36 @@ def test_stop_and_go_round_robin(work):
     assert [r["task"] for r in rows if r.get("iteration") == 0] == ["snli_ve", "nlvr2"]  # in the given order
 
 
+def test_from_pretraining_checkpoint_with_frozen_text_layers(work, caplog):
+    """pretrained_model.bin has only bert.* (no task tokens) and cls.*: the task heads start fresh."""
+    full = read_state_dict(work / "tiny" / "multi_task_model.bin")
+    pretrained = {k: v for k, v in full.items()
+                  if k.startswith(("bert.", "cls.")) and "task_embeddings" not in k}
+    torch.save(pretrained, work / "pretrained_model.bin")
+    args = classic(work, "pre", "--num_train_epochs", "1", "--num_epoch", "1", "--stop_after_steps", "2",
+                   "--freeze", "1")
+    args[args.index("--from_pretrained") + 1] = str(work / "pretrained_model.bin")
+    assert train_tasks.main(args) == 0
+    assert "lacks some weights" in caplog.text
+    trained = torch.load(run_dir(work, "pre") / "pytorch_ckpt_latest.tar", weights_only=True)["model_state_dict"]
+    assert set(trained) == set(full)  # the full official key set, task tokens and heads included
+    for key in ("bert.embeddings.word_embeddings.weight", "bert.encoder.layer.1.output.dense.weight"):
+        assert torch.equal(trained[key], full[key])  # frozen
+    for key in ("bert.encoder.layer.2.output.dense.weight", "bert.encoder.c_layer.0.biattention.query1.weight"):
+        assert not torch.equal(trained[key], full[key])  # trained
+
+
 def test_missing_data_is_named(work, tmp_path, capsys):
     args = classic(work, "missing")
     args[args.index("--data_root") + 1] = str(tmp_path)
     assert train_tasks.main(args) == 2
     assert f"{tmp_path}/visual_entailment/snli_ve_train.jsonl" in capsys.readouterr().err
+
+
+def test_resume_file_of_other_tasks_is_refused(work, finished, capsys):
+    args = classic(work, "other", "--tasks", "12", "--resume_file", str(finished / "pytorch_ckpt_latest.tar"))
+    assert train_tasks.main(args) == 2
+    assert "saved for tasks [13], this run has [12]" in capsys.readouterr().err
 
 
 def test_unknown_task_is_refused(work):

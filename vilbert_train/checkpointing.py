@@ -16,6 +16,10 @@ import torch
 RESUME_FILE = "pytorch_ckpt_latest.tar"
 
 
+class ResumeError(ValueError):
+    """The file is not a resume file of this trainer, or belongs to a run of other tasks."""
+
+
 def save_resume(path: str | os.PathLike, state: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -32,5 +36,5 @@ def load_resume(path: str | os.PathLike) -> dict[str, Any]:
     missing = [k for k in ("model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "iteration",
                            "streams", "rng", "task_ids") if k not in state]
     if missing:
-        raise ValueError(f"{path}: not a resume file of this trainer (missing {', '.join(missing)})")
+        raise ResumeError(f"{path}: not a resume file of this trainer (missing {', '.join(missing)})")
     return state

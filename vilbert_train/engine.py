@@ -15,7 +15,6 @@ import math
 import os
 import shutil
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from vilbert.modeling import ViLBertForVLTasks
 from vilbert.predictor import CHECKPOINT_FILE, CONFIG_FILE, VOCAB_FILE
 from vilbert.tokenization import PACKAGED_VOCAB, Tokenizer
 
-from .checkpointing import RESUME_FILE, load_resume, save_resume
+from .checkpointing import RESUME_FILE, ResumeError, load_resume, save_resume
 from .datasets import TaskDataset
 from .losses import compute_loss, forward
 from .optimization import StopOnPlateau, build_optimizer, build_scheduler
@@ -286,10 +285,11 @@ class Trainer:
             self.resume_path = Path(args.resume_file)
         elif args.resume and (self.save_dir / RESUME_FILE).is_file():
             self.resume_path = self.save_dir / RESUME_FILE
+        if ctx.is_main:
+            self.save_dir.mkdir(parents=True, exist_ok=True)
         if self.resume_path:
             self._resume(self.resume_path)
         elif ctx.is_main:
-            self.save_dir.mkdir(parents=True, exist_ok=True)
             self.log_path.write_text("", encoding="utf-8")
             (self.save_dir / "command.json").write_text(json.dumps(vars(args), indent=2, default=str), encoding="utf-8")
 
@@ -298,7 +298,7 @@ class Trainer:
     def _resume(self, path: Path) -> None:
         state = load_resume(path)
         if state["task_ids"] != [s.task_id for s in self.specs]:
-            raise ValueError(f"{path}: saved for tasks {state['task_ids']}, this run has {[s.task_id for s in self.specs]}")
+            raise ResumeError(f"{path}: saved for tasks {state['task_ids']}, this run has {[s.task_id for s in self.specs]}")
         self.model.load_state_dict(state["model_state_dict"])
         self.optimizer.load_state_dict(state["optimizer_state_dict"])
         self.scheduler.load_state_dict(state["scheduler_state_dict"])
@@ -314,8 +314,24 @@ class Trainer:
         torch.set_rng_state(rng["cpu"][self.ctx.rank % len(rng["cpu"])])
         if self.ctx.device.type == "cuda" and rng.get("cuda"):
             torch.cuda.set_rng_state(rng["cuda"][self.ctx.rank % len(rng["cuda"])], self.ctx.device)
+        if int(state.get("world_size", 1)) != self.ctx.world_size:
+            logger.warning("%s was saved by %s process(es), this run has %d: the data order will not continue "
+                           "exactly", path, state.get("world_size"), self.ctx.world_size)
         if self.ctx.is_main:
+            self._trim_log()
             logger.info("resumed from %s at iteration %d", path, self.iteration)
+
+    def _trim_log(self) -> None:
+        """Drop log records of iterations after the resume point (a run that crashed after its last save)."""
+        if not self.log_path.is_file():
+            return
+        kept = []
+        for line in self.log_path.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            done = record["iteration"] + (0 if "eval" in record else 1)  # eval records count finished iterations
+            if done <= self.iteration:
+                kept.append(line)
+        self.log_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def _gather_rng(self) -> dict[str, list[torch.Tensor]]:
         cpu = torch.get_rng_state()

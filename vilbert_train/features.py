@@ -27,15 +27,20 @@ class FeatureFileError(ValueError):
 
 
 # LMDB allows one environment per file and process: readers of the same file (train and val splits, tasks
-# sharing the COCO features) share it. Keyed by pid too, so DataLoader workers open their own.
-_ENVS: dict[tuple[str, int], object] = {}
+# sharing the COCO features) share it. A DataLoader worker inherits the parent's handle through fork, which it
+# must not use and which blocks a fresh open of the same path: the worker closes its copy and opens its own.
+_ENVS: dict[str, tuple[int, object]] = {}
 
 
 def shared_env(path: Path, opener):
-    key = (str(path.resolve()), os.getpid())
-    if key not in _ENVS:
-        _ENVS[key] = opener()
-    return _ENVS[key]
+    key = str(path.resolve())
+    pid, env = _ENVS.get(key, (None, None))
+    if pid != os.getpid():
+        if env is not None:
+            env.close()  # the forked copy: unmaps it in this process only
+        env = opener()
+        _ENVS[key] = (os.getpid(), env)
+    return env
 
 
 def _key(image_id: object) -> str:
@@ -121,7 +126,7 @@ def open_features(path: str | os.PathLike) -> ReleasedFeatureReader | StoreFeatu
         from detector.store import MAGIC
 
         if first.startswith(MAGIC):
-            _ENVS.pop((str(path.resolve()), os.getpid())).close()  # the FeatureStore opens its own
+            _ENVS.pop(str(path.resolve()))[1].close()  # the FeatureStore opens its own
             return StoreFeatureReader(path)
     return reader
 

@@ -17,7 +17,6 @@ class StepResult:
     loss: torch.Tensor
     score: float  # summed metric over the batch's examples (VQA soft score or correct count)
     count: int  # examples
-    logits: torch.Tensor  # per-example scores the metric read ([B, classes], [B, options] or [B, regions])
 
 
 def flatten_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -72,4 +71,4 @@ def compute_loss(output: ViLBertOutput, batch: dict[str, torch.Tensor], spec: Ta
     else:
         raise ValueError(f"unknown task kind {kind}")
     # (meta tensors, used by vilbert_train.estimate to count FLOPs, have no value to read)
-    return StepResult(loss, 0.0 if score.is_meta else float(score), batch_size, logits.detach())
+    return StepResult(loss, 0.0 if score.is_meta else float(score), batch_size)
