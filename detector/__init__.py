@@ -9,7 +9,7 @@ from typing import Any
 
 _EXPORTS = {
     "RegionFeatureExtractor": "extractor",
-    "RegionFeatures": "extractor",
+    "RegionFeatures": "regions",
     "DetectorConfig": "config",
     "load_config": "config",
     "RegionDetector": "model",

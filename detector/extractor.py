@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,22 +23,12 @@ import torch
 from .config import DetectorConfig, load_config
 from .images import DEFAULT_MAX_PIXELS, load_image
 from .model import RegionDetector, load_detector_state, read_checkpoint
+from .regions import RegionFeatures
 from .selection import select_regions
 
 # float64, as in the reference: its float32 image minus these is computed in float64 and rounded once.
 PIXEL_MEANS_BGR = np.array([102.9801, 115.9465, 122.7717], dtype=np.float64)
 SIZE_DIVISIBLE = 32
-
-
-@dataclass
-class RegionFeatures:
-    boxes: np.ndarray  # [N, 4] float32 x1 y1 x2 y2, original-image pixels
-    features: np.ndarray  # [N, D] float32 fc6 (post-ReLU)
-    scores: np.ndarray  # [N] float32 best surviving class probability
-    class_ids: np.ndarray  # [N] int64 class of that probability (1..K-1)
-    num_boxes: int
-    image_width: int
-    image_height: int
 
 
 def preprocess(image_rgb: np.ndarray, min_size: int = 800, max_size: int = 1333) -> tuple[np.ndarray, float]:

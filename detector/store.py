@@ -20,7 +20,7 @@ from typing import Iterator
 import lmdb
 import numpy as np
 
-from .extractor import RegionFeatures
+from .regions import RegionFeatures
 
 MAGIC = b"VLBFEAT1"
 ARRAYS = {"boxes": "<f4", "features": "<f4", "scores": "<f4", "class_ids": "<i8"}

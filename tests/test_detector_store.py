@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from detector.extractor import RegionFeatures
+from detector.regions import RegionFeatures
 from detector.store import FeatureStore, FeatureStoreError, decode_record, encode_record
 from detector.tiny import write_tiny_detector
 

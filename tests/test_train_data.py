@@ -9,7 +9,7 @@ import pickle
 import numpy as np
 import pytest
 
-from detector.extractor import RegionFeatures
+from detector.regions import RegionFeatures
 from detector.store import FeatureStore
 from vilbert.tokenization import Tokenizer
 from vilbert_train import synthetic
