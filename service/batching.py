@@ -48,6 +48,8 @@ class BatchJob(Job):
     outcome: Any = _UNSET
 
     def _execute(self) -> Any:
+        # perform_job stamped started_at just now; the job really started with its batch.
+        self.started_at = getattr(self, "batch_started_at", None) or self.started_at
         outcome, self.outcome = self.outcome, _UNSET
         if outcome is _UNSET:  # not taken through a batch (cannot happen in BatchWorker): the plain job function
             return super()._execute()
@@ -152,6 +154,14 @@ def make_worker_class(base: type) -> type:
                     break
                 time.sleep(0.001)
             return batch
+
+        def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
+            # perform_job calls this again for a job execute_job already prepared: skipping the second call saves
+            # a round trip per job and keeps started_at at the start of the batch.
+            if getattr(job, "batch_prepared", False):
+                return
+            super().prepare_job_execution(job, remove_from_intermediate_queue)
+            job.batch_prepared, job.batch_started_at = True, job.started_at
 
         def execute_job(self, job: Job, queue: Queue) -> None:
             batch = self.take_partners((job, queue))
