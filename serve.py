@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 from service.bundle import TINY_NOTICE, missing_files, tiny_bundle_complete, write_tiny_bundle  # noqa: E402
-from service.localstack import LocalStackError, free_port, port_in_use, start_redis, stop, wait_until  # noqa: E402
+from service.localstack import LocalStackError, free_port, port_in_use, start_redis, stop  # noqa: E402
 from service.settings import SettingsError, load_settings  # noqa: E402
 
 TINY_DIR = ROOT / "models" / "tiny-bundle"

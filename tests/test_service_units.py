@@ -177,3 +177,30 @@ def test_service_doc_lists_every_setting():
     doc = (Path(__file__).resolve().parent.parent / "docs" / "SERVICE.md").read_text()
     for variable in ENV_VARIABLES.values():
         assert f"`{variable}`" in doc, variable
+
+
+def test_serve_no_tiny_and_worker_without_weights_exit_with_instructions(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, MODEL_DIR=str(tmp_path / "empty"), REDIS_URL="redis://127.0.0.1:1/0")
+    serve = subprocess.run([sys.executable, str(root / "serve.py"), "--no-tiny"], env=env, capture_output=True,
+                           text=True, timeout=60, cwd=root)
+    assert serve.returncode == 2 and "python models/fetch.py" in serve.stderr and "Refusing" in serve.stderr
+    worker = subprocess.run([sys.executable, str(root / "worker.py")], env=env, capture_output=True, text=True,
+                            timeout=120, cwd=root)
+    assert worker.returncode == 2 and "models/fetch.py" in worker.stderr and "multi_task_model.bin" in worker.stderr
+    bad = subprocess.run([sys.executable, str(root / "worker.py")], env=dict(env, DEVICE="gpu"), capture_output=True,
+                         text=True, timeout=60, cwd=root)
+    assert bad.returncode == 2 and "DEVICE='gpu'" in bad.stderr
+
+
+def test_missing_redis_server_is_explained(monkeypatch):
+    from service.localstack import LocalStackError, redis_server_binary
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(LocalStackError, match="apt-get install redis-server.*REDIS_URL"):
+        redis_server_binary()
