@@ -21,6 +21,7 @@ all workers on all hosts share the queue, and each batches what it takes.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
@@ -48,6 +49,8 @@ class BatchJob(Job):
     outcome: Any = _UNSET
 
     def _execute(self) -> Any:
+        # perform_job stamped started_at just now; the job really started with its batch.
+        self.started_at = getattr(self, "batch_started_at", None) or self.started_at
         outcome, self.outcome = self.outcome, _UNSET
         if outcome is _UNSET:  # not taken through a batch (cannot happen in BatchWorker): the plain job function
             return super()._execute()
@@ -157,10 +160,18 @@ def make_worker_class(base: type) -> type:
                 time.sleep(0.001)
             return batch
 
-        def run_guarded(self, members: list[Job], job_id: str) -> dict[str, Any]:
-            """run_batch under the smallest job timeout of `members`: outcomes by job id (results, PipelineErrors,
-            or the JobTimeoutException for every member when the time ran out)."""
-            timeout = min(_timeout(m) for m in members)
+        def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
+            # perform_job calls this again for a job execute_job already prepared: skipping the second call saves
+            # a round trip per job and keeps started_at at the start of the batch.
+            if getattr(job, "batch_prepared", False):
+                return
+            super().prepare_job_execution(job, remove_from_intermediate_queue)
+            job.batch_prepared, job.batch_started_at = True, job.started_at
+
+        def run_guarded(self, members: list[Job], job_id: str, timeout: int | None = None) -> dict[str, Any]:
+            """run_batch under `timeout` (default: the smallest job timeout of `members`): outcomes by job id
+            (results, PipelineErrors, or the JobTimeoutException for every member when the time ran out)."""
+            timeout = timeout or min(_timeout(m) for m in members)
             try:
                 with self.death_penalty_class(timeout, JobTimeoutException, job_id=job_id):
                     return run_batch(self.pipeline, self.connection, members)
@@ -179,14 +190,21 @@ def make_worker_class(base: type) -> type:
                 self.prepare_job_execution(member, remove_from_intermediate_queue=len(self.queues) == 1)
             members = [member for member, _ in batch]
             metrics.worker.batch(len(members))
+            started = time.monotonic()
             outcomes = self.run_guarded(members, job.id)
             if len(members) > 1 and any(isinstance(o, JobTimeoutException) for o in outcomes.values()):
                 # The batch ran under its smallest job timeout; a job with a short timeout must not take its
-                # partners down with it, so each job runs again alone under its own timeout.
+                # partners down with it, so each job runs again alone with what is left of its own timeout,
+                # counted from the start of the batch (a job whose time is up fails as a timeout).
                 log.warning("batch of %d passed its smallest job timeout; running its jobs one by one", len(members))
-                outcomes = {}
+                retried: dict[str, Any] = {}
                 for member in members:
-                    outcomes.update(self.run_guarded([member], member.id))
+                    left = _timeout(member) - (time.monotonic() - started)
+                    if left < 1:
+                        retried[member.id] = outcomes[member.id]
+                    else:
+                        retried.update(self.run_guarded([member], member.id, timeout=math.ceil(left)))
+                outcomes = retried
             for (member, member_queue), execution in zip(batch, executions):
                 outcome = outcomes.get(member.id)
                 if isinstance(outcome, PipelineError):
