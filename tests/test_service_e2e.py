@@ -304,12 +304,14 @@ def test_worker_lifecycle_graceful_stop_queueing_and_sigkill(stack):
     with pytest.raises(Unavailable) as caught:  # back-pressure: the queue holds two, the bound is two
         jobs.submit(connection, replace(stack.settings, max_queued_jobs=2), request, [CAT] * 8)
     assert caught.value.code == "queue_full"
-    # A job whose timeout is shorter than its work (8 images at full detector size take seconds).
+    # A job whose timeout is shorter than its work (8 images at twice the full detector size take seconds).
     too_slow = jobs.submit(connection, replace(stack.settings, job_timeout=1), request,
                            [ASTRONAUT, CAT, COFFEE, ROCKET] * 2).id
 
-    # 3. A slower worker (full-size detector input) picks them up; SIGTERM mid-job finishes that job first.
-    slow = {"DETECTOR_MIN_SIZE": "800", "DETECTOR_MAX_SIZE": "1333"}
+    # 3. A slower worker (large detector input) picks them up, the three in one batch: the short-timeout job fails
+    #    alone, its partners finish. SIGTERM mid-job finishes that job first.
+    # ~4x the pixels of 800x1333 (seconds per job), and no feature cache: every job below runs the detector.
+    slow = {"DETECTOR_MIN_SIZE": "1600", "DETECTOR_MAX_SIZE": "2666", "FEATURE_CACHE_TTL": "0"}
     stack.start_worker(**slow)
     assert stack.wait(first, 90)["status"] == "finished"
     assert stack.wait(second, 30)["status"] == "finished"
