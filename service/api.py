@@ -50,6 +50,11 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.get("/")
     def index():
+        # Browsers (Accept: text/html) get the web page, service/static/index.html; API clients the JSON index.
+        if request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html":
+            page = app.send_static_file("index.html")
+            page.vary.add("Accept")
+            return page
         return jsonify({
             "service": "12-in-1 ViLBERT",
             "submit": url_for("create_job"), "tasks": url_for("list_tasks"), "openapi": url_for("openapi"),

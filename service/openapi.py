@@ -51,7 +51,9 @@ def openapi_spec(settings: Settings) -> dict:
                                 f"{settings.max_text_chars} characters of text, {settings.max_image_pixels} pixels per image."},
         "paths": {
             "/": {
-                "get": {"summary": "Index of the API's URLs", "responses": {"200": {"description": "links"}}},
+                "get": {"summary": "The web page for browsers (Accept: text/html), else an index of the API's URLs",
+                        "responses": {"200": {"description": "the page, or links", "content": {
+                            "text/html": {"schema": {"type": "string"}}, "application/json": {"schema": {"type": "object"}}}}}},
                 "post": _submit_operation("Submit a job with the classic demo's form fields", classic=True),
             },
             "/api/v1/jobs": {"post": _submit_operation("Submit a job", classic=False)},

@@ -1,0 +1,293 @@
+"""The web page in a real headless browser against the real stack.
+
+Real parts: a private redis-server, `python worker.py` on a tiny random-weight bundle, gunicorn serving `app:app`,
+and Debian's chromium driven by Playwright (never a downloaded browser: `playwright install` is not used). The
+browser picks a real photograph, asks, waits through the progress states and checks what a user sees: answer rows
+with probabilities equal to the API's result, and the grounding boxes placed over the image at the right pixels.
+
+Chromium is found through $CHROMIUM_PATH, else `chromium` / `chromium-browser` on PATH. Without it the test is
+skipped with the reason, except in CI (env CI set), where a missing browser is a failure (.ci/run installs it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from skimage import data
+
+from service.bundle import write_tiny_bundle
+from service.localstack import free_port, start_redis, stop, wait_until
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+TIMEOUT_MS = 30_000
+
+
+def find_chromium() -> str | None:
+    explicit = os.environ.get("CHROMIUM_PATH")
+    if explicit:
+        return explicit if os.access(explicit, os.X_OK) else None
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI is set: the browser test must run; .ci/run installs Debian's chromium)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def chromium_path() -> str:
+    path = find_chromium()
+    if not path:
+        _unavailable("no chromium: install Debian's `chromium` package or set CHROMIUM_PATH")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        _unavailable("playwright is not installed (requirements-dev.txt)")
+    return path
+
+
+def _get_json(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
+
+
+@pytest.fixture(scope="module")
+def web_stack(tmp_path_factory, chromium_path):
+    """redis-server + worker + gunicorn on free ports; yields the base URL."""
+    root = tmp_path_factory.mktemp("web_stack")
+    bundle = write_tiny_bundle(root / "bundle")
+    redis_port, web_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "MODEL_DIR": str(bundle),
+        "DEVICE": "cpu",
+        # Small detector input: the tiny detector's outputs are meaningless anyway, and the test stays fast.
+        "DETECTOR_MIN_SIZE": "160",
+        "DETECTOR_MAX_SIZE": "320",
+        "LOG_LEVEL": "warning",
+        "PYTHONUNBUFFERED": "1",
+    }
+    processes: list[subprocess.Popen] = []
+    logs = {name: open(root / f"{name}.log", "wb") for name in ("worker", "web")}
+    try:
+        processes.append(start_redis(redis_port, root, root / "redis.log"))
+        processes.append(subprocess.Popen([sys.executable, "worker.py"], cwd=REPO, env=env, stdout=logs["worker"],
+                                          stderr=subprocess.STDOUT, start_new_session=True))
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{web_port}", "--workers", "1", "app:app"],
+            cwd=REPO, env=env, stdout=logs["web"], stderr=subprocess.STDOUT, start_new_session=True))
+        base = f"http://127.0.0.1:{web_port}"
+        if not wait_until(lambda: _get_json(base + "/readyz")[0] == 200, timeout=90, interval=0.25):
+            for name in logs:
+                logs[name].flush()
+            details = "\n".join(f"--- {name}.log\n{(root / f'{name}.log').read_text(errors='replace')[-3000:]}"
+                                for name in logs)
+            pytest.fail(f"the stack did not become ready within 90 s\n{details}")
+        yield base
+    finally:
+        for process in reversed(processes):
+            stop(process)
+        for handle in logs.values():
+            handle.close()
+
+
+@pytest.fixture(scope="module")
+def browser(chromium_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        # --no-sandbox: CI runs as root in a container, where chromium's sandbox cannot start.
+        browser = playwright.chromium.launch(executable_path=chromium_path, headless=True, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    # No external resources: every request the page makes goes to the service itself.
+    outside: list[str] = []
+    page.on("request", lambda request: outside.append(request.url)
+            if not request.url.startswith(("http://127.0.0.1:", "blob:", "data:")) else None)
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+    assert not outside, f"the page fetched external resources: {outside}"
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> list[Path]:
+    """Real photographs, downscaled so the tiny stack answers quickly; different sizes, so scaling is tested."""
+    folder = tmp_path_factory.mktemp("photos")
+    paths = []
+    for name, image, size in (("chelsea.jpg", data.chelsea(), (240, 160)), ("coffee.png", data.coffee(), (200, 150))):
+        path = folder / name
+        Image.fromarray(image).resize(size, Image.BILINEAR).save(path)
+        paths.append(path)
+    return paths
+
+
+def _screenshot(page, name: str) -> None:
+    """WEB_SCREENSHOTS=DIR saves what the browser showed, for a human look at the page."""
+    folder = os.environ.get("WEB_SCREENSHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(folder) / f"{name}.png"), full_page=True)
+
+
+def _open(page, base: str) -> None:
+    page.goto(base + "/")
+    page.locator("#task-vqa").wait_for()  # the task list came from GET /api/v1/tasks
+
+
+def _choose_tasks(page, names: list[str]) -> None:
+    for box in page.locator('#tasks input[name="task"]').all():
+        box.set_checked(box.get_attribute("value") in names)
+
+
+def _record_statuses(page) -> None:
+    """Every text the status line shows, so a progress state that passes quickly is still seen."""
+    page.evaluate("""() => {
+        window.__statuses = [];
+        new MutationObserver((records) => {
+            for (const r of records) for (const n of r.addedNodes) window.__statuses.push(n.textContent);
+        }).observe(document.getElementById('status'), {childList: true, characterData: true, subtree: true});
+    }""")
+
+
+def test_page_is_served_to_browsers_and_json_to_api_clients(web_stack):
+    request = urllib.request.Request(web_stack + "/", headers={"Accept": "text/html,*/*;q=0.8"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        assert response.headers.get_content_type() == "text/html"
+        assert "Accept" in response.headers.get("Vary", "")
+        assert b'id="job-form"' in response.read()
+    status, body = _get_json(web_stack + "/")  # urllib sends no Accept: an API client
+    assert status == 200 and body["submit"] == "/api/v1/jobs"
+    for asset in ("app.js", "style.css"):
+        with urllib.request.urlopen(f"{web_stack}/static/{asset}", timeout=5) as response:
+            assert response.status == 200 and response.read()
+
+
+def test_ask_shows_answers_and_boxes(web_stack, page, photos):
+    _open(page, web_stack)
+    assert page.title() == "12-in-1 ViLBERT"
+    page.get_by_label("Image", exact=True).set_input_files(str(photos[0]))
+    page.get_by_label("Question, caption or phrase").fill("What is the cat looking at?")
+    _choose_tasks(page, ["vqa", "refcoco"])
+    _record_statuses(page)
+    page.get_by_role("button", name="Ask").click()
+
+    results = page.locator("#results")
+    results.wait_for(state="visible")
+    statuses = page.evaluate("window.__statuses")
+    assert any(re.match(r"(Queued|Running)", s) for s in statuses), statuses
+    assert page.locator("#status").inner_text().startswith("Finished")
+    assert page.locator("#error").is_hidden()
+    # Focus moves to the answers, for keyboard and screen-reader users.
+    assert page.evaluate("document.activeElement.id") == "results-heading"
+
+    job = json.loads(page.locator("#raw").text_content())
+    assert job["status"] == "finished" and set(job["result"]["tasks"]) == {"vqa", "refcoco"}
+    vqa = job["result"]["tasks"]["vqa"]["answers"]
+    rows = page.locator('.task-result[data-task="vqa"] .answer-row')
+    assert rows.count() == len(vqa) == 3
+    for row, answer in zip(rows.all(), vqa):
+        assert row.is_visible()
+        assert row.locator(".answer-label").inner_text() == answer["answer"]
+        shown = row.locator(".probability").inner_text()
+        assert re.fullmatch(r"\d+(\.\d+)? %", shown), shown
+        assert float(shown.split()[0]) == pytest.approx(100 * answer["probability"], abs=0.01)
+    assert page.locator("#notice").is_visible()  # the tiny bundle says its answers are meaningless
+
+    # The grounding boxes: one element per returned region, over the image, at the scaled pixel box.
+    regions = job["result"]["tasks"]["refcoco"]["regions"]
+    boxes = page.locator('#overlay .box[data-task="refcoco"]')
+    assert boxes.count() == len(regions) >= 1
+    image = page.locator("#result-image")
+    page.wait_for_function("document.getElementById('result-image').complete")
+    frame = image.bounding_box()
+    width, height = job["result"]["images"][0]["width"], job["result"]["images"][0]["height"]
+    assert (width, height) == (240, 160)
+    scale_x, scale_y = frame["width"] / width, frame["height"] / height
+    for box, region in zip(boxes.all(), regions):
+        x1, y1, x2, y2 = region["box"]
+        drawn = box.bounding_box()
+        assert drawn is not None and box.is_visible()
+        assert drawn["x"] == pytest.approx(frame["x"] + x1 * scale_x, abs=2)
+        assert drawn["y"] == pytest.approx(frame["y"] + y1 * scale_y, abs=2)
+        assert drawn["width"] == pytest.approx((x2 - x1) * scale_x, abs=3)
+        assert drawn["height"] == pytest.approx((y2 - y1) * scale_y, abs=3)
+    # Keyboard: focusing a region row highlights its box.
+    first_row = page.locator('.task-result[data-task="refcoco"] .answer-row').first
+    first_row.focus()
+    assert "highlight" in boxes.first.get_attribute("class")
+    _screenshot(page, "answers_and_boxes")
+
+
+def test_two_images_show_verdict_and_ranking(web_stack, page, photos):
+    _open(page, web_stack)
+    page.get_by_label("Image", exact=True).set_input_files(str(photos[0]))
+    page.get_by_label("More images (optional)").set_input_files(str(photos[1]))
+    # With two images and no choice of the user's, the page selects the server's two-image defaults.
+    checked = page.locator('#tasks input[name="task"]:checked')
+    assert sorted(checked.evaluate_all("boxes => boxes.map(b => b.value)")) == ["nlvr2", "retrieval_coco"]
+    page.get_by_label("Question, caption or phrase").fill("A cat and a cup of coffee.")
+    page.keyboard.press("Tab")
+    page.get_by_role("button", name="Ask").press("Enter")  # the form works from the keyboard
+
+    page.locator("#results").wait_for(state="visible")
+    job = json.loads(page.locator("#raw").text_content())
+    nlvr2 = job["result"]["tasks"]["nlvr2"]
+    assert page.locator('.task-result[data-task="nlvr2"] .label').inner_text() == nlvr2["label"]
+    assert page.locator('.task-result[data-task="nlvr2"] .answer-row').count() == 2
+    ranking = job["result"]["tasks"]["retrieval_coco"]["ranking"]
+    rows = page.locator('.task-result[data-task="retrieval_coco"] .answer-label')
+    assert rows.count() == 2
+    for rank, (row, index) in enumerate(zip(rows.all(), ranking)):
+        assert row.inner_text().startswith(f"#{rank + 1}: image {index} ({photos[index].name})")
+    _screenshot(page, "two_images")
+
+
+def test_errors_are_shown(web_stack, page, photos):
+    _open(page, web_stack)
+    page.get_by_label("Question, caption or phrase").fill("Is there a cat?")
+    page.get_by_role("button", name="Ask").click()
+    alert = page.get_by_role("alert")
+    alert.wait_for(state="visible")
+    assert "missing_image" in alert.inner_text() and "at least one image" in alert.inner_text()
+    assert page.locator("#results").is_hidden()
+    assert page.get_by_role("button", name="Ask").is_enabled()
+
+    # A request the server refuses after upload (NLVR2 on one image) shows its 4xx message, then a good one clears it.
+    page.get_by_label("Image", exact=True).set_input_files(str(photos[0]))
+    _choose_tasks(page, ["nlvr2"])
+    page.get_by_role("button", name="Ask").click()
+    page.wait_for_function("document.getElementById('error').textContent.includes('image_count')")
+    assert "nlvr2 needs 2 images" in alert.inner_text()
+    _screenshot(page, "error")
+    _choose_tasks(page, ["snli_ve"])
+    page.get_by_role("button", name="Ask").click()
+    page.locator("#results").wait_for(state="visible")
+    assert alert.is_hidden()
+    label = page.locator('.task-result[data-task="snli_ve"] .label').inner_text()
+    assert label in ("contradiction", "neutral", "entailment")
