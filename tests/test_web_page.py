@@ -1,9 +1,10 @@
 """The web page in a real headless browser against the real stack.
 
-Real parts: a private redis-server, `python worker.py` on a tiny random-weight bundle, gunicorn serving `app:app`,
-and Debian's chromium driven by Playwright (never a downloaded browser: `playwright install` is not used). The
-browser picks a real photograph, asks, waits through the progress states and checks what a user sees: answer rows
-with probabilities equal to the API's result, and the grounding boxes placed over the image at the right pixels.
+Real parts: the stack of tests/stack.py (shared with the service's end-to-end tests: a private redis-server,
+`python worker.py` on a tiny random-weight bundle, gunicorn serving `app:app`) and Debian's chromium driven by
+Playwright (never a downloaded browser: `playwright install` is not used). The browser picks a real photograph,
+asks, waits through the progress states and checks what a user sees: answer rows with probabilities equal to the
+API's result, and the grounding boxes placed over the image at the right pixels.
 
 Chromium is found through $CHROMIUM_PATH, else `chromium` / `chromium-browser` on PATH. Without it the test is
 skipped with the reason, except in CI (env CI set), where a missing browser is a failure (.ci/run installs it).
@@ -11,12 +12,11 @@ skipped with the reason, except in CI (env CI set), where a missing browser is a
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -24,12 +24,8 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from service.bundle import write_tiny_bundle
-from service.localstack import free_port, start_redis, stop, wait_until
-
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
 TIMEOUT_MS = 30_000
 
 
@@ -51,60 +47,20 @@ def chromium_path() -> str:
     path = find_chromium()
     if not path:
         _unavailable("no chromium: install Debian's `chromium` package or set CHROMIUM_PATH")
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("playwright") is None:
         _unavailable("playwright is not installed (requirements-dev.txt)")
     return path
 
 
-def _get_json(url: str) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.load(exc)
+@pytest.fixture(scope="module", autouse=True)
+def _browser_first(chromium_path):
+    """Skip (or fail in CI) before the stack is started, not after."""
 
 
 @pytest.fixture(scope="module")
-def web_stack(tmp_path_factory, chromium_path):
-    """redis-server + worker + gunicorn on free ports; yields the base URL."""
-    root = tmp_path_factory.mktemp("web_stack")
-    bundle = write_tiny_bundle(root / "bundle")
-    redis_port, web_port = free_port(), free_port()
-    env = {
-        **os.environ,
-        "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-        "MODEL_DIR": str(bundle),
-        "DEVICE": "cpu",
-        # Small detector input: the tiny detector's outputs are meaningless anyway, and the test stays fast.
-        "DETECTOR_MIN_SIZE": "160",
-        "DETECTOR_MAX_SIZE": "320",
-        "LOG_LEVEL": "warning",
-        "PYTHONUNBUFFERED": "1",
-    }
-    processes: list[subprocess.Popen] = []
-    logs = {name: open(root / f"{name}.log", "wb") for name in ("worker", "web")}
-    try:
-        processes.append(start_redis(redis_port, root, root / "redis.log"))
-        processes.append(subprocess.Popen([sys.executable, "worker.py"], cwd=REPO, env=env, stdout=logs["worker"],
-                                          stderr=subprocess.STDOUT, start_new_session=True))
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{web_port}", "--workers", "1", "app:app"],
-            cwd=REPO, env=env, stdout=logs["web"], stderr=subprocess.STDOUT, start_new_session=True))
-        base = f"http://127.0.0.1:{web_port}"
-        if not wait_until(lambda: _get_json(base + "/readyz")[0] == 200, timeout=90, interval=0.25):
-            for name in logs:
-                logs[name].flush()
-            details = "\n".join(f"--- {name}.log\n{(root / f'{name}.log').read_text(errors='replace')[-3000:]}"
-                                for name in logs)
-            pytest.fail(f"the stack did not become ready within 90 s\n{details}")
-        yield base
-    finally:
-        for process in reversed(processes):
-            stop(process)
-        for handle in logs.values():
-            handle.close()
+def web_stack(stack) -> str:
+    """The real stack (tests/stack.py: redis-server, worker on a tiny bundle, gunicorn); its base URL."""
+    return stack.url
 
 
 @pytest.fixture(scope="module")
@@ -175,13 +131,13 @@ def _record_statuses(page) -> None:
     }""")
 
 
-def test_page_is_served_to_browsers_and_json_to_api_clients(web_stack):
+def test_page_is_served_to_browsers_and_json_to_api_clients(web_stack, stack):
     request = urllib.request.Request(web_stack + "/", headers={"Accept": "text/html,*/*;q=0.8"})
     with urllib.request.urlopen(request, timeout=5) as response:
         assert response.headers.get_content_type() == "text/html"
         assert "Accept" in response.headers.get("Vary", "")
         assert b'id="job-form"' in response.read()
-    status, body = _get_json(web_stack + "/")  # urllib sends no Accept: an API client
+    status, body = stack.get("/")  # urllib sends no Accept: an API client
     assert status == 200 and body["submit"] == "/api/v1/jobs"
     for asset in ("app.js", "style.css"):
         with urllib.request.urlopen(f"{web_stack}/static/{asset}", timeout=5) as response:
