@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import urllib.request
 from pathlib import Path
 
@@ -247,3 +248,35 @@ def test_errors_are_shown(web_stack, page, photos):
     assert alert.is_hidden()
     label = page.locator('.task-result[data-task="snli_ve"] .label').inner_text()
     assert label in ("contradiction", "neutral", "entailment")
+
+
+def test_queue_position_and_a_failed_job(stack, page, photos):
+    """A job waiting behind another shows its place in line; a job the worker fails shows the worker's reason.
+    Both are real: the worker is paused (SIGSTOP) while another job and the page's job are queued, and the page's
+    upload is removed from Redis while it waits, as when UPLOAD_TTL runs out."""
+    from service import jobs
+
+    _open(page, stack.url)
+    page.get_by_label("Image", exact=True).set_input_files(str(photos[0]))
+    page.get_by_label("Question, caption or phrase").fill("Is the cat asleep?")
+    _choose_tasks(page, ["vqa"])
+    os.kill(stack.worker.pid, signal.SIGSTOP)
+    try:
+        blocker = stack.submit("a cup of coffee", [photos[1].read_bytes()], tasks="retrieval_coco")
+        with page.expect_response(lambda r: r.url.endswith("/api/v1/jobs") and r.request.method == "POST") as sent:
+            page.get_by_role("button", name="Ask").click()
+        job_id = sent.value.json()["id"]
+        page.wait_for_function(
+            "/^Queued: (next in line|\\d+ jobs? ahead)/.test(document.getElementById('status').textContent)",
+            timeout=10_000)
+        assert page.locator("#status").get_attribute("class") == "status busy"
+        stack.connection().delete(jobs.upload_key(job_id))
+    finally:
+        os.kill(stack.worker.pid, signal.SIGCONT)
+
+    alert = page.get_by_role("alert")
+    page.wait_for_function("document.getElementById('error').textContent.includes('upload_expired')")
+    assert "the job failed" in alert.inner_text() and "[stage: load]" in alert.inner_text()
+    assert page.locator("#results").is_hidden() and page.locator("#status").inner_text() == ""
+    assert page.get_by_role("button", name="Ask").is_enabled()
+    assert stack.wait(blocker)["status"] == "finished"

@@ -214,7 +214,12 @@
   async function poll(url, jobNumber, files) {
     let delay = POLL_FIRST_MS;
     let failures = 0;
+    let lastStatus = "queued";
     const started = performance.now();
+    const stop = (code, message) => {
+      setStatus("");
+      showError(code, message);
+    };
     setStatus("Queued…", true);
     while (jobNumber === currentJob) {
       let job = null;
@@ -223,27 +228,12 @@
         if (response.ok) {
           job = await response.json();
           failures = 0;
-        } else if (response.status === 404) {
-          const error = await readError(response);
-          setStatus("");
-          showError(error.code, error.message);
-          return;
-        } else {
-          failures += 1;
-          if (failures >= POLL_MAX_FAILURES) {
-            const error = await readError(response);
-            setStatus("");
-            showError(error.code, error.message);
-            return;
-          }
+        } else if (response.status === 404 || ++failures >= POLL_MAX_FAILURES) {
+          const error = await readError(response); // 404: unknown or expired; others: gave up after retries
+          return stop(error.code, error.message);
         }
       } catch (err) {
-        failures += 1;
-        if (failures >= POLL_MAX_FAILURES) {
-          setStatus("");
-          showError("network_error", "lost contact with the service: " + err.message);
-          return;
-        }
+        if (++failures >= POLL_MAX_FAILURES) return stop("network_error", "lost contact with the service: " + err.message);
       }
       if (job && jobNumber === currentJob) {
         if (job.status === "finished") {
@@ -253,13 +243,14 @@
           return;
         }
         if (job.status === "failed") {
-          setStatus("");
           const error = job.error || {};
           const where = error.stage ? " [stage: " + error.stage + "]" : "";
-          showError(error.code || "failed", "the job failed: " + (error.message || "no reason given") + where);
-          return;
+          return stop(error.code || "failed", "the job failed: " + (error.message || "no reason given") + where);
         }
         setStatus(describeProgress(job), true);
+        // A job that has just started will finish soon: poll quickly again after the queue's slow polls.
+        if (job.status !== lastStatus) delay = POLL_FIRST_MS;
+        lastStatus = job.status;
       }
       await sleep(delay);
       delay = Math.min(POLL_MAX_MS, delay * 1.5);
