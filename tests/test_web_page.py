@@ -226,6 +226,42 @@ def test_two_images_show_verdict_and_ranking(web_stack, page, photos):
     _screenshot(page, "two_images")
 
 
+def test_candidate_boxes_drawn_by_dragging(web_stack, page, photos):
+    """Pointing tasks: boxes dragged on the image fill the boxes field in image pixels, and come back scored."""
+    _open(page, web_stack)
+    page.get_by_label("Image", exact=True).set_input_files(str(photos[0]))
+    page.get_by_text("More options", exact=True).click()
+    stage = page.locator("#box-stage")
+    stage.wait_for(state="visible")
+    page.wait_for_function("document.getElementById('box-image').naturalWidth > 0")
+    stage.scroll_into_view_if_needed()  # the mouse acts on the viewport
+    frame = page.locator("#box-image").bounding_box()
+    wanted = [[24, 16, 120, 96], [130, 40, 230, 150]]  # in pixels of the 240 x 160 photo
+    for x1, y1, x2, y2 in wanted:
+        page.mouse.move(frame["x"] + x1 * frame["width"] / 240, frame["y"] + y1 * frame["height"] / 160)
+        page.mouse.down()
+        page.mouse.move(frame["x"] + x2 * frame["width"] / 240, frame["y"] + y2 * frame["height"] / 160, steps=4)
+        page.mouse.up()
+    drawn = json.loads(page.get_by_label("Candidate boxes").input_value())
+    assert len(drawn) == 2 and page.locator("#box-overlay .box").count() == 2
+    for box, expected in zip(drawn, wanted):
+        assert box == pytest.approx(expected, abs=1)
+
+    page.get_by_label("Question, caption or phrase").fill("Which one is the cat's eye?")
+    _choose_tasks(page, ["visual7w"])
+    page.get_by_role("button", name="Ask").click()
+    page.locator("#results").wait_for(state="visible")
+    job = json.loads(page.locator("#raw").text_content())
+    candidates = job["result"]["tasks"]["visual7w"]["candidates"]
+    assert [c["box"] for c in candidates] == [[float(v) for v in box] for box in drawn]
+    assert page.locator('.task-result[data-task="visual7w"] .answer-row').count() == 2
+    assert page.locator('#overlay .box[data-task="visual7w"]').count() == 2
+    assert page.locator('#overlay .box.best[data-task="visual7w"]').count() == 1
+    page.get_by_role("button", name="Clear boxes").click()
+    assert page.get_by_label("Candidate boxes").input_value() == ""
+    assert page.locator("#box-overlay .box").count() == 0
+
+
 def test_errors_are_shown(web_stack, page, photos):
     _open(page, web_stack)
     page.get_by_label("Question, caption or phrase").fill("Is there a cat?")
