@@ -69,8 +69,10 @@ def browser(chromium_path):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        # --no-sandbox: CI runs as root in a container, where chromium's sandbox cannot start.
-        browser = playwright.chromium.launch(executable_path=chromium_path, headless=True, args=["--no-sandbox"])
+        # --no-sandbox: CI runs as root in a container, where chromium's sandbox cannot start; containers also
+        # often have a tiny /dev/shm, which crashes chromium's renderer unless it uses /tmp instead.
+        browser = playwright.chromium.launch(executable_path=chromium_path, headless=True,
+                                             args=["--no-sandbox", "--disable-dev-shm-usage"])
         yield browser
         browser.close()
 
