@@ -21,6 +21,7 @@ import signal
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from skimage import data
@@ -264,7 +265,7 @@ def test_candidate_boxes_drawn_by_dragging(web_stack, page, photos):
     assert page.locator("#box-overlay .box").count() == 0
 
 
-def test_errors_are_shown(web_stack, page, photos):
+def test_errors_are_shown(web_stack, stack, page, photos, tmp_path):
     _open(page, web_stack)
     page.get_by_label("Question, caption or phrase").fill("Is there a cat?")
     page.get_by_role("button", name="Ask").click()
@@ -281,6 +282,18 @@ def test_errors_are_shown(web_stack, page, photos):
     page.wait_for_function("document.getElementById('error').textContent.includes('image_count')")
     assert "nlvr2 needs 2 images" in alert.inner_text()
     _screenshot(page, "error")
+    # An upload over MAX_UPLOAD_BYTES: the 413 from the server reaches the page (not a reset connection).
+    side = int((stack.settings.max_upload_bytes * 1.5 / 3) ** 0.5)  # random pixels do not compress: ~3 bytes each
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(noise)
+    assert noise.stat().st_size > stack.settings.max_upload_bytes
+    page.get_by_label("More images (optional)").set_input_files(str(noise))
+    _choose_tasks(page, ["retrieval_coco"])
+    page.get_by_role("button", name="Ask").click()
+    page.wait_for_function("document.getElementById('error').textContent.includes('payload_too_large')")
+    assert f"limit of {stack.settings.max_upload_bytes} bytes" in alert.inner_text()
+
+    page.get_by_label("More images (optional)").set_input_files([])
     _choose_tasks(page, ["snli_ve"])
     page.get_by_role("button", name="Ask").click()
     page.locator("#results").wait_for(state="visible")
