@@ -60,12 +60,6 @@ def _browser_first(chromium_path):
 
 
 @pytest.fixture(scope="module")
-def web_stack(stack) -> str:
-    """The real stack (tests/stack.py: redis-server, worker on a tiny bundle, gunicorn); its base URL."""
-    return stack.url
-
-
-@pytest.fixture(scope="module")
 def browser(chromium_path):
     from playwright.sync_api import sync_playwright
 
@@ -135,8 +129,8 @@ def _record_statuses(page) -> None:
     }""")
 
 
-def test_page_is_served_to_browsers_and_json_to_api_clients(web_stack, stack):
-    request = urllib.request.Request(web_stack + "/", headers={"Accept": "text/html,*/*;q=0.8"})
+def test_page_is_served_to_browsers_and_json_to_api_clients(stack):
+    request = urllib.request.Request(stack.url + "/", headers={"Accept": "text/html,*/*;q=0.8"})
     with urllib.request.urlopen(request, timeout=5) as response:
         assert response.headers.get_content_type() == "text/html"
         assert "Accept" in response.headers.get("Vary", "")
@@ -144,12 +138,12 @@ def test_page_is_served_to_browsers_and_json_to_api_clients(web_stack, stack):
     status, body = stack.get("/")  # urllib sends no Accept: an API client
     assert status == 200 and body["submit"] == "/api/v1/jobs"
     for asset in ("app.js", "style.css"):
-        with urllib.request.urlopen(f"{web_stack}/static/{asset}", timeout=5) as response:
+        with urllib.request.urlopen(f"{stack.url}/static/{asset}", timeout=5) as response:
             assert response.status == 200 and response.read()
 
 
-def test_ask_shows_answers_and_boxes(web_stack, page, photos):
-    _open(page, web_stack)
+def test_ask_shows_answers_and_boxes(stack, page, photos):
+    _open(page, stack.url)
     assert page.title() == "12-in-1 ViLBERT"
     page.get_by_label("Image", exact=True).set_input_files(str(photos[0]))
     page.get_by_label("Question, caption or phrase").fill("What is the cat looking at?")
@@ -205,8 +199,8 @@ def test_ask_shows_answers_and_boxes(web_stack, page, photos):
     _screenshot(page, "answers_and_boxes")
 
 
-def test_two_images_show_verdict_and_ranking(web_stack, page, photos):
-    _open(page, web_stack)
+def test_two_images_show_verdict_and_ranking(stack, page, photos):
+    _open(page, stack.url)
     page.get_by_label("Image", exact=True).set_input_files(str(photos[0]))
     page.get_by_label("More images (optional)").set_input_files(str(photos[1]))
     # With two images and no choice of the user's, the page selects the server's two-image defaults.
@@ -229,9 +223,9 @@ def test_two_images_show_verdict_and_ranking(web_stack, page, photos):
     _screenshot(page, "two_images")
 
 
-def test_candidate_boxes_drawn_by_dragging(web_stack, page, photos):
+def test_candidate_boxes_drawn_by_dragging(stack, page, photos):
     """Pointing tasks: boxes dragged on the image fill the boxes field in image pixels, and come back scored."""
-    _open(page, web_stack)
+    _open(page, stack.url)
     page.get_by_label("Image", exact=True).set_input_files(str(photos[0]))
     page.get_by_text("More options", exact=True).click()
     stage = page.locator("#box-stage")
@@ -265,8 +259,8 @@ def test_candidate_boxes_drawn_by_dragging(web_stack, page, photos):
     assert page.locator("#box-overlay .box").count() == 0
 
 
-def test_errors_are_shown(web_stack, stack, page, photos, tmp_path):
-    _open(page, web_stack)
+def test_errors_are_shown(stack, page, photos, tmp_path):
+    _open(page, stack.url)
     page.get_by_label("Question, caption or phrase").fill("Is there a cat?")
     page.get_by_role("button", name="Ask").click()
     alert = page.get_by_role("alert")
