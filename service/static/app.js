@@ -125,7 +125,12 @@
         el("p", { className: "hint", id: id + "-desc", text: task.description + " (" + images + extra + ")" }),
       ]));
     }
-    container.addEventListener("change", () => { tasksTouched = true; });
+    container.addEventListener("change", (event) => {
+      tasksTouched = true;
+      // A pointing task needs candidate boxes: show where to give them.
+      const task = tasksByName.get(event.target.value);
+      if (event.target.checked && task && task.needs_candidate_boxes) $("advanced").open = true;
+    });
     hint.textContent = "Choose one or more. The defaults fit the number of images you picked.";
     applyDefaultTasks();
   }
@@ -160,7 +165,71 @@
       el("img", { src: imageUrls[index], alt: "" }),
       el("span", { text: "image " + index + ": " + file.name }),
     ])));
+    const editor = $("box-editor");
+    editor.hidden = !$("image").files.length;
+    if ($("image").files.length) $("box-image").src = imageUrls[0];
     applyDefaultTasks();
+  }
+
+  // ------------------------------------------------------------------------------- candidate boxes (pointing)
+
+  // The boxes field is the truth (typed or drawn); the editor draws what it holds and appends what is dragged.
+  function parseBoxes() {
+    try {
+      const boxes = JSON.parse($("boxes").value || "[]");
+      return Array.isArray(boxes) ? boxes.filter((b) => Array.isArray(b) && b.length === 4) : [];
+    } catch (ignored) {
+      return [];
+    }
+  }
+
+  function drawCandidateBoxes(extra) {
+    const image = $("box-image");
+    const overlay = $("box-overlay");
+    overlay.replaceChildren();
+    if (!image.naturalWidth) return;
+    const size = { width: image.naturalWidth, height: image.naturalHeight };
+    const boxes = parseBoxes().concat(extra ? [extra] : []);
+    boxes.forEach((box, index) => drawBox(overlay, box, size, BOX_COLOURS[index % BOX_COLOURS.length], "candidate " + index));
+  }
+
+  function imagePoint(event) {
+    const image = $("box-image");
+    const frame = image.getBoundingClientRect();
+    const clamp = (v, high) => Math.max(0, Math.min(high, v));
+    return [
+      Math.round(clamp((event.clientX - frame.left) * image.naturalWidth / frame.width, image.naturalWidth)),
+      Math.round(clamp((event.clientY - frame.top) * image.naturalHeight / frame.height, image.naturalHeight)),
+    ];
+  }
+
+  function setUpBoxEditor() {
+    const stage = $("box-stage");
+    let start = null;
+    const boxFrom = (a, b) => [Math.min(a[0], b[0]), Math.min(a[1], b[1]), Math.max(a[0], b[0]), Math.max(a[1], b[1])];
+    stage.addEventListener("pointerdown", (event) => {
+      if (!$("box-image").naturalWidth) return;
+      start = imagePoint(event);
+      stage.setPointerCapture(event.pointerId);
+      event.preventDefault();
+    });
+    stage.addEventListener("pointermove", (event) => {
+      if (start) drawCandidateBoxes(boxFrom(start, imagePoint(event)));
+    });
+    stage.addEventListener("pointerup", (event) => {
+      if (!start) return;
+      const box = boxFrom(start, imagePoint(event));
+      start = null;
+      // A click without a drag is not a box (the server needs x2 > x1 and y2 > y1).
+      if (box[2] - box[0] >= 2 && box[3] - box[1] >= 2) $("boxes").value = JSON.stringify(parseBoxes().concat([box]));
+      drawCandidateBoxes();
+    });
+    $("boxes").addEventListener("input", () => drawCandidateBoxes());
+    $("box-image").addEventListener("load", () => drawCandidateBoxes());
+    $("clear-boxes").addEventListener("click", () => {
+      $("boxes").value = "";
+      drawCandidateBoxes();
+    });
   }
 
   // ---------------------------------------------------------------------------------------------- the job
@@ -403,5 +472,6 @@
   $("image").addEventListener("change", refreshThumbnails);
   $("more-images").addEventListener("change", refreshThumbnails);
   form.addEventListener("submit", submitJob);
+  setUpBoxEditor();
   loadTasks();
 })();
