@@ -22,10 +22,11 @@ from .checkpoint import load_model
 from .configuration import ViLBertConfig
 from .cpu_inference import onednn_linear_available, pack_linear_weights
 from .modeling import ViLBertForVLTasks, ViLBertOutput
+from .resources import config_file
 from .tasks import Task, TaskRegistry, UnknownTaskError
 from .tokenization import PACKAGED_VOCAB, EncodedText, Tokenizer
 
-PACKAGED_CONFIG = Path(__file__).resolve().parent.parent / "config" / "bert_base_6layer_6conect.json"
+PACKAGED_CONFIG = config_file("bert_base_6layer_6conect.json")
 CHECKPOINT_FILE = "multi_task_model.bin"
 CONFIG_FILE = "vilbert_config.json"
 VOCAB_FILE = "vocab.txt"

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-DEFAULT_REGISTRY = Path(__file__).resolve().parent.parent / "config" / "tasks.json"
+from .resources import config_file
+
+DEFAULT_REGISTRY = config_file("tasks.json")
 
 KINDS = ("answer", "score", "grounding", "pointing", "binary", "entailment")
 HEADS = ("vil_prediction", "vil_prediction_gqa", "vil_logit", "vil_binary_prediction", "vil_tri_prediction", "vision_logit")
