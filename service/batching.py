@@ -9,7 +9,8 @@ has BATCH_MAX_JOBS or BATCH_MAX_WAIT_MS have passed. Then, with RQ's primitives 
    with this worker's name (`prepare_job_execution`) BEFORE any work, so a worker killed mid-batch leaves only
    started jobs that the orphan reaper (service.jobs.reap_orphans) fails as worker_lost;
 2. the batch runs once: `Pipeline.run_many` (decode, cache / one detector call over every image, ONE ViLBERT
-   forward over every request), under the smallest job timeout of the batch;
+   forward over every request), killed after the longest job timeout of the batch; a job whose own timeout
+   the batch overran then fails as `timeout`, its partners keep their results;
 3. each job then goes through RQ's normal `perform_job` (success/failure handling, result TTL, registries,
    callbacks): its BatchJob returns the outcome computed in step 2 instead of calling the job function.
 Each job keeps its own status, result or error: a bad job fails alone (Pipeline.run_many's contract).
@@ -171,7 +172,11 @@ def make_worker_class(base: type) -> type:
                 self.prepare_job_execution(member, remove_from_intermediate_queue=len(self.queues) == 1)
             members = [member for member, _ in batch]
             metrics.worker.batch(len(members))
-            timeout = min((m.timeout or self.queue_class.DEFAULT_TIMEOUT) for m in members)
+            # The batch is killed after the LONGEST job timeout (-1: none), so a job with a short timeout cannot
+            # take its partners down; afterwards each job whose own timeout the batch overran fails as timeout.
+            limits = {m.id: m.timeout or self.queue_class.DEFAULT_TIMEOUT for m in members}
+            timeout = -1 if any(t == -1 for t in limits.values()) else max(limits.values())
+            started = time.monotonic()
             try:
                 with self.death_penalty_class(timeout, JobTimeoutException, job_id=job.id):
                     outcomes = run_batch(self.pipeline, self.connection, members)
@@ -181,14 +186,17 @@ def make_worker_class(base: type) -> type:
                 log.exception("batch of %d failed", len(members))
                 outcomes = {m.id: PipelineError("internal_error", f"{type(exc).__name__}: {exc}", "batch")
                             for m in members}
+            elapsed = time.monotonic() - started
             for (member, member_queue), execution in zip(batch, executions):
                 outcome = outcomes.get(member.id)
+                if isinstance(outcome, dict) and 0 < limits[member.id] < elapsed:
+                    outcome = JobTimeoutException(f"the batch took {elapsed:.1f} s")
                 if isinstance(outcome, PipelineError):
                     _record_error(member, outcome.to_dict())
                     outcome = JobFailed(f"{outcome.code}: {outcome.message}")
                 elif isinstance(outcome, JobTimeoutException):
-                    _record_error(member, {"code": "timeout", "message": f"the batch ran longer than the job "
-                                                                         f"timeout of {timeout} s"})
+                    _record_error(member, {"code": "timeout", "message": f"the job's batch ran longer than its "
+                                                                         f"timeout of {limits[member.id]} s"})
                 metrics.worker.job_done(member, outcome)
                 member.outcome = outcome
                 try:

@@ -53,8 +53,10 @@ def stack(tmp_path_factory):
 def pipeline(stack):
     from service.pipeline import Pipeline
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the worker (OMP_NUM_THREADS=1): same kernels, same sums
-    return Pipeline.from_settings(stack.settings)
+    yield Pipeline.from_settings(stack.settings)
+    torch.set_num_threads(threads)
 
 
 def scrape(url: str) -> dict[str, float]:
