@@ -15,7 +15,7 @@ has BATCH_MAX_JOBS or BATCH_MAX_WAIT_MS have passed. Then, with RQ's primitives 
    callbacks): its BatchJob returns the outcome computed in step 2 instead of calling the job function.
 Each job keeps its own status, result or error: a bad job fails alone (Pipeline.run_many's contract).
 
-One worker process per GPU: start `CUDA_VISIBLE_DEVICES=N python worker.py` once per GPU (docs/OPERATIONS.md);
+One worker process per GPU: start `CUDA_VISIBLE_DEVICES=N python worker.py` once per GPU (docs/SCALE.md);
 all workers on all hosts share the queue, and each batches what it takes.
 """
 

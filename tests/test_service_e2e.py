@@ -421,7 +421,8 @@ def test_worker_lifecycle_graceful_stop_queueing_and_sigkill(stack):
     too_slow = jobs.submit(connection, replace(stack.settings, job_timeout=1), request, slow_images).id
 
     # 3. A slower worker (full-size detector input) picks them up; SIGTERM mid-job finishes that job first.
-    slow = {"DETECTOR_MIN_SIZE": "800", "DETECTOR_MAX_SIZE": "1333"}
+    # Full detector size and no feature cache: its jobs must stay slow enough to be caught mid-run.
+    slow = {"DETECTOR_MIN_SIZE": "800", "DETECTOR_MAX_SIZE": "1333", "FEATURE_CACHE_TTL": "0"}
     stack.start_worker(**slow)
     assert stack.wait(first, 90)["status"] == "finished"
     assert stack.wait(second, 30)["status"] == "finished"
