@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import RedisError
 from rq import Queue
 from rq.job import Job
 from rq.timeouts import JobTimeoutException
@@ -40,6 +41,7 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 _UNSET = object()
+REDIS_WAIT_S = 30.0  # how long a batch waits for a restarting Redis before giving its jobs up
 FEATURES_INPUT = "features"  # JobRequest JSON key "inputs": the uploads are feature records, not images
 
 
@@ -93,7 +95,13 @@ def run_batch(pipeline: Any, connection: Redis, batch: list[Job]) -> dict[str, A
     requests, live = [], []
     for job in batch:
         try:
-            requests.append(load_request(connection, job))
+            try:
+                request = load_request(connection, job)
+            except RedisError:  # Redis restarting: wait for it once rather than fail the job at once
+                if not wait_for_redis(connection, REDIS_WAIT_S):
+                    raise
+                request = load_request(connection, job)
+            requests.append(request)
             live.append(job)
         except PipelineError as exc:
             outcomes[job.id] = exc
@@ -102,11 +110,14 @@ def run_batch(pipeline: Any, connection: Redis, batch: list[Job]) -> dict[str, A
             outcomes[job.id] = PipelineError("internal_error", f"{type(exc).__name__}: {exc}", "load")
 
     def stage(name: str, detail: str = "") -> None:
-        with connection.pipeline(transaction=False) as pipe:  # one round trip for the whole batch
-            for job in live:
-                job.meta.update(stage=name, stage_detail=detail)
-                pipe.hset(job.key, "meta", job._serialize_meta())
-            pipe.execute()
+        try:  # progress is best effort: a Redis blip must not fail the batch
+            with connection.pipeline(transaction=False) as pipe:  # one round trip for the whole batch
+                for job in live:
+                    job.meta.update(stage=name, stage_detail=detail)
+                    pipe.hset(job.key, "meta", job._serialize_meta())
+                pipe.execute()
+        except RedisError as exc:
+            log.warning("stage %s not recorded: redis unavailable (%s)", name, exc)
 
     started = time.perf_counter()
     if live:
@@ -123,6 +134,18 @@ def run_batch(pipeline: Any, connection: Redis, batch: list[Job]) -> dict[str, A
             result["batch_size"] = len(batch)  # jobs this worker took together
             outcomes[job.id] = result
     return outcomes
+
+
+def wait_for_redis(connection: Redis, limit_s: float) -> bool:
+    """Wait up to limit_s for Redis to answer (a restart with its append-only file takes seconds)."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        try:
+            return bool(connection.ping())
+        except RedisError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.5)
 
 
 def _record_error(job: Job, error: dict) -> None:
@@ -187,6 +210,8 @@ def make_worker_class(base: type) -> type:
                 outcomes = {m.id: PipelineError("internal_error", f"{type(exc).__name__}: {exc}", "batch")
                             for m in members}
             elapsed = time.monotonic() - started
+            # Results are computed: if Redis is restarting, wait for it rather than lose them (bounded).
+            wait_for_redis(self.connection, REDIS_WAIT_S)
             for (member, member_queue), execution in zip(batch, executions):
                 outcome = outcomes.get(member.id)
                 if isinstance(outcome, dict) and 0 < limits[member.id] < elapsed:
