@@ -319,8 +319,21 @@ def phase_load(work: Path, bundle: Path, jobs: int) -> dict:
         rng = random.Random(1)
         load = [(rng.choice(QUESTIONS), rng.choice(images), rng.choice(["vqa", "vqa,gqa", "vqa,snli_ve,refcoco"]))
                 for _ in range(jobs)]
+        # Memory sampled once a second during the run: stable = no growth from the middle to the end.
+        samples, done = [], threading.Event()
+
+        def sample() -> None:
+            while not done.wait(1.0):
+                samples.append(stack.memory())
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         result = drive(stack.url, load, 32, 0.02)
-        result.update(memory_start=memory_start, memory_end=stack.memory())
+        done.set()
+        sampler.join()
+        result.update(memory_start=memory_start, memory_middle=samples[len(samples) // 2] if samples else None,
+                      memory_end=stack.memory(),
+                      worker_rss_max_mb=max((m["worker_rss_mb"] for m in samples), default=None),
+                      web_rss_max_mb=max((m["web_rss_mb"] for m in samples), default=None))
         return brief(result)
     finally:
         stack.close()

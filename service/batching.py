@@ -9,23 +9,24 @@ has BATCH_MAX_JOBS or BATCH_MAX_WAIT_MS have passed. Then, with RQ's primitives 
    with this worker's name (`prepare_job_execution`) BEFORE any work, so a worker killed mid-batch leaves only
    started jobs that the orphan reaper (service.jobs.reap_orphans) fails as worker_lost;
 2. the batch runs once: `Pipeline.run_many` (decode, cache / one detector call over every image, ONE ViLBERT
-   forward over every request), under the smallest job timeout of the batch;
+   forward over every request), killed after the longest job timeout of the batch; a job whose own timeout
+   the batch overran then fails as `timeout`, its partners keep their results;
 3. each job then goes through RQ's normal `perform_job` (success/failure handling, result TTL, registries,
    callbacks): its BatchJob returns the outcome computed in step 2 instead of calling the job function.
 Each job keeps its own status, result or error: a bad job fails alone (Pipeline.run_many's contract).
 
-One worker process per GPU: start `CUDA_VISIBLE_DEVICES=N python worker.py` once per GPU (docs/OPERATIONS.md);
+One worker process per GPU: start `CUDA_VISIBLE_DEVICES=N python worker.py` once per GPU (docs/SCALE.md);
 all workers on all hosts share the queue, and each batches what it takes.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import RedisError
 from rq import Queue
 from rq.job import Job
 from rq.timeouts import JobTimeoutException
@@ -40,6 +41,7 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 _UNSET = object()
+REDIS_WAIT_S = 30.0  # how long a batch waits for a restarting Redis before giving its jobs up
 FEATURES_INPUT = "features"  # JobRequest JSON key "inputs": the uploads are feature records, not images
 
 
@@ -93,7 +95,13 @@ def run_batch(pipeline: Any, connection: Redis, batch: list[Job]) -> dict[str, A
     requests, live = [], []
     for job in batch:
         try:
-            requests.append(load_request(connection, job))
+            try:
+                request = load_request(connection, job)
+            except RedisError:  # Redis restarting: wait for it once rather than fail the job at once
+                if not wait_for_redis(connection, REDIS_WAIT_S):
+                    raise
+                request = load_request(connection, job)
+            requests.append(request)
             live.append(job)
         except PipelineError as exc:
             outcomes[job.id] = exc
@@ -102,11 +110,14 @@ def run_batch(pipeline: Any, connection: Redis, batch: list[Job]) -> dict[str, A
             outcomes[job.id] = PipelineError("internal_error", f"{type(exc).__name__}: {exc}", "load")
 
     def stage(name: str, detail: str = "") -> None:
-        with connection.pipeline(transaction=False) as pipe:  # one round trip for the whole batch
-            for job in live:
-                job.meta.update(stage=name, stage_detail=detail)
-                pipe.hset(job.key, "meta", job._serialize_meta())
-            pipe.execute()
+        try:  # progress is best effort: a Redis blip must not fail the batch
+            with connection.pipeline(transaction=False) as pipe:  # one round trip for the whole batch
+                for job in live:
+                    job.meta.update(stage=name, stage_detail=detail)
+                    pipe.hset(job.key, "meta", job._serialize_meta())
+                pipe.execute()
+        except RedisError as exc:
+            log.warning("stage %s not recorded: redis unavailable (%s)", name, exc)
 
     started = time.perf_counter()
     if live:
@@ -125,14 +136,22 @@ def run_batch(pipeline: Any, connection: Redis, batch: list[Job]) -> dict[str, A
     return outcomes
 
 
+def wait_for_redis(connection: Redis, limit_s: float) -> bool:
+    """Wait up to limit_s for Redis to answer (a restart with its append-only file takes seconds)."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        try:
+            return bool(connection.ping())
+        except RedisError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.5)
+
+
 def _record_error(job: Job, error: dict) -> None:
     job.meta["error"] = error
     job.meta.update(stage="failed")
     job.save_meta()
-
-
-def _timeout(job: Job) -> int:
-    return job.timeout or Queue.DEFAULT_TIMEOUT
 
 
 def make_worker_class(base: type) -> type:
@@ -168,20 +187,6 @@ def make_worker_class(base: type) -> type:
             super().prepare_job_execution(job, remove_from_intermediate_queue)
             job.batch_prepared, job.batch_started_at = True, job.started_at
 
-        def run_guarded(self, members: list[Job], job_id: str, timeout: int | None = None) -> dict[str, Any]:
-            """run_batch under `timeout` (default: the smallest job timeout of `members`): outcomes by job id
-            (results, PipelineErrors, or the JobTimeoutException for every member when the time ran out)."""
-            timeout = timeout or min(_timeout(m) for m in members)
-            try:
-                with self.death_penalty_class(timeout, JobTimeoutException, job_id=job_id):
-                    return run_batch(self.pipeline, self.connection, members)
-            except JobTimeoutException as exc:
-                return {m.id: exc for m in members}
-            except Exception as exc:
-                log.exception("batch of %d failed", len(members))
-                return {m.id: PipelineError("internal_error", f"{type(exc).__name__}: {exc}", "batch")
-                        for m in members}
-
         def execute_job(self, job: Job, queue: Queue) -> None:
             batch = self.take_partners((job, queue))
             executions = []
@@ -190,29 +195,33 @@ def make_worker_class(base: type) -> type:
                 self.prepare_job_execution(member, remove_from_intermediate_queue=len(self.queues) == 1)
             members = [member for member, _ in batch]
             metrics.worker.batch(len(members))
+            # The batch is killed after the LONGEST job timeout (-1: none), so a job with a short timeout cannot
+            # take its partners down; afterwards each job whose own timeout the batch overran fails as timeout.
+            limits = {m.id: m.timeout or self.queue_class.DEFAULT_TIMEOUT for m in members}
+            timeout = -1 if any(t == -1 for t in limits.values()) else max(limits.values())
             started = time.monotonic()
-            outcomes = self.run_guarded(members, job.id)
-            if len(members) > 1 and any(isinstance(o, JobTimeoutException) for o in outcomes.values()):
-                # The batch ran under its smallest job timeout; a job with a short timeout must not take its
-                # partners down with it, so each job runs again alone with what is left of its own timeout,
-                # counted from the start of the batch (a job whose time is up fails as a timeout).
-                log.warning("batch of %d passed its smallest job timeout; running its jobs one by one", len(members))
-                retried: dict[str, Any] = {}
-                for member in members:
-                    left = _timeout(member) - (time.monotonic() - started)
-                    if left < 1:
-                        retried[member.id] = outcomes[member.id]
-                    else:
-                        retried.update(self.run_guarded([member], member.id, timeout=math.ceil(left)))
-                outcomes = retried
+            try:
+                with self.death_penalty_class(timeout, JobTimeoutException, job_id=job.id):
+                    outcomes = run_batch(self.pipeline, self.connection, members)
+            except JobTimeoutException as exc:
+                outcomes = {m.id: exc for m in members}
+            except Exception as exc:
+                log.exception("batch of %d failed", len(members))
+                outcomes = {m.id: PipelineError("internal_error", f"{type(exc).__name__}: {exc}", "batch")
+                            for m in members}
+            elapsed = time.monotonic() - started
+            # Results are computed: if Redis is restarting, wait for it rather than lose them (bounded).
+            wait_for_redis(self.connection, REDIS_WAIT_S)
             for (member, member_queue), execution in zip(batch, executions):
                 outcome = outcomes.get(member.id)
+                if isinstance(outcome, dict) and 0 < limits[member.id] < elapsed:
+                    outcome = JobTimeoutException(f"the batch took {elapsed:.1f} s")
                 if isinstance(outcome, PipelineError):
                     _record_error(member, outcome.to_dict())
                     outcome = JobFailed(f"{outcome.code}: {outcome.message}")
                 elif isinstance(outcome, JobTimeoutException):
-                    _record_error(member, {"code": "timeout", "message": f"the job ran longer than its timeout "
-                                                                         f"of {_timeout(member)} s"})
+                    _record_error(member, {"code": "timeout", "message": f"the job's batch ran longer than its "
+                                                                         f"timeout of {limits[member.id]} s"})
                 metrics.worker.job_done(member, outcome)
                 member.outcome = outcome
                 try:

@@ -222,6 +222,11 @@ worker: WorkerMetrics | _NoWorkerMetrics = _NoWorkerMetrics()
 def start_worker_metrics(port: int) -> WorkerMetrics:
     """The worker's metrics, served on `port` (0: collected but not served)."""
     global worker
+    from prometheus_client import values
+
+    # The worker is one process: its values stay in memory even when PROMETHEUS_MULTIPROC_DIR leaks into its
+    # environment (serve.py, one host); otherwise it would write files that the web tier's /metrics merges.
+    values.ValueClass = values.MutexValue
     metrics = WorkerMetrics()
     if port:
         metrics.serve(port)

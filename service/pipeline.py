@@ -28,8 +28,8 @@ from detector.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 from detector.tiny import CHECKPOINT_FILE as DETECTOR_CHECKPOINT, CONFIG_FILE as DETECTOR_CONFIG
 from vilbert.predictor import PredictionInputError, Predictor, PredictRequest
 
-from .cache import FeatureCache, extract_cached
 from .bundle import TINY_NOTICE, is_tiny, missing_files
+from .cache import FeatureCache, extract_cached
 from .errors import BadRequest, PipelineError
 from .inputs import check_boxes
 from .settings import Settings

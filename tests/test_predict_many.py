@@ -8,8 +8,7 @@ import pytest
 from vilbert import ImageRegions, Predictor
 from vilbert.predictor import PredictionInputError, PredictRequest
 from vilbert.tiny import write_tiny_vilbert
-
-FEATURES = 64
+from test_predictor import FEATURES, random_image as image  # noqa: E402  (same tests directory)
 
 
 @pytest.fixture(scope="module")
@@ -17,13 +16,6 @@ def predictor(tmp_path_factory) -> Predictor:
     path = tmp_path_factory.mktemp("tiny")
     write_tiny_vilbert(path, feature_dim=FEATURES)
     return Predictor.from_dir(path)
-
-
-def image(seed: int, n: int = 100, width: int = 640, height: int = 480) -> ImageRegions:
-    rng = np.random.default_rng(seed)
-    x1, y1 = rng.uniform(0, width - 60, n), rng.uniform(0, height - 60, n)
-    boxes = np.stack([x1, y1, x1 + rng.uniform(5, 60, n), y1 + rng.uniform(5, 60, n)], 1).astype(np.float32)
-    return ImageRegions(boxes, rng.random((n, FEATURES), dtype=np.float32) * 3, width, height)
 
 
 def assert_close(a, b, tol: float = 1e-5, path: str = "") -> None:

@@ -305,11 +305,12 @@ def test_worker_lifecycle_graceful_stop_queueing_and_sigkill(stack):
         jobs.submit(connection, replace(stack.settings, max_queued_jobs=2), request, [CAT] * 8)
     assert caught.value.code == "queue_full"
     # A job whose timeout is shorter than its work (8 images at twice the full detector size take seconds).
-    too_slow = jobs.submit(connection, replace(stack.settings, job_timeout=1), request,
-                           [ASTRONAUT, CAT, COFFEE, ROCKET] * 2).id
+    # Eight distinct uploads (other sizes than the photos above): no feature-cache hit, no shared detector run.
+    slow_images = [photo(name, size) for name in ("astronaut", "chelsea", "coffee", "rocket") for size in (180, 200)]
+    too_slow = jobs.submit(connection, replace(stack.settings, job_timeout=1), request, slow_images).id
 
-    # 3. A slower worker (large detector input) picks them up, the three in one batch: the short-timeout job fails
-    #    alone, its partners finish. SIGTERM mid-job finishes that job first.
+    # 3. A slower worker picks them up, the three in one batch: the short-timeout job fails alone, its partners
+    #    finish. SIGTERM mid-job finishes that job first.
     # ~4x the pixels of 800x1333 (seconds per job), and no feature cache: every job below runs the detector.
     slow = {"DETECTOR_MIN_SIZE": "1600", "DETECTOR_MAX_SIZE": "2666", "FEATURE_CACHE_TTL": "0"}
     stack.start_worker(**slow)

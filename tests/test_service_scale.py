@@ -54,8 +54,10 @@ def stack(tmp_path_factory):
 def pipeline(stack):
     from service.pipeline import Pipeline
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the worker (OMP_NUM_THREADS=1): same kernels, same sums
-    return Pipeline.from_settings(stack.settings)
+    yield Pipeline.from_settings(stack.settings)
+    torch.set_num_threads(threads)
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -267,3 +269,26 @@ def test_submitting_precomputed_features(stack, pipeline):
         assert status == 400 and body["error"]["code"] == code, (code, body)
     status, body, _ = stack.post(fields={"text": "hi"}, files=[("image", CAT), ("features", to_npz(regions))])
     assert status == 400 and body["error"]["code"] == "mixed_inputs"
+
+
+# ------------------------------------------------------------------------------------------------ faults
+
+
+def test_a_worker_killed_mid_batch_fails_every_job_of_its_batch(stack):
+    """Runs last: it replaces the module's worker. All jobs of the batch are marked started before any work, so
+    the orphan reaper fails each of them as worker_lost; none stays queued or started."""
+    from test_service_e2e import HEARTBEAT_TTL, photo
+
+    stack.worker.send_signal(signal.SIGTERM)
+    assert stack.worker.wait(30) == 0
+    uploads = [[photo(name, size) for name in ("astronaut", "chelsea", "coffee", "rocket")] for size in (150, 170, 210)]
+    ids = [stack.submit("who is there?", images, tasks="retrieval_coco") for images in uploads]
+    # Slow on purpose (full detector size, no cache): the batch is still running when it is killed.
+    stack.start_worker(DETECTOR_MIN_SIZE="800", DETECTOR_MAX_SIZE="1333", FEATURE_CACHE_TTL="0")
+    assert wait_until(lambda: all(stack.get(f"/api/v1/jobs/{i}")[1]["status"] == "started" for i in ids), 60,
+                      interval=0.05), [stack.get(f"/api/v1/jobs/{i}")[1] for i in ids]
+    stack.worker.send_signal(signal.SIGKILL)
+    stack.worker.wait(10)
+    for job_id in ids:
+        job = stack.wait(job_id, HEARTBEAT_TTL + 15)
+        assert job["status"] == "failed" and job["error"]["code"] == "worker_lost", job
