@@ -6,7 +6,9 @@ linear work are counted with torch.utils.flop_counter, and the FLOP floor is tho
 of a large fp32 matmul measured in the same run. It also times region selection: the reference's one-NMS-per-class
 loop against the vectorised selection, on 1000 proposals x 1601 classes.
 
-    python bench/bench_detector.py [--repeats 2] [--size 800x1333] [--channels-last] [--json out.json]
+    python bench/bench_detector.py [--repeats 2] [--size 800x1333] [--channels-last] [--fold-batchnorm] [--json out.json]
+
+The served configuration on CPU is --channels-last --fold-batchnorm (RegionFeatureExtractor's defaults there).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from detector.config import load_config  # noqa: E402
 from detector.extractor import pad_to_multiple, preprocess  # noqa: E402
+from detector.fusion import fold_frozen_batchnorm  # noqa: E402
 from detector.model import RegionDetector  # noqa: E402
 from detector.selection import max_confidence_loop, select_regions  # noqa: E402
 
@@ -62,6 +65,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--size", default="800x1333", help="input height x width before preprocessing")
     parser.add_argument("--channels-last", action="store_true", help="run the convolutions in channels-last layout")
+    parser.add_argument("--fold-batchnorm", action="store_true", help="fold the frozen batch norms into the convolutions")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     height, width = (int(x) for x in args.size.split("x"))
@@ -69,6 +73,8 @@ def main() -> None:
     config = load_config(ROOT / "config" / "detectron_config_x152.yaml")
     model = RegionDetector(config).eval()
     init_random(model)
+    if args.fold_batchnorm:
+        fold_frozen_batchnorm(model)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     rng = np.random.default_rng(0)
@@ -124,7 +130,7 @@ def main() -> None:
     assert torch.equal(keep, loop_best.sort(descending=True, stable=True).indices[:100])
 
     print(f"# Detector benchmark — {time.strftime('%Y-%m-%d')} — {platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; X-152-32x8d-FPN{' channels-last' if args.channels_last else ''}, random weights, input {tensor.shape[2]}x{tensor.shape[3]}, "
+          f"{torch.get_num_threads()} threads; X-152-32x8d-FPN{' channels-last' if args.channels_last else ''}{' BN-folded' if args.fold_batchnorm else ''}, random weights, input {tensor.shape[2]}x{tensor.shape[3]}, "
           f"{num_proposals} proposals")
     for stage in ("preprocess", "backbone_fpn", "rpn", "roi_head", "selection"):
         extra = f", {flops[stage] / 1e9:.1f} GFLOP, {flops[stage] / median[stage] / 1e9:.1f} GFLOP/s" if stage in flops else ""
@@ -135,7 +141,7 @@ def main() -> None:
           f"({loop_s / vec_s:.1f}x faster, identical selection)")
     if args.json:
         args.json.write_text(json.dumps({
-            "date": time.strftime("%Y-%m-%d"), "channels_last": args.channels_last, "input": list(tensor.shape[2:]), "proposals": num_proposals,
+            "date": time.strftime("%Y-%m-%d"), "channels_last": args.channels_last, "fold_batchnorm": args.fold_batchnorm, "input": list(tensor.shape[2:]), "proposals": num_proposals,
             "median_s": median, "gflop": {k: v / 1e9 for k, v in flops.items()}, "matmul_gflops": matmul_gflops,
             "ratio_to_floor": total_s / floor_s, "selection_loop_s": loop_s, "selection_vectorised_s": vec_s,
         }, indent=2))

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .config import DetectorConfig, load_config
+from .fusion import fold_frozen_batchnorm
 from .images import DEFAULT_MAX_PIXELS, load_image
 from .model import RegionDetector, load_detector_state, read_checkpoint
 from .regions import RegionFeatures
@@ -69,11 +70,16 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 class RegionFeatureExtractor:
     def __init__(self, model: RegionDetector, device: str | torch.device = "cpu", min_size: int = 800,
                  max_size: int = 1333, num_regions: int = 100, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 identity: str = "", channels_last: bool | None = None, precision: str = "fp32"):
+                 identity: str = "", channels_last: bool | None = None, precision: str = "fp32",
+                 fold_batchnorm: bool = True):
         """channels_last: None = on CPU only, where the grouped convolutions of the X-152 run ~1.4x faster in that
-        layout (bench/bench_detector.py); it changes only the summation order (fc6 relative error ~1e-6)."""
+        layout (bench/bench_detector.py); it changes only the summation order (fc6 relative error ~1e-6).
+        fold_batchnorm: fold the frozen batch norms into the convolutions (detector/fusion.py): the same result up
+        to rounding, faster; the model then no longer has the checkpoint's keys."""
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        if fold_batchnorm:
+            fold_frozen_batchnorm(self.model)
         if channels_last is None:
             channels_last = self.device.type == "cpu"
         if channels_last:

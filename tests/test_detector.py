@@ -275,3 +275,31 @@ def test_precision_options(tiny_files):
     assert bf16.identity != fp32.identity  # cached fp32 features are never served for bf16
     with pytest.raises(ValueError, match="precision"):
         RegionFeatureExtractor.from_files(*tiny_files, precision="int8")
+
+
+def test_folding_the_frozen_batch_norms_keeps_the_result(tiny_files):
+    """The served model folds each frozen batch norm into its convolution: same features up to rounding."""
+    from detector.config import load_config
+    from detector.fusion import fold_frozen_batchnorm
+    from detector.model import RegionDetector, load_detector_state, read_checkpoint
+
+    model = RegionDetector(load_config(tiny_files[0])).eval()
+    load_detector_state(model, read_checkpoint(tiny_files[1]))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # batch norms far from identity, so a wrong fold cannot pass
+        for name, buffer in model.named_buffers():
+            if name.endswith("running_var"):
+                buffer.copy_(torch.rand(buffer.shape, generator=generator) * 2 + 0.25)
+            elif name.endswith(("running_mean", "bn1.bias", "bn2.bias", "bn3.bias")):
+                buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.2)
+    image = torch.randn(1, 3, 224, 320, generator=generator) * 50
+    with torch.inference_mode():
+        reference = model.backbone(image)
+        num_norms = sum(isinstance(m, torch.nn.Module) and type(m).__name__ == "FrozenBatchNorm2d" for m in model.modules())
+        assert fold_frozen_batchnorm(model) == num_norms > 0
+        assert not any(type(m).__name__ == "FrozenBatchNorm2d" for m in model.modules())
+        folded = model.backbone(image)
+    for a, b in zip(reference, folded):
+        assert float((a - b).norm() / a.norm()) < 1e-5
+    with torch.inference_mode():
+        assert fold_frozen_batchnorm(model) == 0  # idempotent
