@@ -467,7 +467,7 @@ def phase_faults(work: Path, bundle: Path, count: int = 80) -> dict:
         # Refused POSTs (503 queue_full + Retry-After) that the client retried after waiting.
         result["refused_posts_retried"] = sum(o.get("rejected", 0) for o in full["outcomes"])
         results["burst_over_queue_limit"] = result
-        status, metrics_text = 0, ""
+        metrics_text = ""
         try:
             with urllib.request.urlopen(stack.url + "/metrics", timeout=10) as response:
                 metrics_text = response.read().decode()

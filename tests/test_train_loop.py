@@ -28,13 +28,7 @@ from torch.utils.data import default_collate
 DIM = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two busy cores: torch's thread pool spinning against other processes is 10x slower than one thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
