@@ -76,10 +76,8 @@ return evicted
 
 
 def detector_key(extractor: RegionFeatureExtractor) -> str:
-    """Which detector made a set of features: its identity plus its precision (fp16 features differ)."""
-    dtype = getattr(extractor, "dtype", None)
-    precision = str(dtype).replace("torch.", "") if dtype is not None else "fp32"
-    return hashlib.sha256(f"{extractor.identity}:{precision}".encode()).hexdigest()[:16]
+    """Which detector made a set of features: its identity (config, weights fingerprint, sizes, precision)."""
+    return hashlib.sha256(extractor.identity.encode()).hexdigest()[:16]
 
 
 _STATS = {"hit": "hits", "miss": "misses", "store": "stores", "eviction": "evictions", "error": "errors"}
