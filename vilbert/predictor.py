@@ -198,9 +198,7 @@ class Predictor:
         images: region features per image (nlvr2 needs exactly two; retrieval scores each one; the other tasks
         read the first). candidates: per image, the caller-given boxes with their features (pointing tasks)."""
         selected, rows, row_ids = self._plan(images, text, tasks, candidates)
-        outputs = self._run(rows)
-        return {task.name: self._decode(task, [outputs[i] for i in row_ids[task.name]], rows, row_ids[task.name], top_k)
-                for task in selected}
+        return self._answers(selected, self._run(rows), rows, row_ids, top_k)
 
     def predict_many(self, requests: Sequence[PredictRequest]) -> list[dict[str, dict] | PredictionInputError]:
         """`predict` for several requests with ONE forward over all their rows (per distinct region count), for
@@ -225,10 +223,14 @@ class Predictor:
             plans.append((index, selected, {name: [offset + i for i in ids] for name, ids in own_ids.items()}))
         outputs = self._run(rows) if rows else []
         for index, selected, row_ids in plans:
-            top_k = requests[index].top_k
-            outcomes[index] = {task.name: self._decode(task, [outputs[i] for i in row_ids[task.name]], rows,
-                                                       row_ids[task.name], top_k) for task in selected}
+            outcomes[index] = self._answers(selected, outputs, rows, row_ids, requests[index].top_k)
         return outcomes  # type: ignore[return-value]
+
+    def _answers(self, selected: list[Task], outputs: list[dict[str, torch.Tensor]], rows: list[_Row],
+                 row_ids: dict[str, list[int]], top_k: int) -> dict[str, dict]:
+        """Decoded answers per task name, from the per-row outputs of a forward over `rows`."""
+        return {task.name: self._decode(task, [outputs[i] for i in row_ids[task.name]], rows, row_ids[task.name], top_k)
+                for task in selected}
 
     def _plan(self, images: Sequence[RegionsLike], text: str, tasks: Sequence[str],
               candidates: Sequence[RegionsLike | None] | None) -> tuple[list[Task], list[_Row], dict[str, list[int]]]:
