@@ -283,3 +283,27 @@ def test_packed_cpu_weights_give_the_same_outputs():
         a, b = model(**inputs, output_pretraining_heads=True), packed(**inputs, output_pretraining_heads=True)
     for name in HEADS + ["vil_binary_prediction", "linguisic_prediction", "vision_prediction"]:
         assert_close_relative(getattr(b, name), getattr(a, name), name, rel=1e-5)
+
+
+@pytest.mark.skipif(not __import__("vilbert.cpu_inference").cpu_inference.onednn_linear_available(),
+                    reason="this PyTorch build has no oneDNN linear ops")
+def test_packed_linear_row_threshold_picks_the_kernel_and_both_agree(monkeypatch):
+    from vilbert import cpu_inference
+    from vilbert.cpu_inference import PackedLinear
+
+    linear = torch.nn.Linear(16, 24)
+    short, long = torch.randn(2, 3, 16), torch.randn(4, 5, 16)  # 6 and 20 rows
+    limited = PackedLinear(linear, max_packed_rows=8)
+    with torch.inference_mode():
+        expected = [linear(short), linear(long)]
+    calls, default_linear = [], torch.nn.functional.linear
+    monkeypatch.setattr(cpu_inference.F, "linear", lambda *a: calls.append(a[0].shape) or default_linear(*a))
+    with torch.inference_mode():
+        for x, want in zip((short, long), expected):
+            assert_close_relative(limited(x), want, "packed", rel=1e-6)
+    assert calls == [long.shape]  # only the input over the limit took the default kernel
+
+    for capability, expected in (("AVX512", None), ("AVX2", cpu_inference.AVX2_MAX_PACKED_ROWS)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert cpu_inference.default_max_packed_rows() == expected
+        assert PackedLinear(linear).max_packed_rows == expected

@@ -2,10 +2,12 @@
 
 At batch size 1 the text stream has ~38 rows and the visual stream 101, so every GEMM is short and wide. The
 default BLAS path repacks the weight matrix on every call; with the weights reordered ahead of time the oneDNN
-kernel reaches 1.3-1.5x the throughput on these shapes. From about 150 rows on (batched requests) the default
-BLAS kernel is faster again, so each layer keeps both copies and picks by row count: this costs a second copy
-of the weights in memory (about 1 GB for the full model). bench/bench_vilbert.py records the effect. Results
-agree with nn.Linear to fp32 rounding.
+kernel reaches 1.3-1.9x the throughput on these shapes. Where the packed kernel stops winning depends on the
+CPU: with AVX-512 it beat the default path at every row count measured (38 to 808 rows); on AVX2-only CPUs
+the default BLAS kernel is faster again from about 150 rows on (batched requests). Each layer therefore keeps
+both copies and, on AVX2, picks by row count: this costs a second copy of the weights in memory (about 1 GB
+for the full model). bench/bench_vilbert.py records the effect. Results agree with nn.Linear to fp32
+rounding.
 
 Packing replaces the modules in place: the packed model is for inference only (no gradients). Load or save
 checkpoints before packing.
@@ -19,8 +21,17 @@ from torch import nn
 
 # The reorder takes the expected number of input rows as a layout hint; ViLBERT's rows are tens to hundreds.
 ROWS_HINT = 64
-# Above this many rows the default BLAS path beats the packed kernel (measured on AVX2; see docs/PERFORMANCE.md).
-MAX_PACKED_ROWS = 128
+# On AVX2-only CPUs the default BLAS path beats the packed kernel above this many rows (docs/PERFORMANCE.md).
+AVX2_MAX_PACKED_ROWS = 128
+
+
+def default_max_packed_rows() -> int | None:
+    """Row count above which PackedLinear uses the default BLAS kernel instead; None = always packed.
+
+    Measured with bench/bench_vilbert.py and per-shape sweeps (docs/PERFORMANCE.md): on an AVX-512 CPU the
+    packed kernel ran 215-222 GFLOP/s from 38 to 808 rows against 104-194 for the default path, while on AVX2
+    the default path was 10-15% faster above ~128 rows."""
+    return None if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else AVX2_MAX_PACKED_ROWS
 
 
 def onednn_linear_available() -> bool:
@@ -36,22 +47,24 @@ def onednn_linear_available() -> bool:
 class PackedLinear(nn.Module):
     """y = x W^T + b; W also held in oneDNN's blocked layout for short inputs. x [..., in] -> [..., out]"""
 
-    def __init__(self, linear: nn.Linear, rows_hint: int = ROWS_HINT, max_packed_rows: int = MAX_PACKED_ROWS):
+    def __init__(self, linear: nn.Linear, rows_hint: int = ROWS_HINT, max_packed_rows: int | None = None):
+        """max_packed_rows: inputs with more rows take F.linear; None = default_max_packed_rows() for this CPU."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.max_packed_rows = max_packed_rows
+        self.max_packed_rows = default_max_packed_rows() if max_packed_rows is None else max_packed_rows
         self.weight = linear.weight
         self.bias = linear.bias
         packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows_hint)
         self.register_buffer("packed_weight", packed, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() // self.in_features > self.max_packed_rows:
+        if self.max_packed_rows is not None and x.numel() // self.in_features > self.max_packed_rows:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN-packed"
+        rows = "all rows" if self.max_packed_rows is None else f"up to {self.max_packed_rows} rows"
+        return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN-packed for {rows}"
 
 
 def pack_linear_weights(model: nn.Module, min_out_features: int = 2) -> int:
