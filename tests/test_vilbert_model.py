@@ -303,7 +303,13 @@ def test_packed_linear_row_threshold_picks_the_kernel_and_both_agree(monkeypatch
             assert_close_relative(limited(x), want, "packed", rel=1e-6)
     assert calls == [long.shape]  # only the input over the limit took the default kernel
 
+    expected_long = expected[1]
     for capability, expected in (("AVX512", None), ("AVX2", cpu_inference.AVX2_MAX_PACKED_ROWS)):
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
         assert cpu_inference.default_max_packed_rows() == expected
-        assert PackedLinear(linear).max_packed_rows == expected
+        packed = PackedLinear(linear)
+        assert packed.max_packed_rows == expected
+        # without a fallback kernel the plain weight is not kept (it would be a second copy of every matrix)
+        assert (packed.weight is None) == (expected is None)
+        with torch.inference_mode():
+            assert_close_relative(packed(long), expected_long, "packed", rel=1e-6)
