@@ -5,7 +5,8 @@ Full official config (bert_base_6layer_6conect + task tokens), random weights, i
 For each it prints the FLOPs of one forward (counted by torch.utils.flop_counter, without the pre-training
 heads, which no task reads), the median time, the achieved GFLOP/s, and the ratio to the FLOP floor = FLOPs /
 (GFLOP/s of a large fp32 matmul, measured interleaved with the forwards in the same process). It also reports
-the speed-up of bf16 autocast and the largest probability difference against fp32 on the same inputs.
+the speed-up of bf16 autocast and the largest probability difference against fp32 on the same inputs, and, on
+CPUs with native bf16 instructions, the same for what PRECISION=bf16 serves there (weights packed in bf16).
 
     python bench/bench_vilbert.py [--repeats 15] [--json out.json]
 """
@@ -27,7 +28,11 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vilbert.configuration import ViLBertConfig  # noqa: E402
-from vilbert.cpu_inference import onednn_linear_available, pack_linear_weights  # noqa: E402
+from vilbert.cpu_inference import (  # noqa: E402
+    native_bf16_linear_available,
+    onednn_linear_available,
+    pack_linear_weights,
+)
 from vilbert.modeling import ViLBertForVLTasks  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent.parent / "config" / "bert_base_6layer_6conect.json"
@@ -82,6 +87,11 @@ def main() -> None:
     if device == "cpu" and onednn_linear_available():
         served = copy.deepcopy(model)
         pack_linear_weights(served)
+    # What the predictor serves with PRECISION=bf16 on a CPU with native bf16: weights packed in bf16.
+    served_bf16 = None
+    if device == "cpu" and native_bf16_linear_available():
+        served_bf16 = copy.deepcopy(model)
+        pack_linear_weights(served_bf16, dtype=torch.bfloat16)
     a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device)
     b = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device)
     matmul_flops = 2 * MATMUL_SIZE**3
@@ -104,15 +114,18 @@ def main() -> None:
                 with torch.autocast(device_type=torch.device(device).type, dtype=precision):
                     return net(**inputs)
 
+        variants = {"plain": (model, None), "served": (served, None), "bf16": (model, torch.bfloat16)}
+        if served_bf16 is not None:
+            variants["served_bf16"] = (served_bf16, torch.bfloat16)
         for _ in range(2):  # warm-up
-            forward(model), forward(served), forward(model, torch.bfloat16)
+            for net, precision in variants.values():
+                forward(net, precision)
             torch.mm(a, b)
-        times: dict[str, list[float]] = {"matmul": [], "plain": [], "served": [], "bf16": []}
+        times: dict[str, list[float]] = {"matmul": [], **{name: [] for name in variants}}
         for _ in range(args.repeats):  # interleaved, so that load from other processes hits all alike
             times["matmul"].append(timed(lambda: torch.mm(a, b), device))
-            times["plain"].append(timed(lambda: forward(model), device))
-            times["served"].append(timed(lambda: forward(served), device))
-            times["bf16"].append(timed(lambda: forward(model, torch.bfloat16), device))
+            for name, (net, precision) in variants.items():
+                times[name].append(timed(lambda: forward(net, precision), device))
         median = {k: statistics.median(v) for k, v in times.items()}
         matmul_gflops = matmul_flops / median["matmul"] / 1e9
         floor_s = flops / (matmul_gflops * 1e9)
@@ -139,6 +152,10 @@ def main() -> None:
             "bf16_speedup_over_served": median["served"] / median["bf16"],
             "bf16_max_prob_diff": max_prob_diff(fp32, bf16),
         }
+        if served_bf16 is not None:
+            case["served_bf16_median_ms"] = median["served_bf16"] * 1e3
+            case["served_bf16_speedup_over_served"] = median["served"] / median["served_bf16"]
+            case["served_bf16_max_prob_diff"] = max_prob_diff(fp32, forward(served_bf16, torch.bfloat16))
         results["cases"].append(case)
         print(
             f"B={batch:<2d} L={length} R=101: {case['gflop_per_forward']:.2f} GFLOP/forward "
@@ -149,6 +166,12 @@ def main() -> None:
             f"   bf16 autocast: {case['bf16_speedup']:.2f}x the speed of plain fp32 "
             f"({case['bf16_speedup_over_served']:.2f}x the served fp32), max prob diff {case['bf16_max_prob_diff']:.2e}"
         )
+        if served_bf16 is not None:
+            print(
+                f"   served bf16 (weights packed in bf16, native bf16 CPU): {case['served_bf16_median_ms']:.1f} ms, "
+                f"{case['served_bf16_speedup_over_served']:.2f}x the served fp32, "
+                f"max prob diff {case['served_bf16_max_prob_diff']:.2e}"
+            )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -210,12 +210,19 @@ def test_bad_inputs_are_clear_errors(predictor):
 
 
 def test_bf16_stays_close_to_fp32(bundle, predictor):
+    from vilbert.cpu_inference import native_bf16_linear_available
+
     bf16 = Predictor.from_dir(bundle, precision="bf16")
+    # weights packed in bf16 only where the CPU has native bf16 instructions; autocast over nn.Linear elsewhere
+    assert bf16.packed_weights == native_bf16_linear_available()
+    unpacked = Predictor.from_dir(bundle, precision="bf16", pack_cpu_weights=False)
+    assert not unpacked.packed_weights
     image = random_image(16)
     a = predictor.predict([image], "what sport is this?", ["vqa", "snli_ve"], top_k=1)
-    b = bf16.predict([image], "what sport is this?", ["vqa", "snli_ve"], top_k=1)
-    for label in ("contradiction", "neutral", "entailment"):
-        assert abs(a["snli_ve"]["probabilities"][label] - b["snli_ve"]["probabilities"][label]) < 0.02
+    for other in (bf16, unpacked):
+        b = other.predict([image], "what sport is this?", ["vqa", "snli_ve"], top_k=1)
+        for label in ("contradiction", "neutral", "entailment"):
+            assert abs(a["snli_ve"]["probabilities"][label] - b["snli_ve"]["probabilities"][label]) < 0.02
     with pytest.raises(ValueError, match="precision"):
         Predictor.from_dir(bundle, precision="int3")
 

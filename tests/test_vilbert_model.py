@@ -313,3 +313,24 @@ def test_packed_linear_row_threshold_picks_the_kernel_and_both_agree(monkeypatch
         assert (packed.weight is None) == (expected is None)
         with torch.inference_mode():
             assert_close_relative(packed(long), expected_long, "packed", rel=1e-6)
+
+
+@pytest.mark.skipif(not __import__("vilbert.cpu_inference").cpu_inference.native_bf16_linear_available(),
+                    reason="this CPU has no native bf16 instructions")
+def test_bf16_packed_linear_matches_autocast():
+    from vilbert.cpu_inference import PackedLinear
+
+    linear = torch.nn.Linear(64, 96)
+    x = torch.randn(3, 40, 64)
+    packed = PackedLinear(linear, dtype=torch.bfloat16, max_packed_rows=8)
+    assert packed.max_packed_rows is None and packed.weight is None  # bf16 is always packed
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = linear(x)
+        got = packed(x)
+    exact = torch.nn.functional.linear(x, linear.weight, linear.bias)
+    assert got.dtype == want.dtype == torch.bfloat16
+    # the same bf16 rounding of inputs and weights as autocast; both within bf16 precision of fp32
+    assert_close_relative(got.float(), want.float(), "packed vs autocast", rel=1e-2)
+    assert_close_relative(got.float(), exact, "packed vs fp32", rel=2e-2)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        PackedLinear(linear, dtype=torch.float16)

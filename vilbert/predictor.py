@@ -20,7 +20,7 @@ import torch
 from .answers import load_bundle_answers
 from .checkpoint import load_model
 from .configuration import ViLBertConfig
-from .cpu_inference import onednn_linear_available, pack_linear_weights
+from .cpu_inference import native_bf16_linear_available, onednn_linear_available, pack_linear_weights
 from .modeling import ViLBertForVLTasks, ViLBertOutput
 from .resources import config_file
 from .tasks import Task, TaskRegistry, UnknownTaskError
@@ -148,15 +148,18 @@ class Predictor:
         precision: str = "fp32",
         pack_cpu_weights: bool = True,
     ):
-        """pack_cpu_weights: on CPU in fp32, reorder the Linear weights for oneDNN (see cpu_inference); the model
-        is then inference-only."""
+        """pack_cpu_weights: on CPU, reorder the Linear weights for oneDNN (see cpu_inference) in fp32, and in
+        bf16 where the CPU has native bf16 instructions; the model is then inference-only."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.packed_weights = False
-        if pack_cpu_weights and self.device.type == "cpu" and precision == "fp32" and onednn_linear_available():
-            self.packed_weights = pack_linear_weights(self.model) > 0
+        if pack_cpu_weights and self.device.type == "cpu":
+            if precision == "fp32" and onednn_linear_available():
+                self.packed_weights = pack_linear_weights(self.model) > 0
+            elif precision == "bf16" and native_bf16_linear_available():
+                self.packed_weights = pack_linear_weights(self.model, dtype=torch.bfloat16) > 0
         self.tokenizer = tokenizer
         self.answers = answers
         self.tasks = registry or TaskRegistry.from_file()
