@@ -6,7 +6,11 @@ linear work are counted with torch.utils.flop_counter, and the FLOP floor is tho
 of a large fp32 matmul measured in the same run. It also times region selection: the reference's one-NMS-per-class
 loop against the vectorised selection, on 1000 proposals x 1601 classes.
 
-    python bench/bench_detector.py [--repeats 2] [--size 800x1333] [--channels-last] [--fold-batchnorm] [--json out.json]
+    python bench/bench_detector.py [--repeats 2] [--size 800x1333] [--resize 800x1333] [--channels-last]
+                                   [--fold-batchnorm] [--device cuda] [--precision bf16] [--json out.json]
+
+On a GPU (--device cuda) the stages are timed with the device synchronised around each, the matmul is the
+device's, and --precision bf16/fp16 runs the network under autocast as the extractor does.
 
 The served configuration on CPU is --channels-last --fold-batchnorm (RegionFeatureExtractor's defaults there).
 """
@@ -29,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from detector.config import load_config  # noqa: E402
+from detector.extractor import PRECISIONS  # noqa: E402
 from detector.extractor import pad_to_multiple, preprocess  # noqa: E402
 from detector.fusion import fold_frozen_batchnorm  # noqa: E402
 from detector.model import RegionDetector  # noqa: E402
@@ -54,9 +59,14 @@ def init_random(model: torch.nn.Module) -> None:
                     tensor.mul_(0.01)
 
 
-def timed(fn):
+def timed(fn, device: torch.device = torch.device("cpu")):
+    """(seconds, result) of fn(), with the device's queued work finished on both sides."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - start, out
 
 
@@ -66,53 +76,64 @@ def main() -> None:
     parser.add_argument("--size", default="800x1333", help="input height x width before preprocessing")
     parser.add_argument("--channels-last", action="store_true", help="run the convolutions in channels-last layout")
     parser.add_argument("--fold-batchnorm", action="store_true", help="fold the frozen batch norms into the convolutions")
+    parser.add_argument("--resize", default="800x1333",
+                        help="preprocessing's min_size x max_size (the released model's is 800x1333)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS),
+                        help="autocast dtype of the network (selection always runs in fp32)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     height, width = (int(x) for x in args.size.split("x"))
+    min_size, max_size = (int(x) for x in args.resize.split("x"))
+    device = torch.device(args.device)
+    dtype = PRECISIONS[args.precision]
 
     config = load_config(ROOT / "config" / "detectron_config_x152.yaml")
     model = RegionDetector(config).eval()
     init_random(model)
+    model = model.to(device)
     if args.fold_batchnorm:
         fold_frozen_batchnorm(model)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-    a, b = torch.randn(MATMUL, MATMUL), torch.randn(MATMUL, MATMUL)
+    a, b = torch.randn(MATMUL, MATMUL, device=device), torch.randn(MATMUL, MATMUL, device=device)
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype else torch.autocast(device.type, enabled=False))
 
     stages: dict[str, list[float]] = {k: [] for k in ("preprocess", "backbone_fpn", "rpn", "roi_head", "selection", "matmul")}
     flops: dict[str, int] = {}
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast:
         for repeat in range(args.repeats + 1):  # the first round warms up and counts FLOPs
-            t, (resized, scale) = timed(lambda: preprocess(image))
-            tensor = torch.from_numpy(pad_to_multiple(resized))[None]
+            t, (resized, scale) = timed(lambda: preprocess(image, min_size, max_size))
+            tensor = torch.from_numpy(pad_to_multiple(resized))[None].to(device)
             if args.channels_last:
                 tensor = tensor.contiguous(memory_format=torch.channels_last)
             stages["preprocess"].append(t)
             sizes = [(tensor.shape[2], tensor.shape[3])]
             counter = FlopCounterMode(display=False) if repeat == 0 else None
             with counter if counter else torch.inference_mode():
-                t, features = timed(lambda: model.backbone(tensor))
+                t, features = timed(lambda: model.backbone(tensor), device)
             if counter:
                 flops["backbone_fpn"] = counter.get_total_flops()
             stages["backbone_fpn"].append(t)
             counter = FlopCounterMode(display=False) if repeat == 0 else None
             with counter if counter else torch.inference_mode():
-                t, proposals = timed(lambda: model.rpn(features, sizes))
+                t, proposals = timed(lambda: model.rpn(features, sizes), device)
             if counter:
                 flops["rpn"] = counter.get_total_flops()
             stages["rpn"].append(t)
             counter = FlopCounterMode(display=False) if repeat == 0 else None
             with counter if counter else torch.inference_mode():
-                t, (fc6, logits) = timed(lambda: model.roi_heads(features, proposals))
+                t, (fc6, logits) = timed(lambda: model.roi_heads(features, proposals), device)
             if counter:
                 flops["roi_head"] = counter.get_total_flops()
             stages["roi_head"].append(t)
-            probs = torch.softmax(logits[0], 1)
-            t, _ = timed(lambda: select_regions(proposals[0] / scale, probs, 100))
+            probs = torch.softmax(logits[0].float(), 1)
+            t, _ = timed(lambda: select_regions(proposals[0].float() / scale, probs, 100), device)
             stages["selection"].append(t)
-            stages["matmul"].append(timed(lambda: torch.mm(a, b))[0])
+            with torch.autocast(device.type, enabled=False):
+                stages["matmul"].append(timed(lambda: torch.mm(a, b), device)[0])
     median = {k: statistics.median(v[1:]) for k, v in stages.items()}
     matmul_gflops = 2 * MATMUL**3 / median["matmul"] / 1e9
     total_flops = sum(flops.values())
@@ -123,14 +144,15 @@ def main() -> None:
     # selection: the reference loop vs the vectorised computation on 1000 proposals
     g = torch.Generator().manual_seed(1)
     corner = torch.rand(1000, 2, generator=g) * 1000
-    boxes = torch.cat([corner, corner + torch.rand(1000, 2, generator=g) * 300 + 4], 1)
-    sel_probs = torch.softmax(torch.randn(1000, 1601, generator=g) * 3, 1)
-    loop_s, loop_best = timed(lambda: max_confidence_loop(boxes, sel_probs))
-    vec_s, (keep, conf) = timed(lambda: select_regions(boxes, sel_probs, 100))
+    boxes = torch.cat([corner, corner + torch.rand(1000, 2, generator=g) * 300 + 4], 1).to(device)
+    sel_probs = torch.softmax(torch.randn(1000, 1601, generator=g) * 3, 1).to(device)
+    loop_s, loop_best = timed(lambda: max_confidence_loop(boxes, sel_probs), device)
+    vec_s, (keep, conf) = timed(lambda: select_regions(boxes, sel_probs, 100), device)
     assert torch.equal(keep, loop_best.sort(descending=True, stable=True).indices[:100])
 
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"# Detector benchmark — {time.strftime('%Y-%m-%d')} — {platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; X-152-32x8d-FPN{' channels-last' if args.channels_last else ''}{' BN-folded' if args.fold_batchnorm else ''}, random weights, input {tensor.shape[2]}x{tensor.shape[3]}, "
+          f"{where}, {args.precision}; X-152-32x8d-FPN{' channels-last' if args.channels_last else ''}{' BN-folded' if args.fold_batchnorm else ''}, random weights, input {tensor.shape[2]}x{tensor.shape[3]}, "
           f"{num_proposals} proposals")
     for stage in ("preprocess", "backbone_fpn", "rpn", "roi_head", "selection"):
         extra = f", {flops[stage] / 1e9:.1f} GFLOP, {flops[stage] / median[stage] / 1e9:.1f} GFLOP/s" if stage in flops else ""
@@ -141,9 +163,11 @@ def main() -> None:
           f"({loop_s / vec_s:.1f}x faster, identical selection)")
     if args.json:
         args.json.write_text(json.dumps({
-            "date": time.strftime("%Y-%m-%d"), "channels_last": args.channels_last, "fold_batchnorm": args.fold_batchnorm, "input": list(tensor.shape[2:]), "proposals": num_proposals,
+            "date": time.strftime("%Y-%m-%d"), "device": str(device), "precision": args.precision,
+            "channels_last": args.channels_last, "fold_batchnorm": args.fold_batchnorm, "input": list(tensor.shape[2:]), "proposals": num_proposals,
             "median_s": median, "gflop": {k: v / 1e9 for k, v in flops.items()}, "matmul_gflops": matmul_gflops,
             "ratio_to_floor": total_s / floor_s, "selection_loop_s": loop_s, "selection_vectorised_s": vec_s,
+            "cuda_peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
         }, indent=2))
 
 

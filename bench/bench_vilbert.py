@@ -92,6 +92,9 @@ def main() -> None:
     if device == "cpu" and native_bf16_linear_available():
         served_bf16 = copy.deepcopy(model)
         pack_linear_weights(served_bf16, dtype=torch.bfloat16)
+    device_info = {}
+    if device.startswith("cuda"):
+        device_info = {"gpu": torch.cuda.get_device_name(), "cuda_weights_gb": torch.cuda.memory_allocated() / 1e9}
     a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device)
     b = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device)
     matmul_flops = 2 * MATMUL_SIZE**3
@@ -101,7 +104,7 @@ def main() -> None:
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
     results = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": torch.get_num_threads(),
                "device": device, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-               "packed_weights": served is not model, "cases": []}
+               "packed_weights": served is not model, **device_info, "cases": []}
     for batch, length in ((1, 37), (8, 23)):
         inputs = make_inputs(batch, length, 101, device)
         flops = count_flops(model, inputs)
@@ -156,6 +159,10 @@ def main() -> None:
             case["served_bf16_median_ms"] = median["served_bf16"] * 1e3
             case["served_bf16_speedup_over_served"] = median["served"] / median["served_bf16"]
             case["served_bf16_max_prob_diff"] = max_prob_diff(fp32, forward(served_bf16, torch.bfloat16))
+        if device.startswith("cuda"):
+            # the plain, served and bf16 models all live on the device: peak of the busiest forward on top of them
+            case["cuda_peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            torch.cuda.reset_peak_memory_stats()
         results["cases"].append(case)
         print(
             f"B={batch:<2d} L={length} R=101: {case['gflop_per_forward']:.2f} GFLOP/forward "

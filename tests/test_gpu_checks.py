@@ -1,0 +1,48 @@
+"""bench/gpu_checks.sh, the prepared run for a lent GPU, exercised on CPU in its quick mode so that it cannot
+rot unseen between the rare sessions that have a GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_checks_script_runs_every_step_and_writes_its_files(tmp_path):
+    # fp16 is left out on CPU (no fast kernels there); the bf16 steps run the same code with the other dtype
+    env = {**os.environ, "BENCH_QUICK": "1", "BENCH_DEVICE": "cpu", "PYTHON": sys.executable,
+           "BENCH_PRECISIONS": "fp32 bf16", "BENCH_DRIFT_OPTIONS": "bf16"}
+    result = subprocess.run(["bash", "bench/gpu_checks.sh", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    log = (tmp_path / "log.txt").read_text()
+    assert result.returncode == 0, log[-4000:]
+    assert "failed" not in log and "## done, status 0" in log
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "detector_bf16.json", "detector_bf16_cl.json", "detector_fp32.json", "drift.json",
+        "log.txt", "vilbert.json",
+    ]
+    vilbert = json.loads((tmp_path / "vilbert.json").read_text())
+    assert [case["batch"] for case in vilbert["cases"]] == [1, 8]
+    assert all(0 < case["bf16_max_prob_diff"] < 0.01 for case in vilbert["cases"])
+    for name, precision, channels_last in (("fp32", "fp32", False), ("bf16", "bf16", False), ("bf16_cl", "bf16", True)):
+        detector = json.loads((tmp_path / f"detector_{name}.json").read_text())
+        assert (detector["precision"], detector["channels_last"], detector["device"]) == (precision, channels_last, "cpu")
+        assert detector["gflop"]["backbone_fpn"] > 0 and detector["median_s"]["backbone_fpn"] > 0
+    drift = json.loads((tmp_path / "drift.json").read_text())
+    assert set(drift["results"]) == {"bf16"}
+
+
+def test_gpu_checks_reports_a_failed_step_and_goes_on(tmp_path):
+    env = {**os.environ, "BENCH_QUICK": "1", "BENCH_DEVICE": "no-such-device", "PYTHON": sys.executable,
+           "BENCH_PRECISIONS": "fp32", "BENCH_DRIFT_OPTIONS": "bf16"}
+    result = subprocess.run(["bash", "bench/gpu_checks.sh", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    log = (tmp_path / "log.txt").read_text()
+    assert result.returncode != 0
+    # every step was tried, and each says it failed
+    assert log.count("!! failed") == log.count("## ") - 2  # all but "torch" and "done"
+    assert "## detector drift" in log and "## done, status" in log
