@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,14 +13,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def run_checks(out: Path, timeout: float, **env: str) -> int:
+    """bash bench/gpu_checks.sh OUT with `env` added; the whole process group is killed on a timeout, so that no
+    benchmark outlives the test."""
+    process = subprocess.Popen(["bash", "bench/gpu_checks.sh", str(out)], cwd=ROOT, env={**os.environ, **env},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        return process.wait(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
 def test_gpu_checks_script_runs_every_step_and_writes_its_files(tmp_path):
     # fp16 is left out on CPU (no fast kernels there); the bf16 steps run the same code with the other dtype
-    env = {**os.environ, "BENCH_QUICK": "1", "BENCH_DEVICE": "cpu", "PYTHON": sys.executable,
-           "BENCH_PRECISIONS": "fp32 bf16", "BENCH_DRIFT_OPTIONS": "bf16"}
-    result = subprocess.run(["bash", "bench/gpu_checks.sh", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=600)
+    status = run_checks(tmp_path, 600, BENCH_QUICK="1", BENCH_DEVICE="cpu", PYTHON=sys.executable,
+                        BENCH_PRECISIONS="fp32 bf16", BENCH_DRIFT_OPTIONS="bf16")
     log = (tmp_path / "log.txt").read_text()
-    assert result.returncode == 0, log[-4000:]
+    assert status == 0, log[-4000:]
     assert "failed" not in log and "## done, status 0" in log
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "detector_bf16.json", "detector_bf16_cl.json", "detector_fp32.json", "drift.json",
@@ -37,12 +49,10 @@ def test_gpu_checks_script_runs_every_step_and_writes_its_files(tmp_path):
 
 
 def test_gpu_checks_reports_a_failed_step_and_goes_on(tmp_path):
-    env = {**os.environ, "BENCH_QUICK": "1", "BENCH_DEVICE": "no-such-device", "PYTHON": sys.executable,
-           "BENCH_PRECISIONS": "fp32", "BENCH_DRIFT_OPTIONS": "bf16"}
-    result = subprocess.run(["bash", "bench/gpu_checks.sh", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=300)
+    status = run_checks(tmp_path, 300, BENCH_QUICK="1", BENCH_DEVICE="no-such-device", PYTHON=sys.executable,
+                        BENCH_PRECISIONS="fp32", BENCH_DRIFT_OPTIONS="bf16")
     log = (tmp_path / "log.txt").read_text()
-    assert result.returncode != 0
+    assert status != 0
     # every step was tried, and each says it failed
     assert log.count("!! failed") == log.count("## ") - 2  # all but "torch" and "done"
     assert "## detector drift" in log and "## done, status" in log
