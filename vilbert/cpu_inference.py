@@ -34,7 +34,7 @@ def default_max_packed_rows() -> int | None:
     """Row count above which PackedLinear uses the default BLAS kernel instead; None = always packed.
 
     Measured with bench/bench_vilbert.py and per-shape sweeps (docs/PERFORMANCE.md): on an AVX-512 CPU the
-    packed kernel ran 215-222 GFLOP/s from 38 to 808 rows against 104-194 for the default path, while on AVX2
+    packed kernel ran 189-223 GFLOP/s from 38 to 808 rows against 91-195 for the default path, while on AVX2
     the default path was 10-15% faster above ~128 rows."""
     return None if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else AVX2_MAX_PACKED_ROWS
 
