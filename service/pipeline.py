@@ -103,8 +103,9 @@ class Pipeline:
             precision="fp32" if precision == "fp32" or device == "cpu" else precision,
         )
         predictor = Predictor.from_dir(model_dir, device=device, precision=precision)
-        log.info("loaded detector %s and ViLBERT from %s on %s in %.1f s", extractor.identity, model_dir, device,
-                 time.perf_counter() - started)
+        log.info("loaded detector %s (%s) and ViLBERT (%s%s) from %s on %s in %.1f s", extractor.identity,
+                 extractor.precision, predictor.precision, ", oneDNN-packed weights" if predictor.packed_weights else "",
+                 model_dir, device, time.perf_counter() - started)
         return cls(extractor, predictor, max_image_pixels=max_image_pixels, tiny=is_tiny(model_dir))
 
     @classmethod
@@ -116,7 +117,9 @@ class Pipeline:
     def info(self) -> dict:
         """What a result says about the models that produced it."""
         info = {"device": str(self.predictor.device), "detector": self.extractor.identity, "tiny": self.tiny,
-                "feature_dim": self.predictor.feature_dim}
+                "feature_dim": self.predictor.feature_dim,
+                # reduced precision changes the answers slightly: a result says what produced it
+                "precision": {"vilbert": self.predictor.precision, "detector": self.extractor.precision}}
         if self.tiny:
             info["notice"] = TINY_NOTICE
         return info

@@ -91,12 +91,24 @@ def test_bundle_is_complete_and_marked_tiny(stack):
     assert config["v_feature_size"] == 64  # the tiny detector's fc6 width
 
 
+def test_reduced_precision_is_reported_and_keeps_the_cpu_detector_in_fp32(stack):
+    from service.pipeline import InferenceRequest, Pipeline
+    from vilbert.cpu_inference import native_bf16_linear_available
+
+    bf16 = Pipeline.from_dir(stack.bundle, device="cpu", precision="bf16")
+    assert bf16.info["precision"] == {"vilbert": "bf16", "detector": "fp32"}
+    assert bf16.predictor.packed_weights == native_bf16_linear_available()
+    result = bf16.run(InferenceRequest([ASTRONAUT], "what is she holding?", ["vqa"], top_k=2))
+    assert result["model"]["precision"]["vilbert"] == "bf16" and len(result["tasks"]["vqa"]["answers"]) == 2
+
+
 def test_pipeline_in_process(pipeline):
     from service.pipeline import InferenceRequest
 
     result = pipeline.run(InferenceRequest([ASTRONAUT], "what is she holding?", ["vqa", "refcoco"], top_k=4))
     assert len(result["tasks"]["vqa"]["answers"]) == 4 and len(result["tasks"]["refcoco"]["regions"]) == 4
     assert result["model"]["tiny"] is True and "meaningless" in result["model"]["notice"]
+    assert result["model"]["precision"] == {"vilbert": "fp32", "detector": "fp32"}
     assert set(result["timings"]) == {"decode_s", "detector_s", "vilbert_s"}
     # run_many: one failing request does not fail the others, and each result equals running it alone.
     outcomes = pipeline.run_many([InferenceRequest([b"not an image"], "x", ["vqa"]),
