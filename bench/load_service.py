@@ -333,7 +333,10 @@ def phase_load(work: Path, bundle: Path, jobs: int) -> dict:
         result.update(memory_start=memory_start, memory_middle=samples[len(samples) // 2] if samples else None,
                       memory_end=stack.memory(),
                       worker_rss_max_mb=max((m["worker_rss_mb"] for m in samples), default=None),
-                      web_rss_max_mb=max((m["web_rss_mb"] for m in samples), default=None))
+                      web_rss_max_mb=max((m["web_rss_mb"] for m in samples), default=None),
+                      # the shape of the curve over the run: levelling off, or still climbing at the end
+                      worker_rss_by_tenth_mb=[samples[len(samples) * k // 10]["worker_rss_mb"] for k in range(10)]
+                      if len(samples) >= 10 else None)
         return brief(result)
     finally:
         stack.close()
