@@ -227,6 +227,19 @@ def test_bf16_stays_close_to_fp32(bundle, predictor):
         Predictor.from_dir(bundle, precision="int3")
 
 
+def test_slow_cpu_precisions_are_warned_about(bundle, caplog):
+    from vilbert.cpu_inference import native_bf16_linear_available
+
+    with caplog.at_level("WARNING", logger="vilbert.predictor"):
+        Predictor.from_dir(bundle, precision="fp32")
+        assert not caplog.records
+        Predictor.from_dir(bundle, precision="fp16")
+        assert "fp16 on this CPU runs slower than fp32" in caplog.text
+        caplog.clear()
+        Predictor.from_dir(bundle, precision="bf16")
+        assert ("bf16 on this CPU runs slower" in caplog.text) != native_bf16_linear_available()
+
+
 def test_bundle_errors(tmp_path, bundle):
     with pytest.raises(FileNotFoundError, match="make_tiny.py"):
         Predictor.from_dir(tmp_path)

@@ -9,6 +9,7 @@ task's token id per row.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,8 @@ VOCAB_FILE = "vocab.txt"
 # Regions the detector contributes to every row (100 boxes + the global region), as in training.
 DETECTED_REGIONS = 101
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+log = logging.getLogger(__name__)
 
 
 class RegionsLike(Protocol):
@@ -160,6 +163,10 @@ class Predictor:
                 self.packed_weights = pack_linear_weights(self.model) > 0
             elif precision == "bf16" and native_bf16_linear_available():
                 self.packed_weights = pack_linear_weights(self.model, dtype=torch.bfloat16) > 0
+        if self.device.type == "cpu" and precision != "fp32" and not (precision == "bf16" and native_bf16_linear_available()):
+            # measured (docs/PERFORMANCE.md): fp16 3x, bf16 without native instructions 3-8x slower than fp32
+            log.warning("precision %s on this CPU runs slower than fp32 (it lacks native %s instructions); "
+                        "on CPU use fp32, or bf16 where the CPU has AVX512-BF16 or AMX", precision, precision)
         self.tokenizer = tokenizer
         self.answers = answers
         self.tasks = registry or TaskRegistry.from_file()
