@@ -158,12 +158,14 @@ class Predictor:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.packed_weights = False
-        if pack_cpu_weights and self.device.type == "cpu":
+        on_cpu = self.device.type == "cpu"
+        native_bf16 = on_cpu and precision == "bf16" and native_bf16_linear_available()
+        if pack_cpu_weights and on_cpu:
             if precision == "fp32" and onednn_linear_available():
                 self.packed_weights = pack_linear_weights(self.model) > 0
-            elif precision == "bf16" and native_bf16_linear_available():
+            elif native_bf16:
                 self.packed_weights = pack_linear_weights(self.model, dtype=torch.bfloat16) > 0
-        if self.device.type == "cpu" and precision != "fp32" and not (precision == "bf16" and native_bf16_linear_available()):
+        if on_cpu and precision != "fp32" and not native_bf16:
             # measured (docs/PERFORMANCE.md): fp16 3x, bf16 without native instructions 3-8x slower than fp32
             log.warning("precision %s on this CPU runs slower than fp32 (it lacks native %s instructions); "
                         "on CPU use fp32, or bf16 where the CPU has AVX512-BF16 or AMX", precision, precision)
