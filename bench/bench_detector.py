@@ -38,6 +38,7 @@ from detector.extractor import pad_to_multiple, preprocess  # noqa: E402
 from detector.fusion import fold_frozen_batchnorm  # noqa: E402
 from detector.model import RegionDetector  # noqa: E402
 from detector.selection import max_confidence_loop, select_regions  # noqa: E402
+from timing import timed  # noqa: E402  (bench/, this script's folder)
 
 MATMUL = 2048
 
@@ -57,17 +58,6 @@ def init_random(model: torch.nn.Module) -> None:
                 tensor.normal_(0, (1.0 / tensor[0].numel()) ** 0.5)
                 if "rpn.head.bbox_pred" in name or "cls_score" in name:
                     tensor.mul_(0.01)
-
-
-def timed(fn, device: torch.device = torch.device("cpu")):
-    """(seconds, result) of fn(), with the device's queued work finished on both sides."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start, out
 
 
 def main() -> None:

@@ -34,6 +34,7 @@ from vilbert.cpu_inference import (  # noqa: E402
     pack_linear_weights,
 )
 from vilbert.modeling import ViLBertForVLTasks  # noqa: E402
+from timing import timed  # noqa: E402  (bench/, this script's folder)
 
 CONFIG = Path(__file__).resolve().parent.parent / "config" / "bert_base_6layer_6conect.json"
 MATMUL_SIZE = 2048
@@ -56,19 +57,6 @@ def count_flops(model, inputs, pretraining_heads: bool = False) -> int:
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
         model(**inputs, output_pretraining_heads=pretraining_heads)
     return counter.get_total_flops()
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: str) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -134,11 +122,11 @@ def main() -> None:
                 matmul_onednn()
         times: dict[str, list[float]] = {"matmul": [], "matmul_onednn": [], **{name: [] for name in variants}}
         for _ in range(args.repeats):  # interleaved, so that load from other processes hits all alike
-            times["matmul"].append(timed(lambda: torch.mm(a, b), device))
+            times["matmul"].append(timed(lambda: torch.mm(a, b), device)[0])
             if packed_b is not None:
-                times["matmul_onednn"].append(timed(matmul_onednn, device))
+                times["matmul_onednn"].append(timed(matmul_onednn, device)[0])
             for name, (net, precision) in variants.items():
-                times[name].append(timed(lambda: forward(net, precision), device))
+                times[name].append(timed(lambda: forward(net, precision), device)[0])
         median = {k: statistics.median(v) for k, v in times.items() if v}
         matmul_gflops = matmul_flops / median["matmul"] / 1e9
         floor_s = flops / (matmul_gflops * 1e9)
