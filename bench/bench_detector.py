@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from detector.config import load_config  # noqa: E402
-from detector.extractor import PRECISIONS  # noqa: E402
+from detector.extractor import PRECISIONS, precision_autocast  # noqa: E402
 from detector.extractor import pad_to_multiple, preprocess  # noqa: E402
 from detector.fusion import fold_frozen_batchnorm  # noqa: E402
 from detector.model import RegionDetector  # noqa: E402
@@ -89,11 +89,10 @@ def main() -> None:
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
     a, b = torch.randn(MATMUL, MATMUL, device=device), torch.randn(MATMUL, MATMUL, device=device)
-    autocast = (torch.autocast(device.type, dtype=dtype) if dtype else torch.autocast(device.type, enabled=False))
 
     stages: dict[str, list[float]] = {k: [] for k in ("preprocess", "backbone_fpn", "rpn", "roi_head", "selection", "matmul")}
     flops: dict[str, int] = {}
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), precision_autocast(device.type, dtype):
         for repeat in range(args.repeats + 1):  # the first round warms up and counts FLOPs
             t, (resized, scale) = timed(lambda: preprocess(image, min_size, max_size))
             tensor = torch.from_numpy(pad_to_multiple(resized))[None].to(device)

@@ -67,6 +67,11 @@ def _fingerprint(config_path: Path, checkpoint_path: Path, extra: str) -> str:
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def precision_autocast(device_type: str, dtype: torch.dtype | None) -> torch.autocast:
+    """Autocast to `dtype` (a PRECISIONS value); None = explicitly off, so an outer autocast cannot leak in."""
+    return torch.autocast(device_type, dtype=dtype) if dtype else torch.autocast(device_type, enabled=False)
+
+
 class RegionFeatureExtractor:
     def __init__(self, model: RegionDetector, device: str | torch.device = "cpu", min_size: int = 800,
                  max_size: int = 1333, num_regions: int = 100, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -124,8 +129,7 @@ class RegionFeatureExtractor:
 
     def _run(self, tensor: torch.Tensor, boxes: torch.Tensor | None = None):
         size = [(tensor.shape[2], tensor.shape[3])]
-        autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else torch.autocast(self.device.type, enabled=False)
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), precision_autocast(self.device.type, self.dtype):
             features = self.model.backbone(tensor)
             proposals = [boxes] if boxes is not None else self.model.rpn(features, size)
             fc6, logits = self.model.roi_heads(features, proposals)
