@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         for spec in specs:
             split = splits.get(spec.name, splits.get(str(spec.task_id), splits.get("*", spec.val_split)))
             dataset = TaskDataset(spec, split, data_root, tokenizer, args.seed, features.get(spec.name), four_way=False)
-            answers = load_answers(spec, model_dir, data_root) if spec.kind == "classifier" else None
+            answers = load_answers(spec, model_dir, data_root) if spec.answers else None
             result, predictions = evaluate_task(model, dataset, ctx, args.batch_size, answers, args.precision,
                                                 args.num_workers)
             write_json(out_dir / f"{spec.name}_{split}_result.json", predictions)

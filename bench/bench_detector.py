@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from detector.config import load_config  # noqa: E402
-from detector.extractor import PRECISIONS, precision_autocast  # noqa: E402
+from modelkit.precision import PRECISIONS, precision_autocast  # noqa: E402
+from modelkit.regions import REGIONS_PER_IMAGE  # noqa: E402
 from detector.extractor import pad_to_multiple, preprocess  # noqa: E402
 from detector.fusion import fold_frozen_batchnorm  # noqa: E402
 from detector.model import RegionDetector  # noqa: E402
@@ -76,7 +77,6 @@ def main() -> None:
     height, width = (int(x) for x in args.size.split("x"))
     min_size, max_size = (int(x) for x in args.resize.split("x"))
     device = torch.device(args.device)
-    dtype = PRECISIONS[args.precision]
 
     config = load_config(ROOT / "config" / "detectron_config_x152.yaml")
     model = RegionDetector(config).eval()
@@ -92,7 +92,7 @@ def main() -> None:
 
     stages: dict[str, list[float]] = {k: [] for k in ("preprocess", "backbone_fpn", "rpn", "roi_head", "selection", "matmul")}
     flops: dict[str, int] = {}
-    with torch.inference_mode(), precision_autocast(device.type, dtype):
+    with torch.inference_mode(), precision_autocast(device.type, args.precision):
         for repeat in range(args.repeats + 1):  # the first round warms up and counts FLOPs
             t, (resized, scale) = timed(lambda: preprocess(image, min_size, max_size))
             tensor = torch.from_numpy(pad_to_multiple(resized))[None].to(device)
@@ -119,7 +119,7 @@ def main() -> None:
                 flops["roi_head"] = counter.get_total_flops()
             stages["roi_head"].append(t)
             probs = torch.softmax(logits[0].float(), 1)
-            t, _ = timed(lambda: select_regions(proposals[0].float() / scale, probs, 100), device)
+            t, _ = timed(lambda: select_regions(proposals[0].float() / scale, probs, REGIONS_PER_IMAGE), device)
             stages["selection"].append(t)
             with torch.autocast(device.type, enabled=False):
                 stages["matmul"].append(timed(lambda: torch.mm(a, b), device)[0])
@@ -136,7 +136,7 @@ def main() -> None:
     boxes = torch.cat([corner, corner + torch.rand(1000, 2, generator=g) * 300 + 4], 1).to(device)
     sel_probs = torch.softmax(torch.randn(1000, 1601, generator=g) * 3, 1).to(device)
     loop_s, loop_best = timed(lambda: max_confidence_loop(boxes, sel_probs), device)
-    vec_s, (keep, conf) = timed(lambda: select_regions(boxes, sel_probs, 100), device)
+    vec_s, (keep, conf) = timed(lambda: select_regions(boxes, sel_probs, REGIONS_PER_IMAGE), device)
     assert torch.equal(keep, loop_best.sort(descending=True, stable=True).indices[:100])
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from modelkit.regions import REGIONS_PER_IMAGE
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--out", required=True, help="feature store directory (created if absent)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--num-regions", type=int, default=100)
+    parser.add_argument("--num-regions", type=int, default=REGIONS_PER_IMAGE)
     parser.add_argument("--min-size", type=int, default=800)
     parser.add_argument("--max-size", type=int, default=1333)
     args = parser.parse_args(argv)

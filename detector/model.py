@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from pathlib import Path
 from typing import Mapping
 
 import torch
 from torch import nn
+
+from modelkit.checkpoint import describe_key_problems, read_tensor_dict
 
 from .backbone import Backbone
 from .config import DetectorConfig
@@ -46,21 +47,7 @@ class RegionDetector(nn.Module):
 
 def read_checkpoint(path: str | os.PathLike) -> "OrderedDict[str, torch.Tensor]":
     """Load `detectron_model.pth` safely: {"model": state_dict} (or a bare state dict), `module.` stripped."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"detector checkpoint not found: {path}")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise DetectorCheckpointError(f"{path}: cannot be read with weights_only=True ({exc})") from exc
-    if isinstance(loaded, Mapping) and isinstance(loaded.get("model"), Mapping):
-        loaded = loaded["model"]
-    if not isinstance(loaded, Mapping):
-        raise DetectorCheckpointError(f"{path}: expected {{'model': state_dict}} or a state dict")
-    state = OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in loaded.items())
-    if not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise DetectorCheckpointError(f"{path}: state dict values must all be tensors")
-    return state
+    return read_tensor_dict(path, "detector checkpoint", ("model",), DetectorCheckpointError)
 
 
 def load_detector_state(model: RegionDetector, state: Mapping[str, torch.Tensor]) -> None:
@@ -71,13 +58,9 @@ def load_detector_state(model: RegionDetector, state: Mapping[str, torch.Tensor]
     misshaped = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
                  for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     unexpected = [k for k in state if k not in expected and not k.startswith(OPTIONAL_PREFIXES)]
-    problems = []
-    for title, keys in (("missing", missing), ("mis-shaped", misshaped), ("unexpected", unexpected)):
-        if keys:
-            shown = "\n    ".join(keys[:20]) + (f"\n    … and {len(keys) - 20} more" if len(keys) > 20 else "")
-            problems.append(f"  {len(keys)} {title} key(s):\n    {shown}")
+    problems = describe_key_problems((("missing", missing), ("mis-shaped", misshaped), ("unexpected", unexpected)))
     if problems:
-        raise DetectorCheckpointError("detector checkpoint does not match the config:\n" + "\n".join(problems))
+        raise DetectorCheckpointError("detector checkpoint does not match the config:\n" + problems)
     anchors = [k for k in expected if k.startswith(ANCHOR_PREFIX)]
     for key in anchors:  # the checkpoint's own anchors, when saved, must be the legacy ones this code generates
         if key in state and not torch.allclose(state[key].float(), expected[key].float()):

@@ -9,7 +9,7 @@ release host, copies the packaged bert-base-uncased ``vocab.txt``, and builds ``
 exist only inside the multi-GB ``datasets.tar.gz``. The archive is streamed and only those two
 members are read (the rest is never written to disk); ``--archive`` or ``--vqa-label2ans`` /
 ``--gqa-label2ans`` take local copies instead. The pickles are read with a reader that admits no
-globals (``models/safe_pickle.py``).
+globals (``vilbert_train/safe_pickle.py``, stdlib only).
 
 Every download goes to ``NAME.part`` first, resumes with HTTP Range requests (within a run and
 across runs), is fsynced, checked for size and sha256, and only then renamed into place. The size
@@ -43,10 +43,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Optional
 
-if __package__ in (None, ""):  # run as `python models/fetch.py`: make `models.` importable
+if __package__ in (None, ""):  # run as `python models/fetch.py`: make the checkout's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.safe_pickle import MAX_PICKLE_BYTES, Label2AnsError, load_label2ans  # noqa: E402
+from vilbert_train.safe_pickle import MAX_PICKLE_BYTES, Label2AnsError, load_label2ans  # noqa: E402
 
 DEFAULT_BASE_URL = "https://dl.fbaipublicfiles.com/vilbert-multi-task/"
 BASE_URL_ENV = "VILBERT_WEIGHTS_URL"

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "weights"
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
-PRECISIONS = ("fp32", "bf16", "fp16")
+from modelkit.precision import PRECISIONS  # noqa: E402  (the one table of precision names)
 # Task set for a request that names none: one answer head of each family that reads one image.
 DEFAULT_TASKS = ("vqa", "gqa", "snli_ve", "refcoco", "retrieval_coco")
 

@@ -1,4 +1,4 @@
-"""models/safe_pickle.py: plain answer lists load; anything naming a global is refused unexecuted."""
+"""vilbert_train/safe_pickle.py: plain answer lists load; anything naming a global is refused unexecuted."""
 from __future__ import annotations
 
 import datetime
@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 
-from models.safe_pickle import Label2AnsError, load_label2ans
+from vilbert_train.safe_pickle import Label2AnsError, load_label2ans
 
 
 class _Exploit:

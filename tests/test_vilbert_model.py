@@ -75,13 +75,12 @@ def assert_close_relative(ours: torch.Tensor, ref: torch.Tensor, name: str, rel:
 
 def assert_matches_reference(model, inputs, rel=1e-4):
     with torch.inference_mode():
-        ours = model(**inputs, output_pretraining_heads=True)
+        pairs = inputs["input_ids"].shape[0] % 2 == 0
+        ours = model(**inputs, output_pretraining_heads=True, pairs=pairs)
         ref = reference_forward({k: v.float() for k, v in model.state_dict().items()}, model.config.to_dict(), **inputs)
     names = HEADS + ["linguisic_prediction", "vision_prediction"]
-    if inputs["input_ids"].shape[0] % 2 == 0:
+    if pairs:
         names.append("vil_binary_prediction")
-    else:
-        assert ours.vil_binary_prediction is None  # no silent fallback to the pre-training head on odd batches
     for name in names:
         assert getattr(ours, name).shape == ref[name].shape, name
         assert_close_relative(getattr(ours, name), ref[name], name, rel)
@@ -256,11 +255,13 @@ def test_task_token_changes_the_answer_and_nlvr2_pairs_rows():
     inputs = random_inputs(model.config, 2, length=8, regions=6)
     other = dict(inputs, task_ids=inputs["task_ids"] % 19 + 1)
     with torch.inference_mode():
-        a, b = model(**inputs), model(**other)
+        a, b = model(**inputs, pairs=True), model(**other)
         assert not torch.allclose(a.vil_prediction, b.vil_prediction)
         pair = model.pair_prediction(a.pooled_output)
     assert pair.shape == (1, 2)
     torch.testing.assert_close(pair, a.vil_binary_prediction)
+    # the pair head runs only when asked for: an even batch of unrelated rows is not paired
+    assert b.vil_binary_prediction is None
     with pytest.raises(ValueError, match="even number"):
         model.pair_prediction(a.pooled_output[:1])
 
@@ -280,7 +281,7 @@ def test_packed_cpu_weights_give_the_same_outputs():
     assert not isinstance(packed.cls.predictions.decoder, PackedLinear)
     inputs = random_inputs(model.config, 2, 8, 6)
     with torch.inference_mode():
-        a, b = model(**inputs, output_pretraining_heads=True), packed(**inputs, output_pretraining_heads=True)
+        a, b = model(**inputs, output_pretraining_heads=True, pairs=True), packed(**inputs, output_pretraining_heads=True, pairs=True)
     for name in HEADS + ["vil_binary_prediction", "linguisic_prediction", "vision_prediction"]:
         assert_close_relative(getattr(b, name), getattr(a, name), name, rel=1e-5)
 

@@ -10,6 +10,8 @@ from typing import Mapping
 
 import torch
 
+from modelkit.checkpoint import MODULE_PREFIX, describe_key_problems, read_tensor_dict
+
 from .configuration import ViLBertConfig
 from .modeling import ViLBertForVLTasks
 
@@ -30,8 +32,8 @@ def normalise_keys(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, 
     """Strip a DataParallel/DDP `module.` prefix and rename TF-style LayerNorm `gamma`/`beta`."""
     normalised: OrderedDict[str, torch.Tensor] = OrderedDict()
     for key, value in state_dict.items():
-        if key.startswith("module."):
-            key = key[len("module."):]
+        if key.startswith(MODULE_PREFIX):
+            key = key[len(MODULE_PREFIX):]
         if key.endswith(".gamma"):
             key = key[: -len("gamma")] + "weight"
         elif key.endswith(".beta"):
@@ -42,21 +44,7 @@ def normalise_keys(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, 
 
 def read_state_dict(path: str | os.PathLike) -> "OrderedDict[str, torch.Tensor]":
     """Load a checkpoint file safely (`weights_only=True`: no code in the file is executed)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ViLBERT checkpoint not found: {path}")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt or unsafe files
-        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint with weights_only=True ({exc})") from exc
-    if isinstance(loaded, Mapping):
-        for container in STATE_DICT_CONTAINER_KEYS:
-            if isinstance(loaded.get(container), Mapping):
-                loaded = loaded[container]
-                break
-    if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise CheckpointError(f"{path}: expected a state dict (a mapping of parameter names to tensors)")
-    return normalise_keys(loaded)
+    return normalise_keys(read_tensor_dict(path, "ViLBERT checkpoint", STATE_DICT_CONTAINER_KEYS, CheckpointError))
 
 
 def describe_mismatch(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -69,12 +57,7 @@ def describe_mismatch(model: torch.nn.Module, state_dict: Mapping[str, torch.Ten
         for k, v in expected.items()
         if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
     ]
-    lines = []
-    for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-        if keys:
-            shown = "\n    ".join(keys[:20]) + (f"\n    … and {len(keys) - 20} more" if len(keys) > 20 else "")
-            lines.append(f"  {len(keys)} {title} key(s):\n    {shown}")
-    return "\n".join(lines)
+    return describe_key_problems((("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)))
 
 
 def build_model(config: ViLBertConfig, device: str | torch.device = "cpu") -> ViLBertForVLTasks:

@@ -433,11 +433,11 @@ class ViLBertOutput:
     vil_prediction: torch.Tensor  # [B, 3129] VQA / Genome QA answer logits
     vil_prediction_gqa: torch.Tensor  # [B, 1533] GQA answer logits
     vil_logit: torch.Tensor  # [B, 1] image-text match score (retrieval)
-    vil_binary_prediction: torch.Tensor | None  # [B/2, 2] NLVR2 over row pairs (2i, 2i+1); None for odd B
     vil_tri_prediction: torch.Tensor  # [B, 3] contradiction / neutral / entailment
     vision_logit: torch.Tensor  # [B, R, 1] per-region grounding score, padded regions at -10000
     linguisic_logit: torch.Tensor  # [B, L, 1]
     pooled_output: torch.Tensor  # [B, C] fused representation every vil_* head reads
+    vil_binary_prediction: torch.Tensor | None = None  # [B/2, 2] NLVR2 over row pairs (2i, 2i+1), only with pairs
     vision_prediction: torch.Tensor | None = None  # [B, R, 1601] only with output_pretraining_heads
     linguisic_prediction: torch.Tensor | None = None  # [B, L, vocab] only with output_pretraining_heads
     seq_relationship: torch.Tensor | None = None  # [B, 2] only with output_pretraining_heads
@@ -495,10 +495,13 @@ class ViLBertForVLTasks(nn.Module):
         image_attention_mask: torch.Tensor | None = None,
         task_ids: torch.Tensor | None = None,
         output_pretraining_heads: bool = False,
+        pairs: bool = False,
     ) -> ViLBertOutput:
         """input_ids [B, L0] long, features [B, R, 2048], spatials [B, R, 5], token_type_ids [B, L0],
         attention_mask [B, L0] (1 = real token), image_attention_mask [B, R] (1 = real region),
-        task_ids [B, 1] long (required when the model has task tokens)."""
+        task_ids [B, 1] long (required when the model has task tokens).
+        pairs: the rows are NLVR2 pairs (2i, 2i+1); only then is the pair head computed (an even B is needed).
+        Without it, rows of unrelated requests in one batch are never paired."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         if attention_mask is None:
@@ -514,11 +517,11 @@ class ViLBertForVLTasks(nn.Module):
             vil_prediction=self.vil_prediction(pooled),
             vil_prediction_gqa=self.vil_prediction_gqa(pooled),
             vil_logit=self.vil_logit(pooled),
-            vil_binary_prediction=self.pair_prediction(pooled) if pooled.shape[0] % 2 == 0 else None,
             vil_tri_prediction=self.vil_tri_prediction(pooled),
             vision_logit=self.vision_logit(self.dropout(visual)) + region_mask,
             linguisic_logit=self.linguisic_logit(self.dropout(text)),
             pooled_output=pooled,
+            vil_binary_prediction=self.pair_prediction(pooled) if pairs else None,
         )
         if output_pretraining_heads:
             output.linguisic_prediction = self.cls.predictions(text)

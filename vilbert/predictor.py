@@ -8,7 +8,6 @@ task's token id per row.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -17,6 +16,9 @@ from typing import Protocol, Sequence
 
 import numpy as np
 import torch
+
+from modelkit.precision import check_precision, precision_autocast
+from modelkit.regions import VISUAL_ROWS_PER_IMAGE
 
 from .answers import load_bundle_answers
 from .checkpoint import load_model
@@ -31,9 +33,8 @@ PACKAGED_CONFIG = config_file("bert_base_6layer_6conect.json")
 CHECKPOINT_FILE = "multi_task_model.bin"
 CONFIG_FILE = "vilbert_config.json"
 VOCAB_FILE = "vocab.txt"
-# Regions the detector contributes to every row (100 boxes + the global region), as in training.
-DETECTED_REGIONS = 101
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Regions the detector contributes to every row (its boxes + the global region), as in training.
+DETECTED_REGIONS = VISUAL_ROWS_PER_IMAGE
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +154,7 @@ class Predictor:
     ):
         """pack_cpu_weights: on CPU, reorder the Linear weights for oneDNN (see cpu_inference) in fp32, and in
         bf16 where the CPU has native bf16 instructions; the model is then inference-only."""
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        check_precision(precision)
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.packed_weights = False
@@ -290,12 +290,6 @@ class Predictor:
         # every other task reads the first image.
         return range(count) if task.max_images != 1 else range(1)
 
-    def _autocast(self):
-        dtype = PRECISIONS[self.precision]
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
-
     def _run(self, rows: list[_Row]) -> list[dict[str, torch.Tensor]]:
         """One forward per distinct region count (normally one), rows padded within it. Returns per-row heads."""
         per_row: list[dict[str, torch.Tensor] | None] = [None] * len(rows)
@@ -335,7 +329,7 @@ class Predictor:
             image_mask[i, :r] = 1
         task_ids = torch.tensor([[row.task.task_id] for row in rows], dtype=torch.long)
         device = self.device
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), precision_autocast(self.device.type, self.precision):
             return self.model(
                 input_ids=input_ids.to(device),
                 features=features.to(device),
@@ -349,50 +343,58 @@ class Predictor:
     # ----------------------------------------------------------------------------------------------------------
 
     def _decode(self, task: Task, outs: list[dict[str, torch.Tensor]], rows: list[_Row], ids: list[int], top_k: int) -> dict:
-        result: dict = {"task_id": task.task_id}
-        if task.kind == "answer":
-            probs = softmax(outs[0][task.head])
-            values, indices = probs.topk(min(top_k, probs.numel()))
-            vocab = self.answers[task.answers]
-            result["answers"] = [
-                {"answer": vocab[i], "probability": round(float(p), 6)} for p, i in zip(values.tolist(), indices.tolist())
-            ]
-        elif task.kind == "entailment":
-            probs = softmax(outs[0]["vil_tri_prediction"]).tolist()
-            labels = task.labels or ("contradiction", "neutral", "entailment")
-            best = int(np.argmax(probs))
-            result.update(label=labels[best], probabilities={l: round(p, 6) for l, p in zip(labels, probs)})
-        elif task.kind == "binary":
-            with torch.inference_mode(), self._autocast():
-                logits = self.model.pair_prediction(torch.stack([o["pooled_output"] for o in outs]))[0]
-            probs = softmax(logits).tolist()
-            labels = task.labels or ("false", "true")
-            best = int(np.argmax(probs))
-            result.update(label=labels[best], probability=round(probs[best], 6),
-                          probabilities={l: round(p, 6) for l, p in zip(labels, probs)})
-        elif task.kind == "score":
-            scores = torch.stack([o["vil_logit"] for o in outs]).float()
-            result.update(
-                scores=[round(float(s), 6) for s in scores],
-                probabilities=[round(float(p), 6) for p in softmax(scores)],
-                ranking=[int(i) for i in torch.argsort(scores, descending=True, stable=True)],
-            )
-        elif task.kind == "grounding":
-            regions = rows[ids[0]].regions
-            logits = outs[0]["vision_logit"][: len(regions.features)]
-            probs = softmax(logits)
-            values, indices = probs.topk(min(top_k, probs.numel()))
-            result["regions"] = [
-                {"box": [round(float(c), 2) for c in regions.boxes[i]], "score": round(float(p), 6), "region": int(i)}
-                for p, i in zip(values.tolist(), indices.tolist())
-            ]
-        elif task.kind == "pointing":
-            regions = rows[ids[0]].regions
-            start = len(regions.features) - regions.num_candidates
-            probs = softmax(outs[0]["vision_logit"][start: len(regions.features)])
-            result["candidates"] = [
-                {"box": [round(float(c), 2) for c in regions.boxes[start + i]], "score": round(float(p), 6)}
-                for i, p in enumerate(probs.tolist())
-            ]
-            result["best"] = int(torch.argmax(probs))
-        return result
+        """The JSON answer of one task from its rows' outputs (`outs`, the rows at `ids`)."""
+        return {"task_id": task.task_id, **self._DECODERS[task.kind](self, task, outs, [rows[i] for i in ids], top_k)}
+
+    def _decode_answer(self, task: Task, outs: list[dict[str, torch.Tensor]], rows: list[_Row], top_k: int) -> dict:
+        probs = softmax(outs[0][task.head])
+        values, indices = probs.topk(min(top_k, probs.numel()))
+        vocab = self.answers[task.answers]
+        return {"answers": [{"answer": vocab[i], "probability": round(float(p), 6)}
+                            for p, i in zip(values.tolist(), indices.tolist())]}
+
+    def _decode_entailment(self, task: Task, outs: list[dict[str, torch.Tensor]], rows: list[_Row], top_k: int) -> dict:
+        probs = softmax(outs[0]["vil_tri_prediction"]).tolist()
+        labels = task.labels or ("contradiction", "neutral", "entailment")
+        best = int(np.argmax(probs))
+        return dict(label=labels[best], probabilities={l: round(p, 6) for l, p in zip(labels, probs)})
+
+    def _decode_binary(self, task: Task, outs: list[dict[str, torch.Tensor]], rows: list[_Row], top_k: int) -> dict:
+        # The forward ran without `pairs` (a served batch mixes requests): the pair head reads this request's
+        # two rows here, once.
+        with torch.inference_mode(), precision_autocast(self.device.type, self.precision):
+            logits = self.model.pair_prediction(torch.stack([o["pooled_output"] for o in outs]))[0]
+        probs = softmax(logits).tolist()
+        labels = task.labels or ("false", "true")
+        best = int(np.argmax(probs))
+        return dict(label=labels[best], probability=round(probs[best], 6),
+                    probabilities={l: round(p, 6) for l, p in zip(labels, probs)})
+
+    def _decode_score(self, task: Task, outs: list[dict[str, torch.Tensor]], rows: list[_Row], top_k: int) -> dict:
+        scores = torch.stack([o["vil_logit"] for o in outs]).float()
+        return dict(
+            scores=[round(float(s), 6) for s in scores],
+            probabilities=[round(float(p), 6) for p in softmax(scores)],
+            ranking=[int(i) for i in torch.argsort(scores, descending=True, stable=True)],
+        )
+
+    def _decode_grounding(self, task: Task, outs: list[dict[str, torch.Tensor]], rows: list[_Row], top_k: int) -> dict:
+        regions = rows[0].regions
+        probs = softmax(outs[0]["vision_logit"][: len(regions.features)])
+        values, indices = probs.topk(min(top_k, probs.numel()))
+        return {"regions": [
+            {"box": [round(float(c), 2) for c in regions.boxes[i]], "score": round(float(p), 6), "region": int(i)}
+            for p, i in zip(values.tolist(), indices.tolist())
+        ]}
+
+    def _decode_pointing(self, task: Task, outs: list[dict[str, torch.Tensor]], rows: list[_Row], top_k: int) -> dict:
+        regions = rows[0].regions
+        start = len(regions.features) - regions.num_candidates
+        probs = softmax(outs[0]["vision_logit"][start: len(regions.features)])
+        candidates = [{"box": [round(float(c), 2) for c in regions.boxes[start + i]], "score": round(float(p), 6)}
+                      for i, p in enumerate(probs.tolist())]
+        return {"candidates": candidates, "best": int(torch.argmax(probs))}
+
+    # The decoder of each task kind (vilbert.tasks.KINDS): (self, task, its rows' outputs, its rows, top_k).
+    _DECODERS = {"answer": _decode_answer, "entailment": _decode_entailment, "binary": _decode_binary,
+                 "score": _decode_score, "grounding": _decode_grounding, "pointing": _decode_pointing}

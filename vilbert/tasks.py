@@ -17,6 +17,8 @@ DEFAULT_REGISTRY = config_file("tasks.json")
 
 KINDS = ("answer", "score", "grounding", "pointing", "binary", "entailment")
 HEADS = ("vil_prediction", "vil_prediction_gqa", "vil_logit", "vil_binary_prediction", "vil_tri_prediction", "vision_logit")
+# The head that reads two rows (2i, 2i+1) at once: the model computes it only when asked (forward's `pairs`).
+PAIR_HEAD = "vil_binary_prediction"
 
 # What each kind of task returns, for the API's task listing.
 KIND_ANSWERS = {

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -39,28 +39,20 @@ def iou(boxes: np.ndarray, box: np.ndarray) -> np.ndarray:
     return (inter / (area + box_area - inter)).astype(np.float32)
 
 
+# The annotation reader of each task family (TaskSpec.family): (dataset root, split) -> examples.
+READERS: dict[str, Callable[[Path, str], Any]] = {
+    "vqa": ann.read_vqa, "genome": ann.read_genome, "gqa": ann.read_gqa, "nlvr2": ann.read_nlvr2,
+    "snli_ve": ann.read_snli_ve, "visual7w": ann.read_visual7w, "guesswhat": ann.read_guesswhat,
+    "retrieval_coco": lambda root, split: ann.read_retrieval(root, split, coco=True),
+    "retrieval_flickr": lambda root, split: ann.read_retrieval(root, split, coco=False),
+    **{name: (lambda root, split, name=name: ann.read_refer(root, name, split)) for name in ann.REFER_DATASETS},
+}
+
+
 def load_examples(spec: TaskSpec, split: str, data_root: Path) -> Any:
-    root = Path(data_root) / spec.dataroot
-    family = spec.family
-    if family == "vqa":
-        return ann.read_vqa(root, split)
-    if family == "genome":
-        return ann.read_genome(root, split)
-    if family == "gqa":
-        return ann.read_gqa(root, split)
-    if family == "nlvr2":
-        return ann.read_nlvr2(root, split)
-    if family == "snli_ve":
-        return ann.read_snli_ve(root, split)
-    if family in ("retrieval_coco", "retrieval_flickr"):
-        return ann.read_retrieval(root, split, coco=family == "retrieval_coco")
-    if family in ann.REFER_DATASETS:
-        return ann.read_refer(root, family, split)
-    if family == "visual7w":
-        return ann.read_visual7w(root, split)
-    if family == "guesswhat":
-        return ann.read_guesswhat(root, split)
-    raise ValueError(f"no reader for {family}")
+    if spec.family not in READERS:
+        raise ValueError(f"no reader for {spec.family}")
+    return READERS[spec.family](Path(data_root) / spec.dataroot, split)
 
 
 class TaskDataset(Dataset):
@@ -141,63 +133,81 @@ class TaskDataset(Dataset):
         }
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        spec, example = self.spec, self.examples[index]
-        kind, regions = spec.kind, spec.max_region_num
-        item: dict[str, Any]
-        if kind == "retrieval" and self.four_way:
-            item = self._retrieval_item(index)
-        elif kind == "binary":
-            visuals = [visual_input(self._image(i), regions) for i in example.image_ids]
-            item = self.rows([example.text] * 2, visuals)
-            label = example.labels[0]
-            item["label"] = np.int64(label)
-            item["target"] = np.eye(2, dtype=np.float32)[label] if label >= 0 else np.zeros(2, np.float32)
-        elif kind == "pointing":
-            image = self._image(example.image_ids[0])
-            candidates = self._candidates(example.image_ids[0], example.candidates)
-            visual = visual_input(image, regions, DETECTED_SLOTS, candidates)
-            item = self.rows([example.text], [visual])
-            slots = regions - DETECTED_SLOTS
-            count = min(len(example.candidates), slots)
-            mc_ids, mc_mask, target = np.zeros(slots, np.int64), np.zeros(slots, np.int64), np.zeros(slots, np.float32)
-            mc_ids[:count] = DETECTED_SLOTS + np.arange(count)
-            mc_mask[:count] = 1
-            target[:count] = iou(np.asarray(example.candidates[:count]), example.candidates[example.answer_index])
-            item.update(mc_ids=mc_ids, mc_mask=mc_mask, target=target, label=np.int64(example.answer_index))
-        elif kind == "grounding":
-            image = self._image(example.image_ids[0])
-            candidates = None
-            if self.gt_features is not None:  # training: the ground-truth boxes are appended (and cut at R)
-                try:
-                    candidates = self.gt_features[example.image_ids[0]]
-                except KeyError as exc:
-                    raise ann.MissingDataError(f"{spec.name}: {exc.args[0]}") from None
-            visual = visual_input(image, regions, None, candidates)
-            item = self.rows([example.text], [visual])
-            target = iou(visual.boxes, example.box) * visual.mask
-            if self.split == "train":  # the reference trains on IoU >= 0.5 only, and evaluates on raw IoU
-                target[target < 0.5] = 0
-            item.update(target=target.astype(np.float32), boxes=visual.boxes,
-                        gt_box=np.asarray(example.box, np.float32))
-        else:
-            visual = visual_input(self._image(example.image_ids[0]), regions)
-            item = self.rows([example.text], [visual])
-            if kind == "classifier":
-                target = np.zeros(self.num_labels, np.float32)
-                for label, score in zip(example.labels, example.scores):
-                    if not 0 <= label < self.num_labels:
-                        raise ann.AnnotationError(f"{spec.name}: answer label {label} outside the "
-                                                  f"{self.num_labels}-answer head")
-                    target[label] = score
-                item["target"] = target
-            elif kind == "tri":
-                label = example.labels[0]
-                item["label"] = np.int64(label)
-                item["target"] = np.eye(3, dtype=np.float32)[label] if label >= 0 else np.zeros(3, np.float32)
-            elif kind == "retrieval":  # evaluation: one caption with its own image
-                item["label"] = np.int64(0)
+        item = self._ITEMS[self.spec.kind](self, self.examples[index], index)
         item["index"] = np.int64(index)
         return item
+
+    def _answer_item(self, example: ann.Example, index: int) -> dict[str, Any]:
+        item = self._single_image_rows(example)
+        target = np.zeros(self.num_labels, np.float32)
+        for label, score in zip(example.labels, example.scores):
+            if not 0 <= label < self.num_labels:
+                raise ann.AnnotationError(f"{self.spec.name}: answer label {label} outside the "
+                                          f"{self.num_labels}-answer head")
+            target[label] = score
+        item["target"] = target
+        return item
+
+    def _entailment_item(self, example: ann.Example, index: int) -> dict[str, Any]:
+        return self._labelled(self._single_image_rows(example), example.labels[0], 3)
+
+    def _binary_item(self, example: ann.Example, index: int) -> dict[str, Any]:
+        visuals = [visual_input(self._image(i), self.spec.max_region_num) for i in example.image_ids]
+        return self._labelled(self.rows([example.text] * 2, visuals), example.labels[0], 2)
+
+    @staticmethod
+    def _labelled(item: dict[str, Any], label: int, classes: int) -> dict[str, Any]:
+        """A one-hot target over `classes` (all zero for an unlabelled example, label -1)."""
+        item["label"] = np.int64(label)
+        item["target"] = np.eye(classes, dtype=np.float32)[label] if label >= 0 else np.zeros(classes, np.float32)
+        return item
+
+    def _score_item(self, example: ann.Example, index: int) -> dict[str, Any]:
+        if self.four_way:
+            return self._retrieval_item(index)
+        item = self._single_image_rows(example)  # evaluation: one caption with its own image
+        item["label"] = np.int64(0)
+        return item
+
+    def _pointing_item(self, example: ann.Example, index: int) -> dict[str, Any]:
+        regions = self.spec.max_region_num
+        image = self._image(example.image_ids[0])
+        candidates = self._candidates(example.image_ids[0], example.candidates)
+        visual = visual_input(image, regions, DETECTED_SLOTS, candidates)
+        item = self.rows([example.text], [visual])
+        slots = regions - DETECTED_SLOTS
+        count = min(len(example.candidates), slots)
+        mc_ids, mc_mask, target = np.zeros(slots, np.int64), np.zeros(slots, np.int64), np.zeros(slots, np.float32)
+        mc_ids[:count] = DETECTED_SLOTS + np.arange(count)
+        mc_mask[:count] = 1
+        target[:count] = iou(np.asarray(example.candidates[:count]), example.candidates[example.answer_index])
+        item.update(mc_ids=mc_ids, mc_mask=mc_mask, target=target, label=np.int64(example.answer_index))
+        return item
+
+    def _grounding_item(self, example: ann.Example, index: int) -> dict[str, Any]:
+        image = self._image(example.image_ids[0])
+        candidates = None
+        if self.gt_features is not None:  # training: the ground-truth boxes are appended (and cut at R)
+            try:
+                candidates = self.gt_features[example.image_ids[0]]
+            except KeyError as exc:
+                raise ann.MissingDataError(f"{self.spec.name}: {exc.args[0]}") from None
+        visual = visual_input(image, self.spec.max_region_num, None, candidates)
+        item = self.rows([example.text], [visual])
+        target = iou(visual.boxes, example.box) * visual.mask
+        if self.split == "train":  # the reference trains on IoU >= 0.5 only, and evaluates on raw IoU
+            target[target < 0.5] = 0
+        item.update(target=target.astype(np.float32), boxes=visual.boxes, gt_box=np.asarray(example.box, np.float32))
+        return item
+
+    def _single_image_rows(self, example: ann.Example) -> dict[str, Any]:
+        return self.rows([example.text], [visual_input(self._image(example.image_ids[0]), self.spec.max_region_num)])
+
+    # How an item of each task kind (vilbert.tasks.KINDS) is built.
+    _ITEMS: dict[str, Callable[["TaskDataset", ann.Example, int], dict[str, Any]]] = {
+        "answer": _answer_item, "entailment": _entailment_item, "binary": _binary_item, "score": _score_item,
+        "pointing": _pointing_item, "grounding": _grounding_item,
+    }
 
     def _retrieval_item(self, index: int) -> dict[str, Any]:
         """Four options for one caption: (own image, caption), (own image, random caption of another image),

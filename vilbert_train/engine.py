@@ -8,7 +8,6 @@ accumulation window and applied once. Every task is validated after each pass ov
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -24,6 +23,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from modelkit.precision import precision_autocast
 from vilbert.checkpoint import load_model, save_checkpoint
 from vilbert.configuration import ViLBertConfig
 from vilbert.modeling import ViLBertForVLTasks
@@ -40,7 +40,6 @@ from .streams import TaskStream, eval_batches
 logger = logging.getLogger("vilbert_train")
 # Epochs at which the reference resets every stop-and-go controller.
 CONTROLLER_RESET_EPOCHS = (5, 7)
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 ANSWER_FILES = ("vqa_answers.json", "gqa_answers.json")
 
 
@@ -171,11 +170,8 @@ def save_folder_name(specs: list[TaskSpec], config_file: str, save_name: str) ->
     return name + (f"-{save_name}" if save_name else "")
 
 
-def autocast(ctx: RunContext, precision: str):
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=ctx.device.type, dtype=dtype)
+def autocast(ctx: RunContext, precision: str) -> torch.autocast:
+    return precision_autocast(ctx.device.type, precision)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -219,7 +215,7 @@ def write_bundle_extras(folder: Path, config: ViLBertConfig, vocab: Path, from_p
             if bundled.resolve() != (folder / name).resolve():
                 shutil.copyfile(bundled, folder / name)
         elif sources[name].is_file():
-            from models.safe_pickle import load_label2ans
+            from .safe_pickle import load_label2ans
 
             (folder / name).write_text(json.dumps(load_label2ans(sources[name])), encoding="utf-8")
         elif not (folder / name).is_file():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -21,13 +22,30 @@ from vilbert.configuration import ViLBertConfig
 from vilbert.modeling import ViLBertForVLTasks
 
 from .losses import compute_loss, forward
-from .specs import SPECS, TaskSpec
+from .datasets import NUM_LABELS
+from .specs import DETECTED_SLOTS, SPECS, TaskSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# Model rows per training example, where not one: NLVR2's two images, retrieval's four options.
+ROWS_PER_EXAMPLE = {"score": 4, "binary": 2}
+# The targets of a batch of each task kind: (spec, batch size) -> fields.
+FAKE_TARGETS: dict[str, Callable[[TaskSpec, int], dict[str, torch.Tensor]]] = {
+    "answer": lambda spec, batch: {"target": torch.zeros(batch, NUM_LABELS[spec.head])},
+    "entailment": lambda spec, batch: {"target": torch.zeros(batch, 3)},
+    "binary": lambda spec, batch: {"target": torch.zeros(batch, 2)},
+    "grounding": lambda spec, batch: {"target": torch.zeros(batch, spec.max_region_num)},
+    "pointing": lambda spec, batch: {
+        "mc_ids": torch.zeros(batch, spec.max_region_num - DETECTED_SLOTS, dtype=torch.long),
+        "mc_mask": torch.ones(batch, spec.max_region_num - DETECTED_SLOTS, dtype=torch.long),
+        "target": torch.zeros(batch, spec.max_region_num - DETECTED_SLOTS)},
+    "score": lambda spec, batch: {},
+}
+
+
 def fake_batch(spec: TaskSpec, batch: int, feature_dim: int) -> dict[str, torch.Tensor]:
-    rows = {"retrieval": 4, "binary": 2}.get(spec.kind, 1)
+    rows = ROWS_PER_EXAMPLE.get(spec.kind, 1)
     L, R = spec.max_seq_length, spec.max_region_num
     b = {
         "input_ids": torch.zeros(batch, rows, L, dtype=torch.long),
@@ -38,16 +56,7 @@ def fake_batch(spec: TaskSpec, batch: int, feature_dim: int) -> dict[str, torch.
         "image_mask": torch.ones(batch, rows, R, dtype=torch.long),
         "label": torch.zeros(batch, dtype=torch.long),
     }
-    if spec.kind == "classifier":
-        b["target"] = torch.zeros(batch, 3129 if spec.head == "vil_prediction" else 1533)
-    elif spec.kind in ("tri", "binary"):
-        b["target"] = torch.zeros(batch, 3 if spec.kind == "tri" else 2)
-    elif spec.kind == "grounding":
-        b["target"] = torch.zeros(batch, R)
-    elif spec.kind == "pointing":
-        k = R - 101
-        b.update(mc_ids=torch.zeros(batch, k, dtype=torch.long), mc_mask=torch.ones(batch, k, dtype=torch.long),
-                 target=torch.zeros(batch, k))
+    b.update(FAKE_TARGETS[spec.kind](spec, batch))
     return {k: v.to("meta") for k, v in b.items()}
 
 

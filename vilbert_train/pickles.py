@@ -11,8 +11,8 @@ scalars and Python-2 byte strings need, each wrapped so it can only build data:
 * `numpy.core.multiarray.scalar` / `numpy._core.multiarray.scalar` (numeric dtypes only),
 * `_codecs.encode` (only to latin-1, which is how protocol-2 pickles spell `bytes`).
 
-`models/safe_pickle.py` (answer lists) admits no globals at all, which cannot read numpy records, so this is the
-numpy-admitting sibling; answer lists still go through `models.safe_pickle.load_label2ans`.
+`vilbert_train/safe_pickle.py` (answer lists) admits no globals at all, which cannot read numpy records, so this is the
+numpy-admitting sibling; answer lists still go through `safe_pickle.load_label2ans`.
 """
 
 from __future__ import annotations

@@ -1,36 +1,34 @@
-"""The task table of the reference's `vilbert_tasks.yml`, for the twelve tasks of the released model.
+"""The training specs of the twelve tasks: what config/tasks.json says about each task (id, kind, head, text and
+region sizes, answer list), joined with the training-only setup of the reference's `vilbert_tasks.yml`.
 
-Paths are relative to the data root (the reference's `datasets/` folder). `kind` is the reference's task type:
-classifier (VL-classifier / -GQA), retrieval (VL-logit), grounding (V-logit), pointing (V-logit-mc),
-binary (VL-binary-classifier), tri (VL-tri-classifier).
+config/tasks.json is the one owner of every task fact the served model shares with training; the table here
+holds only what training alone reads (data paths, batch size, learning rate, epochs, splits). Paths are relative
+to the data root (the reference's `datasets/` folder).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from vilbert.tasks import TaskRegistry, UnknownTaskError
+from modelkit.regions import VISUAL_ROWS_PER_IMAGE
+from vilbert.tasks import Task, TaskRegistry, UnknownTaskError
 
 COCO_FEATURES = "coco/features_100/COCO_trainval_resnext152_faster_rcnn_genome.lmdb"
 COCO_TEST_FEATURES = "coco/features_100/COCO_test_resnext152_faster_rcnn_genome.lmdb"
 FLICKR_FEATURES = "flickr30k/flickr30k_resnext152_faster_rcnn_genome.lmdb"
-# Rows of the detected block (100 boxes + the global region); pointing candidates follow it.
-DETECTED_SLOTS = 101
+# Rows of the detected block (the detected boxes + the global region); pointing candidates follow it.
+DETECTED_SLOTS = VISUAL_ROWS_PER_IMAGE
 
 
 @dataclass(frozen=True)
-class TaskSpec:
-    task_id: int
+class TrainingSetup:
+    """What only training reads about a task: the reference's `vilbert_tasks.yml` entry."""
+
     yml_name: str  # the reference's name (used in the save folder name, like the reference)
-    name: str  # our registry name (config/tasks.json)
-    kind: str
-    head: str
     family: str  # which annotation reader
     dataroot: str
     features: str
     gt_features: str | None
-    max_seq_length: int
-    max_region_num: int
     batch_size: int
     lr: float
     num_epoch: int
@@ -39,37 +37,75 @@ class TaskSpec:
     test_features: str | None = None
 
 
-SPECS: dict[int, TaskSpec] = {s.task_id: s for s in [
-    TaskSpec(1, "VQA", "vqa", "classifier", "vil_prediction", "vqa", "VQA", COCO_FEATURES, None,
-             23, 101, 128, 4e-5, 20, "trainval", "minval", COCO_TEST_FEATURES),
-    TaskSpec(2, "GenomeQA", "genome_qa", "classifier", "vil_prediction", "genome", "visual_genome",
-             "visual_genome/vg_resnext152_faster_rcnn_genome.lmdb", None, 26, 101, 128, 4e-5, 20, "train", "val"),
-    TaskSpec(4, "Visual7w", "visual7w", "pointing", "vision_logit", "visual7w", "visual7w",
-             "visual7w/visual7w_resnext152_faster_rcnn_genome.lmdb",
-             "visual7w/visual7w_gt_resnext152_faster_rcnn_genome.lmdb", 20, 200, 256, 2e-5, 20, "train", "val"),
-    TaskSpec(7, "RetrievalCOCO", "retrieval_coco", "retrieval", "vil_logit", "retrieval_coco", "cocoRetreival",
-             COCO_FEATURES, None, 30, 101, 128, 2e-5, 20, "train", "val"),
-    TaskSpec(8, "RetrievalFlickr30k", "retrieval_flickr30k", "retrieval", "vil_logit", "retrieval_flickr",
-             "flickr30k", FLICKR_FEATURES, None, 30, 101, 128, 2e-5, 20, "train", "val"),
-    TaskSpec(9, "refcoco", "refcoco", "grounding", "vision_logit", "refcoco", "refcoco",
-             "refcoco/refcoco_unc/refcoco_resnext152_faster_rcnn_genome.lmdb",
-             "refcoco/refcoco_unc/refcoco_gt_resnext152_faster_rcnn_genome.lmdb", 20, 101, 256, 2e-5, 20, "train", "val"),
-    TaskSpec(10, "refcoco+", "refcoco_plus", "grounding", "vision_logit", "refcoco+", "refcoco",
-             "refcoco/refcoco+_unc/refcoco+_resnext152_faster_rcnn_genome.lmdb",
-             "refcoco/refcoco+_unc/refcoco+_gt_resnext152_faster_rcnn_genome.lmdb", 20, 101, 256, 2e-5, 20, "train", "val"),
-    TaskSpec(11, "refcocog", "refcocog", "grounding", "vision_logit", "refcocog", "refcoco",
-             "refcoco/refcocog_umd/refcocog_resnext152_faster_rcnn_genome.lmdb",
-             "refcoco/refcocog_umd/refcocog_gt_resnext152_faster_rcnn_genome.lmdb", 20, 101, 256, 2e-5, 20, "train", "val"),
-    TaskSpec(12, "NLVR2", "nlvr2", "binary", "vil_binary_prediction", "nlvr2", "nlvr2",
-             "nlvr2/nlvr2_resnext152_faster_rcnn_genome.lmdb", None, 40, 101, 64, 2e-5, 20, "train", "dev"),
-    TaskSpec(13, "VisualEntailment", "snli_ve", "tri", "vil_tri_prediction", "snli_ve", "visual_entailment",
-             FLICKR_FEATURES, None, 56, 101, 256, 2e-5, 20, "train", "dev"),
-    TaskSpec(15, "GQA", "gqa", "classifier", "vil_prediction_gqa", "gqa", "gqa",
-             "gqa/gqa_resnext152_faster_rcnn_genome.lmdb", None, 26, 101, 128, 4e-5, 20, "trainval", "minval"),
-    TaskSpec(17, "GuessWhatPointing", "guesswhat", "pointing", "vision_logit", "guesswhat", "guesswhat",
-             COCO_FEATURES, "guesswhat/guesswhat_gt_resnext152_faster_rcnn_genome.lmdb", 256, 306, 64, 2e-5, 20,
-             "train", "valid"),
-]}
+@dataclass(frozen=True)
+class TaskSpec:
+    """A registry task (config/tasks.json) with its training setup."""
+
+    task_id: int
+    name: str  # our registry name
+    kind: str  # one of vilbert.tasks.KINDS
+    head: str
+    answers: str | None  # the answer list of an "answer" task
+    max_seq_length: int
+    max_region_num: int
+    yml_name: str
+    family: str
+    dataroot: str
+    features: str
+    gt_features: str | None
+    batch_size: int
+    lr: float
+    num_epoch: int
+    train_split: str
+    val_split: str
+    test_features: str | None = None
+
+    @classmethod
+    def join(cls, task: Task, setup: TrainingSetup) -> "TaskSpec":
+        return cls(task.task_id, task.name, task.kind, task.head, task.answers, task.max_seq_length,
+                   task.max_region_num, **vars(setup))
+
+
+def _refer(folder: str, name: str) -> TrainingSetup:
+    prefix = f"refcoco/{folder}/{name}"
+    return TrainingSetup(name, name, "refcoco", f"{prefix}_resnext152_faster_rcnn_genome.lmdb",
+                         f"{prefix}_gt_resnext152_faster_rcnn_genome.lmdb", 256, 2e-5, 20, "train", "val")
+
+
+# Keyed by registry name; test_train_data checks that these are exactly the registry's tasks.
+TRAINING: dict[str, TrainingSetup] = {
+    "vqa": TrainingSetup("VQA", "vqa", "VQA", COCO_FEATURES, None, 128, 4e-5, 20, "trainval", "minval",
+                         COCO_TEST_FEATURES),
+    "genome_qa": TrainingSetup("GenomeQA", "genome", "visual_genome", "visual_genome/vg_resnext152_faster_rcnn_genome.lmdb",
+                               None, 128, 4e-5, 20, "train", "val"),
+    "visual7w": TrainingSetup("Visual7w", "visual7w", "visual7w", "visual7w/visual7w_resnext152_faster_rcnn_genome.lmdb",
+                              "visual7w/visual7w_gt_resnext152_faster_rcnn_genome.lmdb", 256, 2e-5, 20, "train", "val"),
+    "retrieval_coco": TrainingSetup("RetrievalCOCO", "retrieval_coco", "cocoRetreival", COCO_FEATURES, None,
+                                    128, 2e-5, 20, "train", "val"),
+    "retrieval_flickr30k": TrainingSetup("RetrievalFlickr30k", "retrieval_flickr", "flickr30k", FLICKR_FEATURES, None,
+                                         128, 2e-5, 20, "train", "val"),
+    "refcoco": _refer("refcoco_unc", "refcoco"),
+    "refcoco_plus": _refer("refcoco+_unc", "refcoco+"),
+    "refcocog": _refer("refcocog_umd", "refcocog"),
+    "nlvr2": TrainingSetup("NLVR2", "nlvr2", "nlvr2", "nlvr2/nlvr2_resnext152_faster_rcnn_genome.lmdb", None,
+                           64, 2e-5, 20, "train", "dev"),
+    "snli_ve": TrainingSetup("VisualEntailment", "snli_ve", "visual_entailment", FLICKR_FEATURES, None,
+                             256, 2e-5, 20, "train", "dev"),
+    "gqa": TrainingSetup("GQA", "gqa", "gqa", "gqa/gqa_resnext152_faster_rcnn_genome.lmdb", None,
+                         128, 4e-5, 20, "trainval", "minval"),
+    "guesswhat": TrainingSetup("GuessWhatPointing", "guesswhat", "guesswhat", COCO_FEATURES,
+                               "guesswhat/guesswhat_gt_resnext152_faster_rcnn_genome.lmdb", 64, 2e-5, 20,
+                               "train", "valid"),
+}
+
+
+def training_specs(registry: TaskRegistry | None = None) -> dict[int, TaskSpec]:
+    """Every registry task with a training setup, keyed by the reference's task id."""
+    registry = registry or TaskRegistry.from_file()
+    return {task.task_id: TaskSpec.join(task, TRAINING[task.name]) for task in registry if task.name in TRAINING}
+
+
+SPECS: dict[int, TaskSpec] = training_specs()
 
 
 def resolve_tasks(tasks: str, registry: TaskRegistry | None = None) -> list[TaskSpec]:

@@ -7,7 +7,8 @@ These files hold nothing but a list of strings, so the reader below refuses ever
 plain containers and scalars. The loaded object is then checked to be a list of ``str``
 (or a dict ``{int: str}`` with contiguous keys 0..n-1, accepted for robustness).
 
-Pure standard library; importable without torch so the fetcher and the web tier can use it.
+Pure standard library, in the packaged trainer (vilbert_train imports no torch at package level), so that
+models/fetch.py and an installed trainer read the same way.
 """
 from __future__ import annotations
 
