@@ -261,3 +261,41 @@ def test_guesswhat_pointing(root, tokenizer):
     item = ds[0]
     assert item["input_ids"].shape == (1, 256) and item["features"].shape == (1, 306, DIM)
     assert item["mc_mask"].sum() == 3 and item["label"] == example.answer_index == 1
+
+
+# ------------------------------------------------------------------------------------------ one task table
+
+
+def test_training_specs_agree_with_the_task_registry():
+    """config/tasks.json owns every task fact training shares with serving; the training table adds only its own."""
+    from vilbert.tasks import TaskRegistry
+    from vilbert_train.specs import TRAINING
+
+    registry = TaskRegistry.from_file()
+    assert set(TRAINING) == set(registry.names)
+    assert sorted(SPECS) == sorted(task.task_id for task in registry)
+    for task in registry:
+        spec = SPECS[task.task_id]
+        assert (spec.name, spec.kind, spec.head, spec.answers, spec.max_seq_length, spec.max_region_num) == (
+            task.name, task.kind, task.head, task.answers, task.max_seq_length, task.max_region_num), task.name
+    # the reference's vilbert_tasks.yml values the released model was trained with
+    assert [(s.task_id, s.max_seq_length, s.max_region_num, s.batch_size) for s in SPECS.values()] == [
+        (1, 23, 101, 128), (2, 26, 101, 128), (4, 20, 200, 256), (7, 30, 101, 128), (8, 30, 101, 128),
+        (9, 20, 101, 256), (10, 20, 101, 256), (11, 20, 101, 256), (12, 40, 101, 64), (13, 56, 101, 256),
+        (15, 26, 101, 128), (17, 256, 306, 64)]
+
+
+def test_every_per_kind_table_covers_the_one_vocabulary_of_kinds():
+    from vilbert.predictor import Predictor
+    from vilbert.tasks import KINDS, KIND_ANSWERS
+    from vilbert_train.datasets import READERS
+    from vilbert_train.estimate import FAKE_TARGETS
+    from vilbert_train.evaluation import EVALUATORS, PREDICTION_LABELS, SPLIT_LOGITS
+    from vilbert_train.losses import LOSSES
+
+    for table in (KIND_ANSWERS, Predictor._DECODERS, TaskDataset._ITEMS, LOSSES, FAKE_TARGETS):
+        assert set(table) == set(KINDS)
+    # "score" is evaluated by ranking every image against every caption, not per example
+    assert set(SPLIT_LOGITS) == set(EVALUATORS) == set(KINDS) - {"score"}
+    assert set(PREDICTION_LABELS) <= set(KINDS)
+    assert {spec.family for spec in SPECS.values()} == set(READERS)
