@@ -27,6 +27,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from modelkit.precision import precision_autocast  # noqa: E402
+from modelkit.regions import VISUAL_ROWS_PER_IMAGE  # noqa: E402
 from vilbert.configuration import ViLBertConfig  # noqa: E402
 from vilbert.cpu_inference import (  # noqa: E402
     native_bf16_linear_available,
@@ -100,20 +102,17 @@ def main() -> None:
                "device": device, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                "packed_weights": served is not model, **device_info, "cases": []}
     for batch, length in ((1, 37), (8, 23)):
-        inputs = make_inputs(batch, length, 101, device)
+        inputs = make_inputs(batch, length, VISUAL_ROWS_PER_IMAGE, device)
         flops = count_flops(model, inputs)
         flops_with_heads = count_flops(model, inputs, pretraining_heads=True)
 
-        def forward(net, precision=None):
-            with torch.inference_mode():
-                if precision is None:
-                    return net(**inputs)
-                with torch.autocast(device_type=torch.device(device).type, dtype=precision):
-                    return net(**inputs)
+        def forward(net, precision="fp32"):
+            with torch.inference_mode(), precision_autocast(torch.device(device).type, precision):
+                return net(**inputs)
 
-        variants = {"plain": (model, None), "served": (served, None), "bf16": (model, torch.bfloat16)}
+        variants = {"plain": (model, "fp32"), "served": (served, "fp32"), "bf16": (model, "bf16")}
         if served_bf16 is not None:
-            variants["served_bf16"] = (served_bf16, torch.bfloat16)
+            variants["served_bf16"] = (served_bf16, "bf16")
         for _ in range(2):  # warm-up
             for net, precision in variants.values():
                 forward(net, precision)
@@ -130,7 +129,7 @@ def main() -> None:
         median = {k: statistics.median(v) for k, v in times.items() if v}
         matmul_gflops = matmul_flops / median["matmul"] / 1e9
         floor_s = flops / (matmul_gflops * 1e9)
-        fp32, served_out, bf16 = forward(model), forward(served), forward(model, torch.bfloat16)
+        fp32, served_out, bf16 = forward(model), forward(served), forward(model, "bf16")
 
         def max_prob_diff(x, y):
             return max(
@@ -159,7 +158,7 @@ def main() -> None:
         if served_bf16 is not None:
             case["served_bf16_median_ms"] = median["served_bf16"] * 1e3
             case["served_bf16_speedup_over_served"] = median["served"] / median["served_bf16"]
-            case["served_bf16_max_prob_diff"] = max_prob_diff(fp32, forward(served_bf16, torch.bfloat16))
+            case["served_bf16_max_prob_diff"] = max_prob_diff(fp32, forward(served_bf16, "bf16"))
         if device.startswith("cuda"):
             # the plain, served and bf16 models all live on the device: peak of the busiest forward on top of them
             case["cuda_peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
