@@ -92,7 +92,8 @@ class RegionFeatureExtractor:
 
     @classmethod
     def from_files(cls, config_path: str | os.PathLike, checkpoint_path: str | os.PathLike, device: str = "cpu",
-                   min_size: int = 800, max_size: int = 1333, num_regions: int = REGIONS_PER_IMAGE, **options: Any) -> "RegionFeatureExtractor":
+                   min_size: int = 800, max_size: int = 1333, num_regions: int = REGIONS_PER_IMAGE,
+                   **options: Any) -> "RegionFeatureExtractor":
         config_path, checkpoint_path = Path(config_path), Path(checkpoint_path)
         config = load_config(config_path)
         model = RegionDetector(config)

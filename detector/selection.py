@@ -104,7 +104,8 @@ def max_confidence_loop(boxes: torch.Tensor, probs: torch.Tensor, threshold: flo
     return best
 
 
-def select_regions(boxes: torch.Tensor, probs: torch.Tensor, num_regions: int = REGIONS_PER_IMAGE) -> tuple[torch.Tensor, torch.Tensor]:
+def select_regions(boxes: torch.Tensor, probs: torch.Tensor,
+                   num_regions: int = REGIONS_PER_IMAGE) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the kept boxes (best first) and their confidences. Always min(num_regions, R) boxes."""
     confidence = max_confidence(boxes, probs, top=num_regions)
     top = confidence.sort(descending=True, stable=True).indices[:num_regions]

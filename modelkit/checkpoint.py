@@ -46,6 +46,7 @@ def describe_key_problems(groups: Iterable[tuple[str, Sequence[str]]], shown: in
     lines = []
     for title, keys in groups:
         if keys:
-            listed = "\n    ".join(keys[:shown]) + (f"\n    … and {len(keys) - shown} more" if len(keys) > shown else "")
+            more = f"\n    … and {len(keys) - shown} more" if len(keys) > shown else ""
+            listed = "\n    ".join(keys[:shown]) + more
             lines.append(f"  {len(keys)} {title} key(s):\n    {listed}")
     return "\n".join(lines)

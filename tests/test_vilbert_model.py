@@ -281,7 +281,8 @@ def test_packed_cpu_weights_give_the_same_outputs():
     assert not isinstance(packed.cls.predictions.decoder, PackedLinear)
     inputs = random_inputs(model.config, 2, 8, 6)
     with torch.inference_mode():
-        a, b = model(**inputs, output_pretraining_heads=True, pairs=True), packed(**inputs, output_pretraining_heads=True, pairs=True)
+        heads = dict(output_pretraining_heads=True, pairs=True)
+        a, b = model(**inputs, **heads), packed(**inputs, **heads)
     for name in HEADS + ["vil_binary_prediction", "linguisic_prediction", "vision_prediction"]:
         assert_close_relative(getattr(b, name), getattr(a, name), name, rel=1e-5)
 

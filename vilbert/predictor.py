@@ -342,7 +342,8 @@ class Predictor:
 
     # ----------------------------------------------------------------------------------------------------------
 
-    def _decode(self, task: Task, outs: list[dict[str, torch.Tensor]], rows: list[_Row], ids: list[int], top_k: int) -> dict:
+    def _decode(self, task: Task, outs: list[dict[str, torch.Tensor]], rows: list[_Row], ids: list[int],
+                top_k: int) -> dict:
         """The JSON answer of one task from its rows' outputs (`outs`, the rows at `ids`)."""
         return {"task_id": task.task_id, **self._DECODERS[task.kind](self, task, outs, [rows[i] for i in ids], top_k)}
 

@@ -34,8 +34,8 @@ class Example:
     qid: Any  # question / pair / sentence id, kept for prediction files
     image_ids: list[str]  # one image, or two for NLVR2
     text: str
-    labels: list[int] = field(default_factory=list)  # answer ids (classifier) or the class (binary / tri)
-    scores: list[float] = field(default_factory=list)  # soft scores of `labels` (classifier)
+    labels: list[int] = field(default_factory=list)  # answer ids ("answer" kind) or the class (binary / entailment)
+    scores: list[float] = field(default_factory=list)  # soft scores of `labels` ("answer" kind)
     box: list[float] | None = None  # grounding target, [x1, y1, x2, y2] pixels
     candidates: list[list[float]] | None = None  # pointing: candidate boxes, pixels xyxy
     answer_index: int = -1  # pointing: which candidate is right

@@ -26,7 +26,7 @@ NO_ANSWER_SPLITS = {"vqa": ("test",), "gqa": ("test",), "snli_ve": (), "nlvr2": 
 
 
 def load_answers(spec: TaskSpec, model_dir: Path | None, data_root: Path) -> list[str] | None:
-    """The answer vocabulary of a classifier task: the bundle's JSON list, else the dataset's label2ans pickle."""
+    """The answer vocabulary of an "answer" task: the bundle's JSON list, else the dataset's label2ans pickle."""
     key = spec.answers
     filename, size = ANSWER_LISTS[key]
     if model_dir is not None and (model_dir / filename).is_file():
