@@ -23,16 +23,18 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from detector.extractor import RegionFeatureExtractor, RegionFeatures
+from detector.extractor import RegionFeatureExtractor
 from detector.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
+from detector.regions import RegionFeatures
 from detector.tiny import CHECKPOINT_FILE as DETECTOR_CHECKPOINT, CONFIG_FILE as DETECTOR_CONFIG
+from modelkit.regions import REGIONS_PER_IMAGE
 from vilbert.predictor import PredictionInputError, Predictor, PredictRequest
 
-from .bundle import TINY_NOTICE, is_tiny, missing_files
+from ..boxes import check_boxes
+from ..bundle import TINY_NOTICE, is_tiny, missing_files
+from ..errors import BadRequest, PipelineError
+from ..settings import Settings
 from .cache import FeatureCache, extract_cached
-from .errors import BadRequest, PipelineError
-from .inputs import check_boxes
-from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,8 @@ class Pipeline:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, device: str = "auto", precision: str = "fp32", min_size: int = 800,
-                 max_size: int = 1333, num_regions: int = 100, max_image_pixels: int = DEFAULT_MAX_PIXELS) -> "Pipeline":
+                 max_size: int = 1333, num_regions: int = REGIONS_PER_IMAGE,
+                 max_image_pixels: int = DEFAULT_MAX_PIXELS) -> "Pipeline":
         """Load the detector and ViLBERT from a weights bundle (see docs/WEIGHTS.md for the layout)."""
         model_dir = Path(model_dir)
         missing = missing_files(model_dir)
@@ -172,7 +175,7 @@ class Pipeline:
                 try:
                     check_boxes(item.request.boxes, width, height)
                 except BadRequest as exc:
-                    raise PipelineError(exc.code, exc.message, "decode") from None
+                    raise PipelineError.at("decode", exc) from None
         except PipelineError as exc:
             item.error = exc
         item.timings["decode_s"] = time.perf_counter() - started

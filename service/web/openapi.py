@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .settings import Settings
+from ..settings import Settings
 
 
 def _error(description: str) -> dict:
