@@ -57,7 +57,7 @@ class Settings:
     max_queued_jobs: int = 1000
     redis_timeout: float = 5.0
     log_level: str = "INFO"
-    # Scale (service/cache.py, service/batching.py, service/metrics.py; docs/OPERATIONS.md).
+    # Scale (service/worker/cache.py, service/worker/rq_batch.py, service/*/metrics.py; docs/OPERATIONS.md).
     feature_cache_ttl: int = 86400  # seconds a cached image's region features live unused; 0 = no cache
     feature_cache_max_entries: int = 2000
     feature_cache_max_bytes: int = 1 << 30

@@ -35,11 +35,16 @@ def worker_connection(settings: Settings) -> Redis:
                           socket_keepalive=True, health_check_interval=30)
 
 
-def main() -> int:
-    # The worker is one process: its metric values stay in memory, even when the web tier's multiprocess
-    # directory leaks into its environment (serve.py, one host). Done before anything imports prometheus_client.
+def keep_metrics_in_process() -> None:
+    """The worker is one process: its metric values stay in memory, even when the web tier's multiprocess
+    directory leaks into its environment (serve.py, one host); otherwise it would write files there that the web
+    tier's /metrics merges. Must run before anything imports prometheus_client."""
     for name in MULTIPROCESS_VARIABLES:
         os.environ.pop(name, None)
+
+
+def main() -> int:
+    keep_metrics_in_process()
     try:
         settings = load_settings()
     except SettingsError as exc:
