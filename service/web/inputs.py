@@ -8,7 +8,7 @@ before anything is queued.
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from detector.images import ImageDecodeError, load_image
 from modelkit.regions import VISUAL_ROWS_PER_IMAGE
@@ -24,6 +24,7 @@ from ..settings import DEFAULT_TASKS, Settings
 # Form field names; the second of each pair is the classic demo's name (curl --form fileupload=@… text_input=…).
 IMAGE_FIELDS = ("image", "fileupload")
 TEXT_FIELDS = ("text", "text_input")
+T = TypeVar("T")
 
 
 def parse_text(raw: str | None, max_chars: int) -> str:
@@ -116,21 +117,32 @@ def parse_submission(form: Mapping[str, str], images: Sequence[bytes], settings:
     """Validate a submission (form fields + raw image uploads) into a JobRequest, or raise BadRequest."""
     if not images:
         raise BadRequest("missing_image", "at least one image file is required (form field 'image' or 'fileupload')")
-    if len(images) > settings.max_images:
-        raise BadRequest("too_many_images", f"{len(images)} images sent, the limit is {settings.max_images}")
-    text = parse_text(_first(form, TEXT_FIELDS), settings.max_text_chars)
-    tasks = parse_tasks(form.get("tasks"), registry, len(images))
-    top_k = parse_top_k(form.get("top_k"), settings.max_top_k)
+    text, tasks, top_k = _common_fields(form, len(images), "images", settings, registry)
     boxes = parse_boxes(form.get("boxes"))
-    infos = []
-    for index, data in enumerate(images):
-        try:
-            infos.append(check_image(data, settings.max_image_pixels))
-        except BadRequest as exc:
-            raise BadRequest(exc.code, f"image {index}: {exc.message}", status=exc.status) from None
+    infos = _each(images, "image", lambda data: check_image(data, settings.max_image_pixels))
     request = JobRequest(text=text, tasks=tasks, top_k=top_k, boxes=boxes, images=infos)
     check_request(request, registry, len(images))
     return request
+
+
+def _common_fields(form: Mapping[str, str], count: int, noun: str, settings: Settings,
+                   registry: TaskRegistry) -> tuple[str, list[str], int]:
+    """The upload count, text, tasks and top_k of either kind of submission, checked in this order."""
+    if count > settings.max_images:
+        raise BadRequest("too_many_images", f"{count} {noun} sent, the limit is {settings.max_images}")
+    text = parse_text(_first(form, TEXT_FIELDS), settings.max_text_chars)
+    return text, parse_tasks(form.get("tasks"), registry, count), parse_top_k(form.get("top_k"), settings.max_top_k)
+
+
+def _each(uploads: Sequence[bytes], label: str, check: Callable[[bytes], T]) -> list[T]:
+    """check(upload) for every upload; a failure says which upload it was."""
+    checked = []
+    for index, data in enumerate(uploads):
+        try:
+            checked.append(check(data))
+        except BadRequest as exc:
+            raise BadRequest(exc.code, f"{label} {index}: {exc.message}", status=exc.status) from None
+    return checked
 
 
 def _first(form: Mapping[str, str], names: Sequence[str]) -> str | None:
@@ -153,19 +165,10 @@ def parse_feature_submission(form: Mapping[str, str], files: Sequence[bytes], im
     request and the files to store with it (re-encoded as .npz after validation; service.features)."""
     if images:
         raise BadRequest("mixed_inputs", "send either images or precomputed features, not both")
-    if len(files) > settings.max_images:
-        raise BadRequest("too_many_images", f"{len(files)} feature files sent, the limit is {settings.max_images}")
-    text = parse_text(_first(form, TEXT_FIELDS), settings.max_text_chars)
-    tasks = parse_tasks(form.get("tasks"), registry, len(files))
-    top_k = parse_top_k(form.get("top_k"), settings.max_top_k)
+    text, tasks, top_k = _common_fields(form, len(files), "feature files", settings, registry)
     if form.get("boxes"):
         raise BadRequest("boxes_need_image", "candidate boxes need the image itself, not precomputed features")
-    regions = []
-    for index, data in enumerate(files):
-        try:
-            regions.append(parse_features(data, expected_dim))
-        except BadRequest as exc:
-            raise BadRequest(exc.code, f"features {index}: {exc.message}", status=exc.status) from None
+    regions = _each(files, "features", lambda data: parse_features(data, expected_dim))
     infos = [ImageInfo(width=r.image_width, height=r.image_height, bytes=len(d)) for r, d in zip(regions, files)]
     request = JobRequest(text=text, tasks=tasks, top_k=top_k, boxes=None, images=infos, inputs="features")
     check_request(request, registry, len(files))
