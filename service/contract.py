@@ -94,13 +94,15 @@ INTERNAL_ERROR = "internal_error"
 
 # ------------------------------------------------------------------------------------------- stages, timings
 
-# A job's `stage` while it runs, in order; the web tier reports "starting" before the worker's first update.
-STAGE_QUEUED, STAGE_STARTING = "queued", "starting"
-STAGES = ("decode", "detector", "vilbert", "done")
-STAGE_FAILED = "failed"
+# The pipeline's stages, in order: a running job's `stage`, and (with "_s") its result's timings.
+DECODE, DETECTOR, VILBERT = "decode", "detector", "vilbert"
+# A job's `stage`: "queued" until a worker takes it, "starting" (the web tier's word until the worker's first
+# update), then the pipeline's stages; "failed" is recorded with an error.
+STAGE_QUEUED, STAGE_STARTING, STAGE_FAILED = "queued", "starting", "failed"
+STAGES = (DECODE, DETECTOR, VILBERT, "done")
 
-# The names in a result's `timings` (seconds); "total" is what the worker metrics add up per job.
-TIMINGS = ("queue_wait", "decode", "detector", "vilbert", "run")
+# The names in a result's `timings` (seconds, each with "_s"); the worker metrics add a "total" per job.
+TIMINGS = ("queue_wait", DECODE, DETECTOR, VILBERT, "run")
 
 
 def timing_key(name: str) -> str:

@@ -32,6 +32,7 @@ from vilbert.predictor import PredictionInputError, Predictor, PredictRequest
 
 from ..boxes import check_boxes
 from ..bundle import TINY_NOTICE, is_tiny, missing_files
+from ..contract import DECODE, DETECTOR, VILBERT, timing_key
 from ..errors import BadRequest, PipelineError
 from ..settings import Settings
 from .cache import FeatureCache, extract_cached
@@ -142,14 +143,14 @@ class Pipeline:
         does not fail the others."""
         notify = on_stage or (lambda stage, detail: None)
         work = [_Work(request) for request in requests]
-        notify("decode", f"{sum(len(r.images) for r in requests)} image(s)")
+        notify(DECODE, f"{sum(len(r.images) for r in requests)} image(s)")
         for item in work:
             self._decode(item)
         live = [item for item in work if item.error is None]
-        notify("detector", f"{sum(len(item.rgb) for item in live)} image(s)")
+        notify(DETECTOR, f"{sum(len(item.rgb) for item in live)} image(s)")
         self._regions(live)
         live = [item for item in live if item.error is None]
-        notify("vilbert", f"{sum(len(item.request.tasks) for item in live)} task(s)")
+        notify(VILBERT, f"{sum(len(item.request.tasks) for item in live)} task(s)")
         results = self._predict_all(live)
         return [item.error if item.error is not None else results[id(item)] for item in work]
 
@@ -159,26 +160,26 @@ class Pipeline:
             item.regions, item.cache = list(item.request.features), "features"
             if item.request.boxes:
                 item.error = PipelineError("boxes_need_image", "candidate boxes need the image itself, not "
-                                                               "precomputed features", "decode")
-            item.timings["decode_s"] = 0.0
+                                                               "precomputed features", DECODE)
+            item.timings[timing_key(DECODE)] = 0.0
             return
         try:
             if not item.request.images:
-                raise PipelineError("missing_image", "at least one image is required", "decode")
+                raise PipelineError("missing_image", "at least one image is required", DECODE)
             for index, image in enumerate(item.request.images):
                 try:
                     item.rgb.append(load_image(image, self.max_image_pixels))
                 except ImageDecodeError as exc:
-                    raise PipelineError(exc.code, f"image {index}: {exc.message}", "decode") from None
+                    raise PipelineError(exc.code, f"image {index}: {exc.message}", DECODE) from None
             if item.request.boxes:
                 height, width = item.rgb[0].shape[:2]
                 try:
                     check_boxes(item.request.boxes, width, height)
                 except BadRequest as exc:
-                    raise PipelineError.at("decode", exc) from None
+                    raise PipelineError.at(DECODE, exc) from None
         except PipelineError as exc:
             item.error = exc
-        item.timings["decode_s"] = time.perf_counter() - started
+        item.timings[timing_key(DECODE)] = time.perf_counter() - started
 
     def _regions(self, items: list[_Work]) -> None:
         """One detector call over every image of every request; then the candidate boxes of pointing requests."""
@@ -204,7 +205,7 @@ class Pipeline:
                 item.candidates = self.extractor.extract_boxes(item.rgb[0], np.asarray(item.request.boxes, np.float32))
                 extra = time.perf_counter() - box_started
             # In a batch each request waited for the whole detector call: report that, not a share of it.
-            item.timings["detector_s"] = shared + extra
+            item.timings[timing_key(DETECTOR)] = shared + extra
 
     def _predict_all(self, items: list[_Work]) -> dict[int, dict | None]:
         """ONE ViLBERT batch over every live request (Predictor.predict_many); answers equal per-request calls."""
@@ -221,10 +222,10 @@ class Pipeline:
         results: dict[int, dict | None] = {}
         for item, outcome in zip(items, outcomes):
             if isinstance(outcome, PredictionInputError):
-                item.error = PipelineError(outcome.code, outcome.message, "vilbert")
+                item.error = PipelineError(outcome.code, outcome.message, VILBERT)
                 results[id(item)] = None
                 continue
-            item.timings["vilbert_s"] = elapsed
+            item.timings[timing_key(VILBERT)] = elapsed
             results[id(item)] = {
                 "text": item.request.text,
                 "tasks": outcome,

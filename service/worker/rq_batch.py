@@ -43,7 +43,7 @@ from ..contract import (INTERNAL_ERROR, STAGE_FAILED, TIMEOUT, UPLOAD_EXPIRED, J
 from ..errors import BadRequest, PipelineError
 from ..features import parse_features
 from .context import WorkerContext
-from .pipeline import InferenceRequest
+from .pipeline import InferenceRequest, Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def load_request(connection: Redis, job: Job) -> InferenceRequest:
     return InferenceRequest(uploads, request.text, request.tasks, request.top_k, request.boxes)
 
 
-def run_batch(pipeline: Any, connection: Redis, batch: list[Job]) -> dict[str, Any]:
+def run_batch(pipeline: Pipeline, connection: Redis, batch: list[Job]) -> dict[str, Any]:
     """job id -> result dict, or the exception that fails that job (its reason saved in job.meta["error"])."""
     outcomes: dict[str, Any] = {}
     requests, live = [], []
@@ -136,7 +136,8 @@ def run_batch(pipeline: Any, connection: Redis, batch: list[Job]) -> dict[str, A
                 continue
             timings = result["timings"]
             if job.enqueued_at and job.started_at:
-                timings[timing_key("queue_wait")] = round(max(0.0, (job.started_at - job.enqueued_at).total_seconds()), 4)
+                waited = (job.started_at - job.enqueued_at).total_seconds()
+                timings[timing_key("queue_wait")] = round(max(0.0, waited), 4)
             timings[timing_key("run")] = run_s
             result["batch_size"] = len(batch)  # jobs this worker took together
             outcomes[job.id] = result
