@@ -2,7 +2,7 @@
 
 import sys
 
-from service.api import create_app
+from service.web import create_app
 from service.settings import SettingsError
 
 try:

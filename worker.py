@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""The model worker: `python worker.py`. See service/worker.py."""
+"""The model worker: `python worker.py`. See service/worker/main.py."""
 
 import sys
 
-from service.worker import main
+from service.worker.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

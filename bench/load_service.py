@@ -347,8 +347,8 @@ def phase_overhead(work: Path, bundle: Path, count: int = 60) -> dict:
 
     from redis import Redis
 
-    from service.cache import FeatureCache, detector_key
-    from service.pipeline import InferenceRequest, Pipeline
+    from service.worker.cache import FeatureCache, detector_key
+    from service.worker.pipeline import InferenceRequest, Pipeline
     from service.settings import load_settings
 
     stack = BenchStack(work / "overhead", bundle)

@@ -1,68 +1,22 @@
 """Our region-feature store: an LMDB with one record per image, and no pickle anywhere.
 
-Record layout (value of key = image id, UTF-8):
-    8 bytes  b"VLBFEAT1" magic
-    4 bytes  little-endian uint32 header length n
-    n bytes  JSON header: {"image_id", "image_width", "image_height", "num_boxes",
-                           "arrays": {name: {"dtype", "shape", "offset", "nbytes"}}}
-    …        the arrays' raw little-endian bytes (boxes float32 [N,4], features float32 [N,D],
-             scores float32 [N], class_ids int64 [N]), at the offsets the header gives (from the data start)
+Records are encoded by detector.records (the one codec, also read by the web tier and the feature cache).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from pathlib import Path
 from typing import Iterator
 
 import lmdb
-import numpy as np
 
+from .records import MAGIC, FeatureStoreError, decode_record, encode_record
 from .regions import RegionFeatures
 
-MAGIC = b"VLBFEAT1"
-ARRAYS = {"boxes": "<f4", "features": "<f4", "scores": "<f4", "class_ids": "<i8"}
+__all__ = ["MAGIC", "FeatureStore", "FeatureStoreError", "decode_record", "encode_record"]
+
 DEFAULT_MAP_SIZE = 1 << 40  # address space only; the file grows as written
-
-
-class FeatureStoreError(ValueError):
-    pass
-
-
-def encode_record(image_id: str, regions: RegionFeatures) -> bytes:
-    arrays, chunks, offset = {}, [], 0
-    for name, dtype in ARRAYS.items():
-        data = np.ascontiguousarray(getattr(regions, name), dtype=dtype).tobytes()
-        arrays[name] = {"dtype": dtype, "shape": list(np.shape(getattr(regions, name))), "offset": offset, "nbytes": len(data)}
-        chunks.append(data)
-        offset += len(data)
-    header = json.dumps({"image_id": image_id, "image_width": int(regions.image_width),
-                         "image_height": int(regions.image_height), "num_boxes": int(regions.num_boxes),
-                         "arrays": arrays}).encode("utf-8")
-    return MAGIC + struct.pack("<I", len(header)) + header + b"".join(chunks)
-
-
-def decode_record(value: bytes) -> tuple[str, RegionFeatures]:
-    if value[:8] != MAGIC:
-        raise FeatureStoreError("not a feature record of this format (bad magic)")
-    (length,) = struct.unpack("<I", value[8:12])
-    try:
-        header = json.loads(value[12:12 + length].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FeatureStoreError(f"corrupt record header ({exc})") from exc
-    data = memoryview(value)[12 + length:]
-    fields = {}
-    for name, dtype in ARRAYS.items():
-        spec = header["arrays"][name]
-        if spec["dtype"] != dtype or spec["offset"] + spec["nbytes"] > len(data):
-            raise FeatureStoreError(f"corrupt record: array {name}")
-        raw = np.frombuffer(data[spec["offset"]:spec["offset"] + spec["nbytes"]], dtype=dtype)
-        fields[name] = raw.reshape(spec["shape"]).astype(dtype[1:], copy=True)
-    regions = RegionFeatures(num_boxes=header["num_boxes"], image_width=header["image_width"],
-                             image_height=header["image_height"], **fields)
-    return header["image_id"], regions
 
 
 class FeatureStore:

@@ -1,6 +1,12 @@
-"""Errors with a stable machine-readable code, shared by request parsing, the pipeline and the API."""
+"""Errors with a stable machine-readable code, shared by request parsing, the pipeline and the API.
+
+One conversion path: a client error found while running a job becomes a PipelineError through
+`PipelineError.at`, and every error becomes the client's error object through `to_dict` (service.contract's shape).
+"""
 
 from __future__ import annotations
+
+from .contract import error_body
 
 
 class ServiceError(Exception):
@@ -16,7 +22,7 @@ class ServiceError(Exception):
         super().__init__(message)
 
     def to_dict(self) -> dict:
-        return {"code": self.code, "message": self.message}
+        return error_body(self.code, self.message)
 
 
 class BadRequest(ServiceError):
@@ -38,5 +44,10 @@ class PipelineError(ServiceError):
         super().__init__(code, message, status=422)
         self.stage = stage
 
+    @classmethod
+    def at(cls, stage: str, error: ServiceError, prefix: str = "") -> "PipelineError":
+        """`error` (found by a check shared with the web tier) as the failure of a job at `stage`."""
+        return cls(error.code, prefix + error.message, stage)
+
     def to_dict(self) -> dict:
-        return {"code": self.code, "message": self.message, "stage": self.stage}
+        return error_body(self.code, self.message, self.stage)

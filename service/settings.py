@@ -12,6 +12,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from modelkit.regions import REGIONS_PER_IMAGE
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "weights"
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
@@ -37,7 +39,7 @@ class Settings:
     precision: str = "fp32"
     detector_min_size: int = 800
     detector_max_size: int = 1333
-    detector_num_regions: int = 100
+    detector_num_regions: int = REGIONS_PER_IMAGE
     # Queue and storage lifetimes, in seconds.
     job_timeout: int = 300  # a started job is killed after this long
     upload_ttl: int = 3600  # uploaded images (and the queued job) are dropped if not started within this
@@ -55,7 +57,7 @@ class Settings:
     max_queued_jobs: int = 1000
     redis_timeout: float = 5.0
     log_level: str = "INFO"
-    # Scale (service/cache.py, service/batching.py, service/metrics.py; docs/OPERATIONS.md).
+    # Scale (service/worker/cache.py, service/worker/rq_batch.py, service/*/metrics.py; docs/OPERATIONS.md).
     feature_cache_ttl: int = 86400  # seconds a cached image's region features live unused; 0 = no cache
     feature_cache_max_entries: int = 2000
     feature_cache_max_bytes: int = 1 << 30
@@ -136,7 +138,7 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "precision": ("PRECISION", _choice(PRECISIONS)),
     "detector_min_size": ("DETECTOR_MIN_SIZE", _int(32, 4000)),
     "detector_max_size": ("DETECTOR_MAX_SIZE", _int(32, 8000)),
-    "detector_num_regions": ("DETECTOR_NUM_REGIONS", _int(1, 100)),
+    "detector_num_regions": ("DETECTOR_NUM_REGIONS", _int(1, REGIONS_PER_IMAGE)),
     "job_timeout": ("JOB_TIMEOUT", _int(1)),
     "upload_ttl": ("UPLOAD_TTL", _int(10)),
     "result_ttl": ("RESULT_TTL", _int(1)),

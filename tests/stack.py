@@ -16,7 +16,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from service import jobs
+from service.queue import connect
 from service.localstack import free_port, start_redis, stop, wait_until
 from service.settings import load_settings
 
@@ -71,7 +71,7 @@ class Stack:
         return wait_until(lambda: self.get("/readyz")[0] == 200, timeout, interval=0.2)
 
     def connection(self):
-        return jobs.connect(self.settings)
+        return connect(self.settings)
 
     # HTTP
     def request(self, method: str, path: str, data: bytes | None = None, headers: dict | None = None):

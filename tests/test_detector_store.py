@@ -37,6 +37,25 @@ def test_record_round_trip_without_pickle():
         decode_record(b"\x80\x04garbage")
 
 
+def test_every_malformed_record_is_a_feature_store_error():
+    """Records also come from clients and from a shared Redis: a bad one must be refused with one error type."""
+    raw = encode_record("x", sample())
+    (length,) = np.frombuffer(raw[8:12], "<u4")
+    cases = [raw[:10], raw[:40], raw[:12 + int(length)] + b"\0" * 8,
+             raw.replace(b'"nbytes": 140', b'"nbytes": 940'), raw.replace(b'"offset": 0,', b'"offset":-4,'),
+             raw.replace(b'"shape": [7, 4]', b'"shape": [9, 4]'), raw.replace(b'"arrays"', b'"arrayz"')]
+    for bad in cases:
+        assert bad != raw
+        with pytest.raises(FeatureStoreError):
+            decode_record(bad)
+
+
+def test_record_codec_needs_neither_torch_nor_lmdb():
+    code = "import sys, detector.records\nprint(sorted({'torch', 'lmdb'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_store_put_get(tmp_path):
     with FeatureStore(tmp_path / "s", readonly=False) as store:
         store.put("a", sample())

@@ -26,9 +26,10 @@ from rq.serializers import JSONSerializer
 
 skimage_data = pytest.importorskip("skimage.data")
 
-from service import jobs  # noqa: E402
+from service.contract import JobRequest, upload_key  # noqa: E402
 from service.errors import PipelineError, Unavailable  # noqa: E402
-from service.inputs import JobRequest, parse_submission  # noqa: E402
+from service.web.inputs import parse_submission  # noqa: E402
+from service.web.jobs import submit  # noqa: E402
 from service.localstack import free_port, stop, wait_until  # noqa: E402
 from stack import HEARTBEAT_TTL  # noqa: E402
 from vilbert.tasks import TaskRegistry  # noqa: E402
@@ -54,7 +55,7 @@ def pipeline(stack):
     sum floats in the same order."""
     import torch
 
-    from service.pipeline import Pipeline
+    from service.worker.pipeline import Pipeline
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -92,7 +93,7 @@ def test_bundle_is_complete_and_marked_tiny(stack):
 
 
 def test_reduced_precision_is_reported_and_keeps_the_cpu_detector_in_fp32(stack):
-    from service.pipeline import InferenceRequest, Pipeline
+    from service.worker.pipeline import InferenceRequest, Pipeline
     from vilbert.cpu_inference import native_bf16_linear_available
 
     bf16 = Pipeline.from_dir(stack.bundle, device="cpu", precision="bf16")
@@ -103,7 +104,7 @@ def test_reduced_precision_is_reported_and_keeps_the_cpu_detector_in_fp32(stack)
 
 
 def test_pipeline_in_process(pipeline):
-    from service.pipeline import InferenceRequest
+    from service.worker.pipeline import InferenceRequest
 
     result = pipeline.run(InferenceRequest([ASTRONAUT], "what is she holding?", ["vqa", "refcoco"], top_k=4))
     assert len(result["tasks"]["vqa"]["answers"]) == 4 and len(result["tasks"]["refcoco"]["regions"]) == 4
@@ -119,7 +120,7 @@ def test_pipeline_in_process(pipeline):
 
 
 def test_pipeline_rejects_bad_boxes_and_missing_candidates(pipeline):
-    from service.pipeline import InferenceRequest
+    from service.worker.pipeline import InferenceRequest
 
     with pytest.raises(PipelineError) as caught:
         pipeline.run(InferenceRequest([CAT], "which?", ["visual7w"], boxes=[[0, 0, 5000, 10]]))
@@ -162,7 +163,7 @@ def test_classic_curl_form(stack, tmp_path):
 
 
 def test_single_image_tasks_match_the_pipeline(stack, pipeline):
-    from service.pipeline import InferenceRequest
+    from service.worker.pipeline import InferenceRequest
 
     tasks = ["vqa", "genome_qa", "gqa", "snli_ve", "refcoco", "refcoco_plus", "refcocog", "retrieval_coco",
              "retrieval_flickr30k"]
@@ -273,10 +274,10 @@ def test_image_the_worker_cannot_decode_fails_the_job_with_a_code(stack):
     connection = stack.connection()
     request = JobRequest(text="hi", tasks=["vqa"], images=parse_submission({"text": "hi"}, [CAT], stack.settings,
                                                                            TaskRegistry.from_file()).images)
-    job = jobs.submit(connection, stack.settings, request, [b"\x89PNG\r\n\x1a\n garbage"])
+    job = submit(connection, stack.settings, request, [b"\x89PNG\r\n\x1a\n garbage"])
     body = stack.wait(job.id)
     assert body["status"] == "failed" and body["error"]["code"] == "invalid_image" and body["error"]["stage"] == "decode"
-    assert not connection.exists(jobs.upload_key(job.id))  # the upload is dropped with the job
+    assert not connection.exists(upload_key(job.id))  # the upload is dropped with the job
 
 
 # -------------------------------------------------------------------------------------------- faults and lifecycle
@@ -314,12 +315,12 @@ def test_worker_lifecycle_graceful_stop_queueing_and_sigkill(stack):
     request = JobRequest.from_json({"text": "x", "tasks": ["retrieval_coco"],
                                     "images": [{"width": 1, "height": 1, "bytes": 1}] * 8})
     with pytest.raises(Unavailable) as caught:  # back-pressure: the queue holds two, the bound is two
-        jobs.submit(connection, replace(stack.settings, max_queued_jobs=2), request, [CAT] * 8)
+        submit(connection, replace(stack.settings, max_queued_jobs=2), request, [CAT] * 8)
     assert caught.value.code == "queue_full"
     # A job whose timeout is shorter than its work (8 images at twice the full detector size take seconds).
     # Eight distinct uploads (other sizes than the photos above): no feature-cache hit, no shared detector run.
     slow_images = [photo(name, size) for name in ("astronaut", "chelsea", "coffee", "rocket") for size in (180, 200)]
-    too_slow = jobs.submit(connection, replace(stack.settings, job_timeout=1), request, slow_images).id
+    too_slow = submit(connection, replace(stack.settings, job_timeout=1), request, slow_images).id
 
     # 3. A slower worker picks them up, the three in one batch: the short-timeout job fails alone, its partners
     #    finish. SIGTERM mid-job finishes that job first.

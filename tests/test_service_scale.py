@@ -19,10 +19,12 @@ from test_service_e2e import ASTRONAUT, CAT, COFFEE, ROCKET
 
 from detector.images import load_image
 from detector.store import encode_record
-from service import jobs
-from service.cache import FeatureCache, detector_key
+from service.contract import JobRequest
+from service.worker.cache import FeatureCache, detector_key
 from service.features import to_npz
-from service.inputs import JobRequest, parse_submission
+from service.queue import get_queue
+from service.web.inputs import parse_submission
+from service.web.jobs import submit
 from service.localstack import free_port, wait_until
 from service.settings import load_settings
 from test_predict_many import assert_close
@@ -52,7 +54,7 @@ def stack(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipeline(stack):
-    from service.pipeline import Pipeline
+    from service.worker.pipeline import Pipeline
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the worker (OMP_NUM_THREADS=1): same kernels, same sums
@@ -90,7 +92,7 @@ def submit_features(stack: Stack, text: str, files: list[bytes], **fields):
 
 
 def test_cache_hit_skips_the_detector_and_a_changed_detector_config_misses(stack, pipeline, tmp_path):
-    from service.pipeline import InferenceRequest, Pipeline
+    from service.worker.pipeline import InferenceRequest, Pipeline
 
     connection = stack.connection()
     namespace_free = FeatureCache(connection, "test-" + detector_key(pipeline.extractor), ttl=60)
@@ -156,10 +158,10 @@ def test_cache_bounds_entries_bytes_and_ttl(stack, pipeline):
 
 
 def test_batch_equals_each_job_alone_back_pressure_and_metrics(stack, pipeline):
-    from service.pipeline import InferenceRequest
+    from service.worker.pipeline import InferenceRequest
 
     connection = stack.connection()
-    queue = jobs.get_queue(connection, stack.settings)
+    queue = get_queue(connection, stack.settings)
     worker_before = scrape(stack.metrics_url)
     web_before = scrape(stack.url + "/metrics")
     requests = [
@@ -173,7 +175,7 @@ def test_batch_equals_each_job_alone_back_pressure_and_metrics(stack, pipeline):
         ids = [stack.submit(text, images, tasks=tasks, top_k=2) for text, images, tasks in requests]
         # A job whose bytes are not an image (queued past the web tier): it must fail alone, not its batch.
         infos = parse_submission({"text": "hi"}, [CAT], stack.settings, TaskRegistry.from_file()).images
-        bad = jobs.submit(connection, stack.settings, JobRequest(text="hi", tasks=["vqa"], images=infos),
+        bad = submit(connection, stack.settings, JobRequest(text="hi", tasks=["vqa"], images=infos),
                           [b"\x89PNG\r\n\x1a\n garbage"]).id
         # The stopped worker may already hold the first job (Redis answered its blocking dequeue): top up.
         while queue.count < MAX_QUEUED:

@@ -11,7 +11,9 @@ import pytest
 from PIL import Image
 
 from service.errors import BadRequest
-from service.inputs import JobRequest, check_boxes, parse_boxes, parse_submission, parse_tasks, parse_top_k
+from service.boxes import check_boxes
+from service.contract import JobRequest
+from service.web.inputs import parse_boxes, parse_submission, parse_tasks, parse_top_k
 from service.settings import DEFAULT_TASKS, Settings, SettingsError, load_settings
 from vilbert.tasks import TaskRegistry
 
@@ -131,7 +133,7 @@ def test_box_checks():
 
 
 def test_openapi_describes_exactly_the_routes():
-    from service.api import create_app
+    from service.web import create_app
 
     app = create_app(Settings(redis_url="redis://127.0.0.1:1/0"))  # no connection is made at creation
     routes = set()
@@ -147,7 +149,7 @@ def test_openapi_describes_exactly_the_routes():
 
 
 def test_health_needs_no_redis_and_readiness_says_why():
-    from service.api import create_app
+    from service.web import create_app
 
     client = create_app(Settings(redis_url="redis://127.0.0.1:1/0", redis_timeout=0.5)).test_client()
     assert client.get("/healthz").status_code == 200

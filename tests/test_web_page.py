@@ -300,7 +300,7 @@ def test_queue_position_and_a_failed_job(stack, page, photos):
     """A job waiting behind another shows its place in line; a job the worker fails shows the worker's reason.
     Both are real: the worker is paused (SIGSTOP) while another job and the page's job are queued, and the page's
     upload is removed from Redis while it waits, as when UPLOAD_TTL runs out."""
-    from service import jobs
+    from service.contract import upload_key
 
     _open(page, stack.url)
     page.get_by_label("Image", exact=True).set_input_files(str(photos[0]))
@@ -316,7 +316,7 @@ def test_queue_position_and_a_failed_job(stack, page, photos):
             "/^Queued: (next in line|\\d+ jobs? ahead)/.test(document.getElementById('status').textContent)",
             timeout=10_000)
         assert page.locator("#status").get_attribute("class") == "status busy"
-        stack.connection().delete(jobs.upload_key(job_id))
+        stack.connection().delete(upload_key(job_id))
     finally:
         os.kill(stack.worker.pid, signal.SIGCONT)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from service.api import create_app
+from service.web import create_app
 from service.settings import Settings
 
 STATIC = Path(__file__).resolve().parent.parent / "service" / "static"

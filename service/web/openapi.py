@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .settings import Settings
+from ..contract import STAGE_STARTING, STAGES
+from ..settings import Settings
 
 
 def _error(description: str) -> dict:
@@ -94,7 +95,7 @@ def openapi_spec(settings: Settings) -> dict:
                 "status": {"enum": ["queued", "started", "finished", "failed"]},
                 "tasks": {"type": "array", "items": {"type": "string"}},
                 "queue_position": {"type": ["integer", "null"], "description": "jobs ahead of this one (queued)"},
-                "stage": {"enum": ["starting", "decode", "detector", "vilbert", "done"], "description": "while started"},
+                "stage": {"enum": [STAGE_STARTING, *STAGES], "description": "while started"},
                 "result": {"type": "object", "description": "when finished: tasks (one entry per task), images "
                                                             "(width, height, regions), timings, model"},
                 "error": {"type": "object", "properties": {"code": {"type": "string"}, "message": {"type": "string"}}},

@@ -5,7 +5,7 @@ Key: `vilbert:feat:<detector key>:<sha256 of the image bytes>`. The detector key
 detector config, checkpoint, size or precision never reads features of another detector. The same picture
 re-encoded (other bytes) is a miss: we key on the bytes the client sent, not on pixels.
 
-Value: our feature-record format (`detector.store.encode_record`: JSON header + raw little-endian arrays), never
+Value: our feature-record format (`detector.records.encode_record`: JSON header + raw little-endian arrays), never
 pickle. A record that does not decode is deleted and counted a miss.
 
 Bound (why not a separate Redis with `maxmemory`): the cache shares the job Redis, and an allkeys-lru policy
@@ -34,11 +34,13 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from detector.extractor import RegionFeatureExtractor, RegionFeatures
-from detector.store import FeatureStoreError, decode_record, encode_record
+from detector.records import FeatureStoreError, decode_record, encode_record
+
+from ..contract import FEATURE_CACHE_PREFIX
 
 log = logging.getLogger(__name__)
 
-PREFIX = "vilbert:feat:"
+PREFIX = FEATURE_CACHE_PREFIX
 INDEX_KEY = PREFIX + "index"
 SIZES_KEY = PREFIX + "sizes"
 BYTES_KEY = PREFIX + "bytes"
@@ -94,14 +96,14 @@ class CacheStats:
 
 class FeatureCache:
     def __init__(self, connection: Redis, detector: str, ttl: int = 86400, max_entries: int = 2000,
-                 max_bytes: int = 1 << 30):
+                 max_bytes: int = 1 << 30, on_event: Callable[[str, int], None] | None = None):
         self.connection = connection
         self.detector = detector
         self.ttl, self.max_entries, self.max_bytes = ttl, max_entries, max_bytes
         self._put = connection.register_script(_PUT_SCRIPT)
         self.stats = CacheStats()
         # Metrics hook: on_event(kind, count) with kind in hit, miss, store, eviction, error.
-        self.on_event: Callable[[str, int], None] = lambda kind, count: None
+        self.on_event: Callable[[str, int], None] = on_event or (lambda kind, count: None)
 
     def key(self, image: bytes) -> str:
         return f"{PREFIX}{self.detector}:{hashlib.sha256(image).hexdigest()}"

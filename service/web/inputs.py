@@ -1,52 +1,30 @@
-"""Turning a client's submission into a validated job request, as plain functions (no Flask, no Redis).
+"""Turning a client's submission into a validated job request, as plain functions (no Flask).
 
-The API calls `parse_submission` with the form fields and uploaded files; everything a client can get wrong is
-reported as a BadRequest with a stable code, before anything is queued.
+The routes call `parse_submission` (images) or `parse_feature_submission` (precomputed region features) with the
+form fields and uploaded files; everything a client can get wrong is reported as a BadRequest with a stable code,
+before anything is queued.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import asdict, dataclass, field
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from detector.images import ImageDecodeError, load_image
+from modelkit.regions import VISUAL_ROWS_PER_IMAGE
 from vilbert.tasks import TaskRegistry, UnknownTaskError
 
-from .errors import BadRequest
-from .settings import DEFAULT_TASKS, Settings
+from ..boxes import check_boxes
+from ..contract import ImageInfo, JobRequest
+from ..errors import BadRequest
+from ..features import parse_features, to_npz
+from ..queue import live_workers
+from ..settings import DEFAULT_TASKS, Settings
 
 # Form field names; the second of each pair is the classic demo's name (curl --form fileupload=@… text_input=…).
 IMAGE_FIELDS = ("image", "fileupload")
 TEXT_FIELDS = ("text", "text_input")
-
-
-@dataclass
-class ImageInfo:
-    width: int
-    height: int
-    bytes: int
-
-
-@dataclass
-class JobRequest:
-    """What the worker needs besides the image bytes (which travel separately, in Redis)."""
-
-    text: str
-    tasks: list[str]
-    top_k: int = 3
-    boxes: list[list[float]] | None = None  # candidate boxes on the first image (pointing tasks)
-    images: list[ImageInfo] = field(default_factory=list)
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: Mapping) -> "JobRequest":
-        images = [ImageInfo(**info) for info in data.get("images", [])]
-        return cls(text=data["text"], tasks=list(data["tasks"]), top_k=int(data.get("top_k", 3)),
-                   boxes=data.get("boxes"), images=images)
+T = TypeVar("T")
 
 
 def parse_text(raw: str | None, max_chars: int) -> str:
@@ -108,17 +86,6 @@ def parse_boxes(raw: str | None) -> list[list[float]] | None:
     return parsed
 
 
-def check_boxes(boxes: Sequence[Sequence[float]], width: int, height: int) -> None:
-    """Boxes must be finite, non-empty and inside the image (the detector pools features from these pixels)."""
-    for index, (x1, y1, x2, y2) in enumerate(boxes):
-        if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
-            raise BadRequest("invalid_boxes", f"box {index} has a non-finite coordinate")
-        if not (x2 > x1 and y2 > y1):
-            raise BadRequest("invalid_boxes", f"box {index} must have x2 > x1 and y2 > y1")
-        if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
-            raise BadRequest("invalid_boxes", f"box {index} {[x1, y1, x2, y2]} lies outside the {width}x{height} image")
-
-
 def check_image(data: bytes, max_pixels: int) -> ImageInfo:
     """Decode the upload once to prove it is an image we accept (format, pixel limit, not truncated)."""
     try:
@@ -138,7 +105,7 @@ def check_request(request: JobRequest, registry: TaskRegistry, image_count: int)
         if task.needs_candidates:
             if not request.boxes:
                 raise BadRequest("missing_boxes", f"task {task.name} needs candidate boxes in the 'boxes' field")
-            limit = task.max_region_num - 101  # rows left after the global region and 100 detected regions
+            limit = task.max_region_num - VISUAL_ROWS_PER_IMAGE  # rows left after the image's own rows
             if len(request.boxes) > limit:
                 raise BadRequest("too_many_boxes", f"task {task.name} takes at most {limit} candidate boxes")
     if request.boxes and request.images:
@@ -150,21 +117,32 @@ def parse_submission(form: Mapping[str, str], images: Sequence[bytes], settings:
     """Validate a submission (form fields + raw image uploads) into a JobRequest, or raise BadRequest."""
     if not images:
         raise BadRequest("missing_image", "at least one image file is required (form field 'image' or 'fileupload')")
-    if len(images) > settings.max_images:
-        raise BadRequest("too_many_images", f"{len(images)} images sent, the limit is {settings.max_images}")
-    text = parse_text(_first(form, TEXT_FIELDS), settings.max_text_chars)
-    tasks = parse_tasks(form.get("tasks"), registry, len(images))
-    top_k = parse_top_k(form.get("top_k"), settings.max_top_k)
+    text, tasks, top_k = _common_fields(form, len(images), "images", settings, registry)
     boxes = parse_boxes(form.get("boxes"))
-    infos = []
-    for index, data in enumerate(images):
-        try:
-            infos.append(check_image(data, settings.max_image_pixels))
-        except BadRequest as exc:
-            raise BadRequest(exc.code, f"image {index}: {exc.message}", status=exc.status) from None
+    infos = _each(images, "image", lambda data: check_image(data, settings.max_image_pixels))
     request = JobRequest(text=text, tasks=tasks, top_k=top_k, boxes=boxes, images=infos)
     check_request(request, registry, len(images))
     return request
+
+
+def _common_fields(form: Mapping[str, str], count: int, noun: str, settings: Settings,
+                   registry: TaskRegistry) -> tuple[str, list[str], int]:
+    """The upload count, text, tasks and top_k of either kind of submission, checked in this order."""
+    if count > settings.max_images:
+        raise BadRequest("too_many_images", f"{count} {noun} sent, the limit is {settings.max_images}")
+    text = parse_text(_first(form, TEXT_FIELDS), settings.max_text_chars)
+    return text, parse_tasks(form.get("tasks"), registry, count), parse_top_k(form.get("top_k"), settings.max_top_k)
+
+
+def _each(uploads: Sequence[bytes], label: str, check: Callable[[bytes], T]) -> list[T]:
+    """check(upload) for every upload; a failure says which upload it was."""
+    checked = []
+    for index, data in enumerate(uploads):
+        try:
+            checked.append(check(data))
+        except BadRequest as exc:
+            raise BadRequest(exc.code, f"{label} {index}: {exc.message}", status=exc.status) from None
+    return checked
 
 
 def _first(form: Mapping[str, str], names: Sequence[str]) -> str | None:
@@ -172,3 +150,26 @@ def _first(form: Mapping[str, str], names: Sequence[str]) -> str | None:
         if form.get(name) is not None:
             return form.get(name)
     return None
+
+
+def model_feature_dim(connection: Any) -> int | None:
+    """The feature width of the ready workers' model, when they agree on one (else the worker checks)."""
+    dims = {w.get("feature_dim") for w in live_workers(connection)}
+    return dims.pop() if len(dims) == 1 and None not in dims else None
+
+
+def parse_feature_submission(form: Mapping[str, str], files: Sequence[bytes], images: Sequence[bytes],
+                             settings: Settings, registry: TaskRegistry,
+                             expected_dim: int | None) -> tuple[JobRequest, list[bytes]]:
+    """Validate a submission of precomputed features (form field `features`, one file per image) into a job
+    request and the files to store with it (re-encoded as .npz after validation; service.features)."""
+    if images:
+        raise BadRequest("mixed_inputs", "send either images or precomputed features, not both")
+    text, tasks, top_k = _common_fields(form, len(files), "feature files", settings, registry)
+    if form.get("boxes"):
+        raise BadRequest("boxes_need_image", "candidate boxes need the image itself, not precomputed features")
+    regions = _each(files, "features", lambda data: parse_features(data, expected_dim))
+    infos = [ImageInfo(width=r.image_width, height=r.image_height, bytes=len(d)) for r, d in zip(regions, files)]
+    request = JobRequest(text=text, tasks=tasks, top_k=top_k, boxes=None, images=infos, inputs="features")
+    check_request(request, registry, len(files))
+    return request, [to_npz(r) for r in regions]

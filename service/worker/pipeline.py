@@ -23,16 +23,19 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from detector.extractor import RegionFeatureExtractor, RegionFeatures
+from detector.extractor import RegionFeatureExtractor
 from detector.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
+from detector.regions import RegionFeatures
 from detector.tiny import CHECKPOINT_FILE as DETECTOR_CHECKPOINT, CONFIG_FILE as DETECTOR_CONFIG
+from modelkit.regions import REGIONS_PER_IMAGE
 from vilbert.predictor import PredictionInputError, Predictor, PredictRequest
 
-from .bundle import TINY_NOTICE, is_tiny, missing_files
+from ..boxes import check_boxes
+from ..bundle import TINY_NOTICE, is_tiny, missing_files
+from ..contract import DECODE, DETECTOR, VILBERT, timing_key
+from ..errors import BadRequest, PipelineError
+from ..settings import Settings
 from .cache import FeatureCache, extract_cached
-from .errors import BadRequest, PipelineError
-from .inputs import check_boxes
-from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +89,8 @@ class Pipeline:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, device: str = "auto", precision: str = "fp32", min_size: int = 800,
-                 max_size: int = 1333, num_regions: int = 100, max_image_pixels: int = DEFAULT_MAX_PIXELS) -> "Pipeline":
+                 max_size: int = 1333, num_regions: int = REGIONS_PER_IMAGE,
+                 max_image_pixels: int = DEFAULT_MAX_PIXELS) -> "Pipeline":
         """Load the detector and ViLBERT from a weights bundle (see docs/WEIGHTS.md for the layout)."""
         model_dir = Path(model_dir)
         missing = missing_files(model_dir)
@@ -139,14 +143,14 @@ class Pipeline:
         does not fail the others."""
         notify = on_stage or (lambda stage, detail: None)
         work = [_Work(request) for request in requests]
-        notify("decode", f"{sum(len(r.images) for r in requests)} image(s)")
+        notify(DECODE, f"{sum(len(r.images) for r in requests)} image(s)")
         for item in work:
             self._decode(item)
         live = [item for item in work if item.error is None]
-        notify("detector", f"{sum(len(item.rgb) for item in live)} image(s)")
+        notify(DETECTOR, f"{sum(len(item.rgb) for item in live)} image(s)")
         self._regions(live)
         live = [item for item in live if item.error is None]
-        notify("vilbert", f"{sum(len(item.request.tasks) for item in live)} task(s)")
+        notify(VILBERT, f"{sum(len(item.request.tasks) for item in live)} task(s)")
         results = self._predict_all(live)
         return [item.error if item.error is not None else results[id(item)] for item in work]
 
@@ -156,26 +160,26 @@ class Pipeline:
             item.regions, item.cache = list(item.request.features), "features"
             if item.request.boxes:
                 item.error = PipelineError("boxes_need_image", "candidate boxes need the image itself, not "
-                                                               "precomputed features", "decode")
-            item.timings["decode_s"] = 0.0
+                                                               "precomputed features", DECODE)
+            item.timings[timing_key(DECODE)] = 0.0
             return
         try:
             if not item.request.images:
-                raise PipelineError("missing_image", "at least one image is required", "decode")
+                raise PipelineError("missing_image", "at least one image is required", DECODE)
             for index, image in enumerate(item.request.images):
                 try:
                     item.rgb.append(load_image(image, self.max_image_pixels))
                 except ImageDecodeError as exc:
-                    raise PipelineError(exc.code, f"image {index}: {exc.message}", "decode") from None
+                    raise PipelineError(exc.code, f"image {index}: {exc.message}", DECODE) from None
             if item.request.boxes:
                 height, width = item.rgb[0].shape[:2]
                 try:
                     check_boxes(item.request.boxes, width, height)
                 except BadRequest as exc:
-                    raise PipelineError(exc.code, exc.message, "decode") from None
+                    raise PipelineError.at(DECODE, exc) from None
         except PipelineError as exc:
             item.error = exc
-        item.timings["decode_s"] = time.perf_counter() - started
+        item.timings[timing_key(DECODE)] = time.perf_counter() - started
 
     def _regions(self, items: list[_Work]) -> None:
         """One detector call over every image of every request; then the candidate boxes of pointing requests."""
@@ -201,7 +205,7 @@ class Pipeline:
                 item.candidates = self.extractor.extract_boxes(item.rgb[0], np.asarray(item.request.boxes, np.float32))
                 extra = time.perf_counter() - box_started
             # In a batch each request waited for the whole detector call: report that, not a share of it.
-            item.timings["detector_s"] = shared + extra
+            item.timings[timing_key(DETECTOR)] = shared + extra
 
     def _predict_all(self, items: list[_Work]) -> dict[int, dict | None]:
         """ONE ViLBERT batch over every live request (Predictor.predict_many); answers equal per-request calls."""
@@ -218,10 +222,10 @@ class Pipeline:
         results: dict[int, dict | None] = {}
         for item, outcome in zip(items, outcomes):
             if isinstance(outcome, PredictionInputError):
-                item.error = PipelineError(outcome.code, outcome.message, "vilbert")
+                item.error = PipelineError(outcome.code, outcome.message, VILBERT)
                 results[id(item)] = None
                 continue
-            item.timings["vilbert_s"] = elapsed
+            item.timings[timing_key(VILBERT)] = elapsed
             results[id(item)] = {
                 "text": item.request.text,
                 "tasks": outcome,

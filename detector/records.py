@@ -1,0 +1,67 @@
+"""The region-feature record: one image's regions as bytes, with no pickle. NumPy only (no torch, no lmdb), so the
+web tier can read a client's record and the feature store, the worker's feature cache and the training readers
+all share this one codec.
+
+Layout:
+    8 bytes  b"VLBFEAT1" magic
+    4 bytes  little-endian uint32 header length n
+    n bytes  JSON header: {"image_id", "image_width", "image_height", "num_boxes",
+                           "arrays": {name: {"dtype", "shape", "offset", "nbytes"}}}
+    …        the arrays' raw little-endian bytes (boxes float32 [N,4], features float32 [N,D],
+             scores float32 [N], class_ids int64 [N]), at the offsets the header gives (from the data start)
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+
+from .regions import RegionFeatures
+
+MAGIC = b"VLBFEAT1"
+ARRAYS = {"boxes": "<f4", "features": "<f4", "scores": "<f4", "class_ids": "<i8"}
+
+
+class FeatureStoreError(ValueError):
+    """A value that is not a well-formed record (the message says what is wrong)."""
+
+
+def encode_record(image_id: str, regions: RegionFeatures) -> bytes:
+    arrays, chunks, offset = {}, [], 0
+    for name, dtype in ARRAYS.items():
+        data = np.ascontiguousarray(getattr(regions, name), dtype=dtype).tobytes()
+        arrays[name] = {"dtype": dtype, "shape": list(np.shape(getattr(regions, name))), "offset": offset, "nbytes": len(data)}
+        chunks.append(data)
+        offset += len(data)
+    header = json.dumps({"image_id": image_id, "image_width": int(regions.image_width),
+                         "image_height": int(regions.image_height), "num_boxes": int(regions.num_boxes),
+                         "arrays": arrays}).encode("utf-8")
+    return MAGIC + struct.pack("<I", len(header)) + header + b"".join(chunks)
+
+
+def decode_record(value: bytes) -> tuple[str, RegionFeatures]:
+    """(image id, regions) of a record; raises FeatureStoreError for anything malformed, since records also come
+    from clients and from a shared Redis."""
+    if value[:len(MAGIC)] != MAGIC:
+        raise FeatureStoreError("not a feature record of this format (bad magic)")
+    try:
+        (length,) = struct.unpack("<I", value[8:12])
+        header = json.loads(value[12:12 + length].decode("utf-8"))
+        data = memoryview(value)[12 + length:]
+        fields = {}
+        for name, dtype in ARRAYS.items():
+            spec = header["arrays"][name]
+            start, size = int(spec["offset"]), int(spec["nbytes"])
+            if spec["dtype"] != dtype or start < 0 or start + size > len(data):
+                raise FeatureStoreError(f"array {name} lies outside the record")
+            raw = np.frombuffer(data[start:start + size], dtype=dtype)
+            fields[name] = raw.reshape([int(n) for n in spec["shape"]]).astype(dtype[1:], copy=True)
+        regions = RegionFeatures(num_boxes=int(header["num_boxes"]), image_width=int(header["image_width"]),
+                                 image_height=int(header["image_height"]), **fields)
+        return header["image_id"], regions
+    except FeatureStoreError:
+        raise
+    except (KeyError, TypeError, ValueError, UnicodeDecodeError, struct.error) as exc:
+        raise FeatureStoreError(str(exc)) from exc

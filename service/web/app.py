@@ -1,0 +1,71 @@
+"""The HTTP API's application factory: settings, task registry and Redis connection made here and passed to the
+routes (service.web.routes), the metrics and the error handlers. gunicorn serves `app:app` (app.py)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flask import Flask, jsonify
+from redis import Redis
+from redis.exceptions import RedisError
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from vilbert.tasks import TaskRegistry
+
+from ..contract import INTERNAL_ERROR, error_body
+from ..errors import BadRequest, ServiceError
+from ..queue import connect
+from ..settings import Settings, load_settings
+from . import metrics
+from .routes import api_blueprint
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"  # the web page, packaged with `service`
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = settings or load_settings()
+    app = Flask(__name__, static_folder=str(STATIC_DIR))
+    # Werkzeug refuses bigger bodies with 413 before reading them into memory.
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
+    app.json.sort_keys = False
+    registry = TaskRegistry.from_file()
+    connection: Redis = connect(settings)
+    metrics.install(app, connection, settings)  # GET /metrics, request counters
+    app.register_blueprint(api_blueprint(settings, registry, connection))
+    install_error_handlers(app, settings)
+    return app
+
+
+def install_error_handlers(app: Flask, settings: Settings) -> None:
+    """Every error answers {"error": {"code", "message"}} (service.contract's shape)."""
+
+    @app.errorhandler(ServiceError)
+    def service_error(exc: ServiceError):
+        response = jsonify({"error": exc.to_dict()})
+        if exc.status == 503:
+            response.headers["Retry-After"] = "5"
+        return response, exc.status
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def too_large(exc: RequestEntityTooLarge):
+        return service_error(BadRequest("payload_too_large", f"the request is larger than the limit of "
+                                        f"{settings.max_upload_bytes} bytes", status=413))
+
+    @app.errorhandler(RedisError)
+    def redis_down(exc: RedisError):
+        log.warning("redis unavailable: %s", exc)
+        return service_error(ServiceError("redis_unavailable", "the job store (Redis) is unavailable; retry shortly",
+                                          status=503))
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        code = (exc.name or "error").lower().replace(" ", "_")
+        return jsonify({"error": error_body(code, exc.description)}), exc.code
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception):
+        log.exception("unhandled error")
+        return jsonify({"error": error_body(INTERNAL_ERROR, "internal error; see the server log")}), 500

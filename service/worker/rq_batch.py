@@ -1,0 +1,245 @@
+"""The batch loop, and every use of RQ's internals in the service: one module, pinned to the RQ version it was
+written against (RQ_VERSION; tests/test_service_units.py fails on any other, so an upgrade is checked here first).
+
+Dynamic batching: take up to BATCH_MAX_JOBS waiting jobs and run them as one pass. RQ 3.0 has no way to dequeue
+several jobs at once (`Worker.work` takes one job, `execute_job` runs it), so BatchWorker extends SimpleWorker's
+`execute_job`: having got one job from RQ's blocking dequeue, it takes more with RQ's own non-blocking
+`Queue.dequeue_any` (LMOVE into the intermediate queue, as RQ does) until it has BATCH_MAX_JOBS or
+BATCH_MAX_WAIT_MS have passed. Then, with RQ's primitives and in RQ's order:
+
+1. every job gets an Execution (`prepare_execution`: StartedJobRegistry, worker busy) and is marked started
+   with this worker's name (`prepare_job_execution`) BEFORE any work, so a worker killed mid-batch leaves only
+   started jobs that the orphan reaper (service.worker.heartbeat.reap_orphans) fails as worker_lost;
+2. the batch runs once: `Pipeline.run_many` (decode, cache / one detector call over every image, ONE ViLBERT
+   forward over every request), killed after the longest job timeout of the batch; a job whose own timeout
+   the batch overran then fails as `timeout`, its partners keep their results;
+3. each job then goes through RQ's normal `perform_job` (success/failure handling, result TTL, registries,
+   callbacks): its BatchJob returns the outcome computed in step 2; no job function is ever called.
+Each job keeps its own status, result or error: a bad job fails alone (Pipeline.run_many's contract).
+
+Why SimpleWorker: RQ's default Worker forks a child per job, and CUDA state does not survive fork (and
+reloading the models per job would cost seconds). SimpleWorker runs each job in the main process.
+
+One worker process per GPU: start `CUDA_VISIBLE_DEVICES=N python worker.py` once per GPU (docs/SCALE.md);
+all workers on all hosts share the queue, and each batches what it takes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from redis import Redis
+from redis.exceptions import RedisError
+from rq import Queue, SimpleWorker
+from rq.job import Job
+from rq.serializers import JSONSerializer
+from rq.timeouts import JobTimeoutException
+from rq.worker import WorkerStatus
+
+from ..contract import (INTERNAL_ERROR, STAGE_FAILED, TIMEOUT, UPLOAD_EXPIRED, JobRequest, error_body, timing_key,
+                        upload_key)
+from ..errors import BadRequest, PipelineError
+from ..features import parse_features
+from .context import WorkerContext
+from .pipeline import InferenceRequest, Pipeline
+
+log = logging.getLogger(__name__)
+
+RQ_VERSION = "3.0.0"  # the RQ whose internals this module uses (requirements.txt pins it)
+_UNSET = object()
+REDIS_WAIT_S = 30.0  # how long a batch waits for a restarting Redis before giving its jobs up
+
+
+def batched_only(request: dict) -> None:
+    """The function jobs are queued under (service.contract.JOB_FUNCTION). BatchWorker computes every job's
+    outcome itself; anything else that takes a job off the queue and calls its function gets this error."""
+    raise RuntimeError("service jobs run only in the batch worker (python worker.py), not as plain RQ jobs")
+
+
+class BatchJob(Job):
+    """A job whose outcome the batch already computed: RQ's perform_job records it like any job's return."""
+
+    outcome: Any = _UNSET
+
+    def _execute(self) -> Any:
+        # perform_job stamped started_at just now; the job really started with its batch.
+        self.started_at = getattr(self, "batch_started_at", None) or self.started_at
+        outcome, self.outcome = self.outcome, _UNSET
+        if outcome is _UNSET:  # not taken through a batch: there is no other way to run a job
+            return batched_only(self.kwargs.get("request", {}))
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+
+class JobFailed(Exception):
+    """Raised from a batched job so RQ marks it failed; the reason is in job.meta["error"]."""
+
+
+def load_request(connection: Redis, job: Job) -> InferenceRequest:
+    """The pipeline request of a job: its parameters and the images (or region features) stored with it."""
+    request = JobRequest.from_json(job.kwargs["request"])
+    stored = connection.hgetall(upload_key(job.id))
+    count = len(request.images)
+    if count == 0 or len(stored) != count:
+        raise PipelineError(UPLOAD_EXPIRED, f"the uploaded {request.inputs} are gone (expired before the job "
+                                            "started); submit again", "load")
+    uploads = [stored[str(i).encode()] for i in range(count)]
+    if request.inputs == "features":
+        try:  # stored by the web tier as .npz; checked again, the worker does not trust Redis contents
+            features = [parse_features(data) for data in uploads]
+        except BadRequest as exc:
+            raise PipelineError.at("load", exc, "stored features: ") from None
+        return InferenceRequest([], request.text, request.tasks, request.top_k, request.boxes, features=features)
+    return InferenceRequest(uploads, request.text, request.tasks, request.top_k, request.boxes)
+
+
+def run_batch(pipeline: Pipeline, connection: Redis, batch: list[Job]) -> dict[str, Any]:
+    """job id -> result dict, or the exception that fails that job (its reason saved in job.meta["error"])."""
+    outcomes: dict[str, Any] = {}
+    requests, live = [], []
+    for job in batch:
+        try:
+            try:
+                request = load_request(connection, job)
+            except RedisError:  # Redis restarting: wait for it once rather than fail the job at once
+                if not wait_for_redis(connection, REDIS_WAIT_S):
+                    raise
+                request = load_request(connection, job)
+            requests.append(request)
+            live.append(job)
+        except PipelineError as exc:
+            outcomes[job.id] = exc
+        except Exception as exc:  # a malformed job must not fail its partners
+            log.exception("job %s: cannot load its request", job.id)
+            outcomes[job.id] = PipelineError(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", "load")
+
+    def stage(name: str, detail: str = "") -> None:
+        try:  # progress is best effort: a Redis blip must not fail the batch
+            with connection.pipeline(transaction=False) as pipe:  # one round trip for the whole batch
+                for job in live:
+                    job.meta.update(stage=name, stage_detail=detail)
+                    pipe.hset(job.key, "meta", job._serialize_meta())
+                pipe.execute()
+        except RedisError as exc:
+            log.warning("stage %s not recorded: redis unavailable (%s)", name, exc)
+
+    started = time.perf_counter()
+    if live:
+        results = pipeline.run_many(requests, on_stage=stage)
+        run_s = round(time.perf_counter() - started, 4)
+        for job, result in zip(live, results):
+            if isinstance(result, PipelineError):
+                outcomes[job.id] = result
+                continue
+            timings = result["timings"]
+            if job.enqueued_at and job.started_at:
+                waited = (job.started_at - job.enqueued_at).total_seconds()
+                timings[timing_key("queue_wait")] = round(max(0.0, waited), 4)
+            timings[timing_key("run")] = run_s
+            result["batch_size"] = len(batch)  # jobs this worker took together
+            outcomes[job.id] = result
+    return outcomes
+
+
+def wait_for_redis(connection: Redis, limit_s: float) -> bool:
+    """Wait up to limit_s for Redis to answer (a restart with its append-only file takes seconds)."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        try:
+            return bool(connection.ping())
+        except RedisError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.5)
+
+
+def _record_error(job: Job, error: dict) -> None:
+    job.meta["error"] = error
+    job.meta.update(stage=STAGE_FAILED)
+    job.save_meta()
+
+
+class BatchWorker(SimpleWorker):
+    """SimpleWorker that runs what it dequeues in batches, with the worker's context passed in."""
+
+    job_class = BatchJob
+
+    def __init__(self, queues: list[Queue], context: WorkerContext, **kwargs: Any):
+        super().__init__(queues, connection=context.connection, serializer=JSONSerializer, **kwargs)
+        self.context = context
+
+    def request_stop(self, signum: Any, frame: Any) -> None:
+        self.context.stop.set()  # remembered across restarts: the outer loop (service.worker.main) ends
+        super().request_stop(signum, frame)
+
+    def take_partners(self, first: tuple[Job, Queue]) -> list[tuple[Job, Queue]]:
+        settings = self.context.settings
+        batch = [first]
+        if settings.batch_max_jobs <= 1:
+            return batch
+        deadline = time.monotonic() + settings.batch_max_wait_ms / 1000.0
+        while len(batch) < settings.batch_max_jobs and not self._stop_requested:
+            taken = Queue.dequeue_any(self._ordered_queues, None, connection=self.connection,
+                                      job_class=self.job_class, serializer=self.serializer,
+                                      death_penalty_class=self.death_penalty_class)
+            if taken is not None:
+                batch.append(taken)
+                continue
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.001)
+        return batch
+
+    def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
+        # perform_job calls this again for a job execute_job already prepared: skipping the second call saves
+        # a round trip per job and keeps started_at at the start of the batch.
+        if getattr(job, "batch_prepared", False):
+            return
+        super().prepare_job_execution(job, remove_from_intermediate_queue)
+        job.batch_prepared, job.batch_started_at = True, job.started_at
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        batch = self.take_partners((job, queue))
+        executions = []
+        for member, _ in batch:
+            executions.append(self.prepare_execution(member))
+            self.prepare_job_execution(member, remove_from_intermediate_queue=len(self.queues) == 1)
+        members = [member for member, _ in batch]
+        self.context.metrics.batch(len(members))
+        # The batch is killed after the LONGEST job timeout (-1: none), so a job with a short timeout cannot
+        # take its partners down; afterwards each job whose own timeout the batch overran fails as timeout.
+        limits = {m.id: m.timeout or self.queue_class.DEFAULT_TIMEOUT for m in members}
+        timeout = -1 if any(t == -1 for t in limits.values()) else max(limits.values())
+        started = time.monotonic()
+        try:
+            with self.death_penalty_class(timeout, JobTimeoutException, job_id=job.id):
+                outcomes = run_batch(self.context.pipeline, self.connection, members)
+        except JobTimeoutException as exc:
+            outcomes = {m.id: exc for m in members}
+        except Exception as exc:
+            log.exception("batch of %d failed", len(members))
+            outcomes = {m.id: PipelineError(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", "batch")
+                        for m in members}
+        elapsed = time.monotonic() - started
+        # Results are computed: if Redis is restarting, wait for it rather than lose them (bounded).
+        wait_for_redis(self.connection, REDIS_WAIT_S)
+        for (member, member_queue), execution in zip(batch, executions):
+            outcome = outcomes.get(member.id)
+            if isinstance(outcome, dict) and 0 < limits[member.id] < elapsed:
+                outcome = JobTimeoutException(f"the batch took {elapsed:.1f} s")
+            if isinstance(outcome, PipelineError):
+                _record_error(member, outcome.to_dict())
+                outcome = JobFailed(f"{outcome.code}: {outcome.message}")
+            elif isinstance(outcome, JobTimeoutException):
+                _record_error(member, error_body(TIMEOUT, f"the job's batch ran longer than its timeout of "
+                                                          f"{limits[member.id]} s"))
+            self.context.metrics.job_done(outcome, member.meta.get("error"))
+            member.outcome = outcome
+            try:
+                self.perform_job(member, member_queue, execution)
+            finally:
+                self.connection.delete(upload_key(member.id))
+        self.set_state(WorkerStatus.IDLE)
