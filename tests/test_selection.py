@@ -97,6 +97,13 @@ def test_pack_bits_uses_as_few_words_as_fit(cols, words):
     assert bits == cols
 
 
+def test_pack_bits_stays_on_the_mask_device():
+    # Selection runs on the GPU in service; the "meta" device stands in for it here (shapes and devices, no data),
+    # so that a buffer made on the default device instead of the mask's fails on CPU too.
+    packed = _pack_bits(torch.zeros(3, 70, dtype=torch.bool, device="meta"))
+    assert packed.device.type == "meta" and packed.shape == (3, 2) and packed.dtype == torch.int64
+
+
 # ------------------------------------------------------------------------------------------------ greedy scan
 
 

@@ -188,13 +188,17 @@ def test_vocab_errors_name_the_file(tmp_path):
 
 
 def test_small_vocabulary_ids_follow_its_lines(tmp_path):
-    # Windows line endings and a non-ASCII (CJK, kept whole) token: ids are line numbers, tokens are the lines without "\r\n".
+    # Windows line endings and a non-ASCII (CJK) token: ids are line numbers, tokens are the lines without "\r\n".
+    # Lines that differ from "red" only by a trailing space or "X" are tokens of their own: they must not take
+    # "red"'s id. (This test builds its own Tokenizer, so it also pins the normaliser settings: the module-scoped
+    # fixture above is built once, inside whichever test runs first.)
     path = tmp_path / "vocab.txt"
-    lines = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "red", "car", "##s", "东"]
+    lines = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "red", "car", "##s", "uber", "东", "京", "red ", "redX"]
     path.write_bytes("\r\n".join(lines).encode("utf-8") + b"\r\n")
     tokenizer = Tokenizer(path)
     assert tokenizer.vocab_path == path
     assert tokenizer.vocab_size == len(lines)
     assert (tokenizer.cls_id, tokenizer.sep_id) == (2, 3)
-    assert tokenizer.tokenize("Red cars东blue") == ["red", "car", "##s", "东", "[UNK]"]
+    # Lower-casing, accent stripping, control-character cleaning and CJK splitting each decide one token here.
+    assert tokenizer.tokenize("Red CARS\x07 Über东京blue") == ["red", "car", "##s", "uber", "东", "京", "[UNK]"]
     assert tokenizer.encode("red cars", max_length=6).input_ids == [2, 5, 6, 7, 3, 0]
