@@ -36,7 +36,8 @@ MODULES: dict[str, tuple[str, ...]] = {
     "vilbert/tokenization.py": ("tests/test_tokenizer.py",),
     "vilbert/answers.py": ("tests/test_answers.py",),
 }
-# Copied whole into each scratch copy, so that every import resolves there rather than in the checkout.
+# Copied whole into each scratch copy, so that every import resolves there rather than in the checkout
+# (the packages of pyproject.toml; tests/test_mutation_check.py keeps the two in step).
 PACKAGES = ("modelkit", "vilbert", "detector", "service", "vilbert_train")
 ALSO_COPIED = ("config", "tests", "pyproject.toml")
 

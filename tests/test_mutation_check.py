@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,13 @@ def test_modules_and_their_tests_exist():
     for module, tests in mutation.MODULES.items():
         assert (ROOT / module).is_file(), module
         assert tests and all((ROOT / t).is_file() for t in tests), tests
+
+
+def test_scratch_copies_hold_every_package():
+    # The scratch copy must hold every package, or an import falls through to the checkout's unmutated code.
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    include = project["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert sorted(mutation.PACKAGES) == sorted(p.removesuffix("*") for p in include)
 
 
 def test_equivalents_file_parses_with_a_reason_each():
