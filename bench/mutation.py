@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib.metadata
 import os
 import platform
 import re
@@ -181,7 +182,7 @@ def prepare_scratch(module: str, tests: tuple[str, ...]) -> Path:
     present = [p for p in PACKAGES if (scratch / p).is_dir()]
     (scratch / "setup.cfg").write_text(
         "[mutmut]\n"
-        f"source_paths =\n" + "".join(f"    {p}\n" for p in present)
+        "source_paths =\n" + "".join(f"    {p}\n" for p in present)
         + f"only_mutate = {module}\n"
         + "also_copy = config\n"
         + "pytest_add_cli_args_test_selection =\n" + "".join(f"    {t}\n" for t in tests),
@@ -259,7 +260,7 @@ def main() -> int:
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
     table = "\n".join([
-        f"mutmut 3.8.1, {when}, {machine}, --max-children {args.max_children}",
+        f"mutmut {importlib.metadata.version('mutmut')}, {when}, {machine}, --max-children {args.max_children}",
         "",
         "| module | mutants | killed | listed equivalent | unexplained survivors | score (non-equivalent killed) |",
         "|---|---|---|---|---|---|",
