@@ -144,3 +144,61 @@ def test_missing_vocab_is_a_clear_error(tmp_path):
     (tmp_path / "vocab.txt").write_text("[PAD]\nfoo\n")
     with pytest.raises(ValueError, match=r"has no \[UNK\] token"):
         Tokenizer(tmp_path / "vocab.txt")
+
+
+def test_max_length_must_leave_room_for_cls_and_sep(tokenizer):
+    for max_length in (1, 0, -5):
+        with pytest.raises(ValueError) as err:
+            tokenizer.encode("a red car", max_length=max_length)
+        assert str(err.value) == "max_length must leave room for [CLS] and [SEP]"
+    # Exactly room for the two special tokens: every word piece is cut.
+    encoded = tokenizer.encode("a red car", max_length=2)
+    assert encoded.input_ids == [101, 102]
+    assert encoded.attention_mask == [1, 1] and encoded.token_type_ids == [0, 0]
+    # One more: the first word piece fits.
+    assert tokenizer.encode("a red car", max_length=3).input_ids == [101, 1037, 102]
+
+
+def test_text_that_fits_exactly_is_not_cut(tokenizer):
+    # "a red car" is 3 word pieces: with [CLS] and [SEP] exactly 5.
+    encoded = tokenizer.encode("a red car", max_length=5)
+    assert encoded.input_ids == [101, 1037, 2417, 2482, 102]
+    assert encoded.attention_mask == [1] * 5 and encoded.token_type_ids == [0] * 5
+    padded = tokenizer.encode("a red car", max_length=7)
+    assert padded.input_ids == [101, 1037, 2417, 2482, 102, 0, 0]
+    assert padded.attention_mask == [1, 1, 1, 1, 1, 0, 0] and padded.token_type_ids == [0] * 7
+
+
+def test_unpadded_rows_all_have_the_text_length(tokenizer):
+    encoded = tokenizer.encode("a red car", max_length=23, pad=False)
+    assert encoded.attention_mask == [1] * 5 and encoded.token_type_ids == [0] * 5
+
+
+def test_vocab_errors_name_the_file(tmp_path):
+    path = tmp_path / "vocab.txt"
+    with pytest.raises(FileNotFoundError) as err:
+        Tokenizer(path)
+    assert str(err.value) == f"WordPiece vocabulary not found: {path}"
+    # Every special token is required, each reported by name; a vocabulary that has them all loads.
+    for missing in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"):
+        path.write_text("\n".join(t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "red") if t != missing))
+        with pytest.raises(ValueError) as err:
+            Tokenizer(str(path))
+        assert str(err.value) == f"{path}: vocabulary has no {missing} token"
+
+
+def test_small_vocabulary_ids_follow_its_lines(tmp_path):
+    # Windows line endings and a non-ASCII (CJK) token: ids are line numbers, tokens are the lines without "\r\n".
+    # Lines that differ from "red" only by a trailing space or "X" are tokens of their own: they must not take
+    # "red"'s id. (This test builds its own Tokenizer, so it also pins the normaliser settings: the module-scoped
+    # fixture above is built once, inside whichever test runs first.)
+    path = tmp_path / "vocab.txt"
+    lines = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "red", "car", "##s", "uber", "东", "京", "red ", "redX"]
+    path.write_bytes("\r\n".join(lines).encode("utf-8") + b"\r\n")
+    tokenizer = Tokenizer(path)
+    assert tokenizer.vocab_path == path
+    assert tokenizer.vocab_size == len(lines)
+    assert (tokenizer.cls_id, tokenizer.sep_id) == (2, 3)
+    # Lower-casing, accent stripping, control-character cleaning and CJK splitting each decide one token here.
+    assert tokenizer.tokenize("Red CARS\x07 Über东京blue") == ["red", "car", "##s", "uber", "东", "京", "[UNK]"]
+    assert tokenizer.encode("red cars", max_length=6).input_ids == [2, 5, 6, 7, 3, 0]

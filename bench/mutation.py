@@ -1,0 +1,280 @@
+"""Mutation check: mutmut on the core pure modules, each against its own fast tests.
+
+For every module, a scratch copy of the project goes to var/mutation/<module>/ (the checkout is never touched),
+mutmut mutates only that module and runs only its tests there, and the survivors are compared with
+bench/mutation_equivalents.txt. The check fails when a survivor is neither killed nor listed there with a reason,
+and when a listed mutant is killed after all (the listing is then wrong). Too slow for every CI run (minutes);
+tests/test_mutation_check.py keeps the equivalents file in step with the sources on every run instead.
+
+Usage: bench/mutation.sh [--max-children N] [MODULE[=TEST[,TEST...]] ...]
+With no MODULE, all of MODULES below; a MODULE without tests takes its tests from MODULES.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib.metadata
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRATCH = ROOT / "var" / "mutation"
+EQUIVALENTS = ROOT / "bench" / "mutation_equivalents.txt"
+
+# module -> the fast tests that own it. Add a module here (or pass MODULE=TESTS) to bring it under the check.
+MODULES: dict[str, tuple[str, ...]] = {
+    "detector/selection.py": ("tests/test_selection.py",),
+    "vilbert/tokenization.py": ("tests/test_tokenizer.py",),
+    "vilbert/answers.py": ("tests/test_answers.py",),
+}
+# Copied whole into each scratch copy, so that every import resolves there rather than in the checkout
+# (the packages of pyproject.toml; tests/test_mutation_check.py keeps the two in step).
+PACKAGES = ("modelkit", "vilbert", "detector", "service", "vilbert_train")
+ALSO_COPIED = ("config", "tests", "pyproject.toml")
+
+# mutmut's statuses that mean a test noticed the mutant.
+DETECTED = {"killed", "timeout", "segfault"}
+# " || " separates the fields: Python has no such operator, so it cannot occur in the mutated code.
+EQUIVALENT_LINE = re.compile(r"^(?P<name>\S+__mutmut_\d+) \|\| (?P<change>.+?) \|\| (?P<reason>.+)$")
+
+
+@dataclass(frozen=True)
+class Equivalent:
+    """One listed mutant: its mutmut name, the text of the mutated line(s), and why no test can notice it."""
+
+    name: str
+    change: str
+    reason: str
+
+    @property
+    def module(self) -> str:
+        """The module's path, from the dotted part of the name (`detector.selection.x_f__mutmut_3`)."""
+        return self.name.rsplit(".", 1)[0].replace(".", "/") + ".py"
+
+
+def read_equivalents(path: Path = EQUIVALENTS) -> list[Equivalent]:
+    """The listed equivalent mutants; a line that does not parse is an error (blank lines and # comments aside)."""
+    listed = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        match = EQUIVALENT_LINE.match(line)
+        if match is None:
+            raise ValueError(f"{path}:{number}: expected 'NAME || MUTATED CODE || REASON', got {line!r}")
+        listed.append(Equivalent(**match.groupdict()))
+    names = [e.name for e in listed]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"{path}: listed twice: {', '.join(duplicates)}")
+    return listed
+
+
+def mutant_prefix(module: str) -> str:
+    return module.removesuffix(".py").replace("/", ".") + "."
+
+
+def mutant_changes(module: str) -> dict[str, str]:
+    """Every mutant mutmut makes of `module` (full name -> its added lines, stripped and joined by newlines),
+    generated from the source alone: seconds, no test runs."""
+    import libcst
+    from mutmut.configuration import reset_config
+    from mutmut.mutation.diff_apply import read_mutant_function, read_original_function
+    from mutmut.mutation.file_mutation import mutate_file_contents
+
+    source = (ROOT / module).read_text(encoding="utf-8")
+    before = Path.cwd()
+    with tempfile.TemporaryDirectory() as empty:
+        # mutmut reads its configuration from the working directory; an empty one with a minimal setup.cfg
+        # keeps the project's own settings (and any mutants/ folder) out of it.
+        Path(empty, "setup.cfg").write_text(f"[mutmut]\nsource_paths = {module}\n", encoding="utf-8")
+        os.chdir(empty)
+        reset_config()
+        try:
+            mutated = mutate_file_contents(module, source)
+        finally:
+            os.chdir(before)
+            reset_config()
+    # As `mutmut show` diffs them, with the mutated file parsed once (not once per mutant, which takes minutes).
+    tree = libcst.parse_module(mutated.code)
+    changes = {}
+    for short in mutated.mutant_names:
+        original, mutant = (libcst.Module([f]).code.strip().splitlines()
+                            for f in (read_original_function(tree, short), read_mutant_function(tree, short)))
+        added = [line[1:].strip() for line in difflib.unified_diff(original, mutant, lineterm="", n=0)
+                 if line.startswith("+") and not line.startswith("+++")]
+        changes[mutant_prefix(module) + short] = "\n".join(added)
+    return changes
+
+
+def stale_equivalents(listed: list[Equivalent], modules: Iterable[str] = MODULES) -> list[str]:
+    """Problems with the listing against the current sources: a module not under the check, a mutant mutmut no
+    longer makes, or a name that now stands for a different change (the sources moved, renumbering mutants)."""
+    problems = []
+    changes_by_module: dict[str, dict[str, str]] = {}
+    for equivalent in listed:
+        if equivalent.module not in modules:
+            problems.append(f"{equivalent.name}: {equivalent.module} is not a module under the check")
+            continue
+        if equivalent.module not in changes_by_module:
+            changes_by_module[equivalent.module] = mutant_changes(equivalent.module)
+        change = changes_by_module[equivalent.module].get(equivalent.name)
+        if change is None:
+            problems.append(f"{equivalent.name}: mutmut makes no such mutant of {equivalent.module}")
+        elif equivalent.change not in change.splitlines():
+            problems.append(f"{equivalent.name}: now changes {change!r}, listed as {equivalent.change!r}")
+    return problems
+
+
+@dataclass
+class ModuleResult:
+    module: str
+    statuses: dict[str, str]  # mutant name -> mutmut status
+    listed: set[str]
+    unexplained: list[str] = field(init=False)
+    listed_but_killed: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        survivors = {name for name, status in self.statuses.items() if status not in DETECTED}
+        self.unexplained = sorted(survivors - self.listed)
+        self.listed_but_killed = sorted(self.listed & (set(self.statuses) - survivors))
+
+    @property
+    def killed(self) -> int:
+        return sum(status in DETECTED for status in self.statuses.values())
+
+    @property
+    def equivalent(self) -> int:
+        return len(self.listed & set(self.statuses))
+
+    @property
+    def score(self) -> float:
+        """Killed among the mutants not listed as equivalent."""
+        candidates = len(self.statuses) - self.equivalent
+        return 100.0 * self.killed / candidates if candidates else 100.0
+
+    def row(self) -> str:
+        return (f"| `{self.module}` | {len(self.statuses)} | {self.killed} | {self.equivalent} | "
+                f"{len(self.unexplained)} | {self.score:.1f}% |")
+
+
+def prepare_scratch(module: str, tests: tuple[str, ...]) -> Path:
+    """A fresh copy of the project's packages, tests and config, with a mutmut configuration for `module`."""
+    scratch = SCRATCH / module.removesuffix(".py").replace("/", "_")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in PACKAGES + ALSO_COPIED:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, scratch / name, ignore=ignore)
+        elif source.is_file():
+            shutil.copy2(source, scratch / name)
+    present = [p for p in PACKAGES if (scratch / p).is_dir()]
+    (scratch / "setup.cfg").write_text(
+        "[mutmut]\n"
+        "source_paths =\n" + "".join(f"    {p}\n" for p in present)
+        + f"only_mutate = {module}\n"
+        + "also_copy = config\n"
+        + "pytest_add_cli_args_test_selection =\n" + "".join(f"    {t}\n" for t in tests),
+        encoding="utf-8",
+    )
+    return scratch
+
+
+def run_module(module: str, tests: tuple[str, ...], max_children: int, listed: set[str]) -> ModuleResult:
+    scratch = prepare_scratch(module, tests)
+    # One thread per test process: the children share two busy cores, where torch's thread pool only spins.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    mutmut = [sys.executable, "-m", "mutmut"]
+    log = scratch / "mutmut-run.log"
+    with log.open("w") as out:
+        code = subprocess.run(mutmut + ["run", "--max-children", str(max_children)], cwd=scratch, env=env,
+                              stdout=out, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        sys.exit(f"mutmut run failed for {module} (exit {code}); see {log}")
+    results = subprocess.run(mutmut + ["results", "--all", "true"], cwd=scratch, env=env, capture_output=True,
+                             text=True, check=True).stdout
+    prefix = mutant_prefix(module)
+    statuses = {}
+    for line in results.splitlines():
+        name, _, status = line.strip().partition(": ")
+        if name.startswith(prefix):
+            statuses[name] = status
+    if not statuses:
+        sys.exit(f"mutmut reported no mutants for {module}; see {log}")
+    not_checked = [n for n, s in statuses.items() if s == "not checked"]
+    if not_checked:
+        sys.exit(f"{module}: {len(not_checked)} mutants were not checked; see {log}")
+    result = ModuleResult(module, statuses, {n for n in listed if n.startswith(prefix)})
+    for name in result.unexplained:
+        diff = subprocess.run(mutmut + ["show", name], cwd=scratch, env=env, capture_output=True, text=True).stdout
+        print(f"\nUNEXPLAINED SURVIVOR ({statuses[name]}):\n{diff}", file=sys.stderr)
+    for name in result.listed_but_killed:
+        print(f"LISTED AS EQUIVALENT BUT KILLED: {name}", file=sys.stderr)
+    return result
+
+
+def parse_modules(arguments: list[str]) -> dict[str, tuple[str, ...]]:
+    if not arguments:
+        return dict(MODULES)
+    chosen = {}
+    for argument in arguments:
+        module, _, tests = argument.partition("=")
+        if tests:
+            chosen[module] = tuple(tests.split(","))
+        elif module in MODULES:
+            chosen[module] = MODULES[module]
+        else:
+            sys.exit(f"{module}: not in MODULES; name its tests as {module}=tests/test_x.py")
+        if not (ROOT / module).is_file():
+            sys.exit(f"{module}: no such file")
+    return chosen
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--max-children", type=int, default=2, help="mutants tested at once (default 2)")
+    parser.add_argument("--table", type=Path, default=SCRATCH / "mutation-table.md", help="where to write the table")
+    parser.add_argument("modules", nargs="*", metavar="MODULE[=TESTS]")
+    args = parser.parse_args()
+    modules = parse_modules(args.modules)
+    equivalents = read_equivalents()
+    problems = stale_equivalents([e for e in equivalents if e.module in modules], modules)
+    if problems:
+        sys.exit("bench/mutation_equivalents.txt does not match the sources:\n  " + "\n  ".join(problems))
+    listed = {e.name for e in equivalents}
+    results = []
+    for module, tests in modules.items():
+        print(f"{module}: mutmut against {' '.join(tests)} ...", file=sys.stderr, flush=True)
+        results.append(run_module(module, tests, args.max_children, listed))
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    table = "\n".join([
+        f"mutmut {importlib.metadata.version('mutmut')}, {when}, {machine}, --max-children {args.max_children}",
+        "",
+        "| module | mutants | killed | listed equivalent | unexplained survivors | score (non-equivalent killed) |",
+        "|---|---|---|---|---|---|",
+        *(r.row() for r in results),
+    ])
+    print(table)
+    args.table.parent.mkdir(parents=True, exist_ok=True)
+    args.table.write_text(table + "\n", encoding="utf-8")
+    failed = any(r.unexplained or r.listed_but_killed for r in results)
+    if failed:
+        print("FAILED: every survivor must be killed by a test or listed in bench/mutation_equivalents.txt "
+              "with a reason, and no listed mutant may be killed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
