@@ -13,8 +13,9 @@
 #   detector_bf16_cl.json           the same in bf16 with channels-last convolutions
 #   drift.json                      detector options against fp32: box overlap, fc6 cosine, time
 # Each step runs even when an earlier one failed; the exit status is that of the last failure.
-# BENCH_QUICK=1 shrinks every step (one repeat, small images) and BENCH_DEVICE=cpu runs it without a GPU: the
-# test suite checks the script that way.
+# BENCH_QUICK=1 shrinks every step (one repeat, detector input 64x64) and BENCH_DEVICE=cpu runs it without a GPU:
+# the test suite checks the script that way. BENCH_REPEATS and BENCH_DETECTOR_SIZE (min x max side) override the
+# repeats and the detector's input size of either mode.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-gpu_results}}"
@@ -23,10 +24,14 @@ python="${PYTHON:-python3}"
 device="${BENCH_DEVICE:-cuda}"
 export PYTHONUNBUFFERED=1
 if [ "${BENCH_QUICK:-0}" = 1 ]; then
-    vilbert_repeats=1 detector_repeats=1 detector_size=200x333
+    # 64x64: on a CPU without native bf16 the bf16 convolutions are emulated, many times slower than fp32; at this
+    # size the quick check takes seconds per step on any x86-64 CPU with AVX2, not minutes (docs/TESTING.md)
+    vilbert_repeats=1 detector_repeats=1 detector_size=64x64
 else
     vilbert_repeats=20 detector_repeats=5 detector_size=800x1333
 fi
+vilbert_repeats="${BENCH_REPEATS:-$vilbert_repeats}" detector_repeats="${BENCH_REPEATS:-$detector_repeats}"
+detector_size="${BENCH_DETECTOR_SIZE:-$detector_size}"
 # fp16 convolutions have no fast CPU kernels (a quick CPU run would take tens of minutes): the CPU check of this
 # script leaves fp16 out with these two.
 precisions="${BENCH_PRECISIONS:-fp32 bf16 fp16}"
