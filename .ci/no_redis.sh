@@ -28,10 +28,13 @@ fi
 shadow="$(mktemp -d /tmp/no-redis-path.XXXXXX)"
 workdir="$(mktemp -d /tmp/no-redis-work.XXXXXX)"
 serve_pid=""
+stop_serve() {  # Ctrl+C as a user gives it: SIGINT to make's process group (make and serve.py)
+    kill -INT -- "-$serve_pid" 2>/dev/null || true
+    wait "$serve_pid" 2>/dev/null || true
+}
 cleanup() {
     if [ -n "$serve_pid" ] && kill -0 "$serve_pid" 2>/dev/null; then
-        kill -INT "$serve_pid" 2>/dev/null || true
-        wait "$serve_pid" 2>/dev/null || true
+        stop_serve
     fi
     rm -rf "$shadow" "$workdir"
 }
@@ -63,6 +66,7 @@ url="http://127.0.0.1:$port"
 
 # 1. make serve, then the seed's curl line
 say "make serve on $url"
+: >"$workdir/serve.log"  # exists before the first poll reads it
 PORT="$port" WEB_CONCURRENCY=1 setsid make serve >"$workdir/serve.log" 2>&1 &
 serve_pid=$!
 poll() {  # poll SECONDS COMMAND...: run COMMAND every 0.5 s until it succeeds; fail after SECONDS
@@ -96,11 +100,12 @@ poll 180 job_status 2>"$workdir/status.log" || { say "FAILED: the job did not en
 final="$(tail -1 "$workdir/status.log")"
 [ "$final" = finished ] || { say "FAILED: the job ended $final"; curl -s "$url$job_url" >&2; exit 1; }
 say "the job finished"
-kill -INT "$serve_pid"
-serve_code=0
-wait "$serve_pid" || serve_code=$?
+stop_serve
 serve_pid=""
-[ "$serve_code" = 0 ] || { say "FAILED: make serve exited with $serve_code"; tail -20 "$workdir/serve.log" >&2; exit 1; }
+for part in web worker redis; do  # serve.py stopped each of its children cleanly
+    grep -q "serve: $part stopped (exit code 0)" "$workdir/serve.log" \
+        || { say "FAILED: $part did not stop cleanly"; tail -20 "$workdir/serve.log" >&2; exit 1; }
+done
 
 # 2. a representative subset of the suite: the embedded server itself (RQ, Lua), the stack end to end
 # (serve.py, worker, gunicorn, jobs, cache), the deploy health check, the precision warning
