@@ -112,4 +112,4 @@ done
 say "test subset"
 "$py" -m pytest -q -p no:cacheprovider tests/test_localstack.py tests/test_service_e2e.py tests/test_cpu_precision.py \
     "tests/test_deploy.py::test_healthcheck_worker_follows_rq_registration"
-say "passed"
+say "passed (${SECONDS} s in all)"

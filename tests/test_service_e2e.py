@@ -1,4 +1,4 @@
-"""End-to-end tests of the service with real processes: a private redis-server, `python worker.py` on a tiny
+"""End-to-end tests of the service with real processes: a private Redis server, `python worker.py` on a tiny
 bundle written by `python models/make_tiny.py`, gunicorn serving `app:app`, HTTP over loopback, real photographs
 (scikit-image's samples, downscaled so the tiny detector stays fast on CPU).
 
