@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--proposals", type=int, default=0,
                         help="RPN proposals per image instead of the config's (0: the config's); for a quick check")
+    parser.add_argument("--photos", type=int, default=3, help="how many of the three photographs (a quick check: 1)")
     args = parser.parse_args()
     min_size, max_size = (int(x) for x in args.size.split("x"))
     names = [n for n in args.options.split(",") if n]
@@ -102,7 +103,7 @@ def main() -> None:
         fresh.load_state_dict(state)
         return RegionFeatureExtractor(fresh, args.device, min_size, max_size, **options)
 
-    images = photos()
+    images = dict(list(photos().items())[: args.photos])
     baseline = extractor(channels_last=False)
     reference, reference_features, base_time = {}, {}, 0.0
     for name, image in images.items():

@@ -13,9 +13,9 @@
 #   detector_bf16_cl.json           the same in bf16 with channels-last convolutions
 #   drift.json                      detector options against fp32: box overlap, fc6 cosine, time
 # Each step runs even when an earlier one failed; the exit status is that of the last failure.
-# BENCH_QUICK=1 shrinks every step (one repeat, the tiny ViLBERT config, detector input 32x32, 150 proposals)
-# and BENCH_DEVICE=cpu runs it without a GPU: the test suite checks the script that way. BENCH_REPEATS and
-# BENCH_DETECTOR_SIZE (min x max side) override the repeats and the detector's input size of either mode.
+# BENCH_QUICK=1 shrinks every step (one repeat, the tiny ViLBERT config, detector input 32x32, 150 proposals,
+# one drift photograph) and BENCH_DEVICE=cpu runs it without a GPU: the test suite checks the script that way.
+# BENCH_REPEATS and BENCH_DETECTOR_SIZE (min x max side) override the repeats and the detector's input size.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-gpu_results}}"
@@ -28,7 +28,7 @@ if [ "${BENCH_QUICK:-0}" = 1 ]; then
     # at these sizes the quick check takes seconds per step on any x86-64 CPU with AVX2, not minutes
     # (docs/TESTING.md)
     vilbert_repeats=1 detector_repeats=1 detector_size=32x32 vilbert_model=--tiny
-    detector_quick="--proposals 150 --selection-boxes 200" drift_quick="--proposals 150"
+    detector_quick="--proposals 150 --selection-boxes 200" drift_quick="--proposals 150 --photos 1"
 else
     vilbert_repeats=20 detector_repeats=5 detector_size=800x1333 vilbert_model= detector_quick= drift_quick=
 fi

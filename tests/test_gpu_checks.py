@@ -30,8 +30,8 @@ def test_gpu_checks_script_runs_every_step_and_writes_its_files(tmp_path):
     from vilbert.cpu_inference import native_bf16_linear_available
 
     # fp16 is left out on CPU (no fast kernels there); the bf16 steps run the same code with the other dtype.
-    # The drift step compares three photographs under the option against fp32: in bf16 on a CPU without native
-    # bf16 that alone took a minute (emulated, ~6x fp32), so such CPUs check the step with channels-last instead.
+    # The drift step compares a photograph under the option against fp32: in bf16 on a CPU without native bf16
+    # that is emulated (~6x fp32), so such CPUs check the step with channels-last instead.
     drift_option = "bf16" if native_bf16_linear_available() else "channels_last"
     status = run_checks(tmp_path, 600, BENCH_QUICK="1", BENCH_DEVICE="cpu", PYTHON=sys.executable,
                         BENCH_PRECISIONS="fp32 bf16", BENCH_DRIFT_OPTIONS=drift_option)
