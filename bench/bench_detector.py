@@ -18,6 +18,7 @@ The served configuration on CPU is --channels-last --fold-batchnorm (RegionFeatu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -32,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from detector.config import load_config  # noqa: E402
+from detector.config import DetectorConfig, load_config  # noqa: E402
 from modelkit.precision import PRECISIONS, precision_autocast  # noqa: E402
 from modelkit.regions import REGIONS_PER_IMAGE  # noqa: E402
 from detector.extractor import pad_to_multiple, preprocess  # noqa: E402
@@ -61,6 +62,14 @@ def init_random(model: torch.nn.Module) -> None:
                     tensor.mul_(0.01)
 
 
+def with_proposals(config: DetectorConfig, proposals: int) -> DetectorConfig:
+    """config with `proposals` RPN proposals per image before and after NMS (0: unchanged)."""
+    if not proposals:
+        return config
+    return dataclasses.replace(config, pre_nms_top_n_test=proposals, post_nms_top_n_test=proposals,
+                               fpn_post_nms_top_n_test=proposals)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2)
@@ -73,12 +82,17 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS),
                         help="autocast dtype of the network (selection always runs in fp32)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--proposals", type=int, default=0,
+                        help="RPN proposals per image instead of the config's (0: the config's, 1000); fewer make a "
+                             "quick check of this script (bench/gpu_checks.sh BENCH_QUICK=1)")
+    parser.add_argument("--selection-boxes", type=int, default=1000,
+                        help="boxes of the reference-loop vs vectorised selection comparison")
     args = parser.parse_args()
     height, width = (int(x) for x in args.size.split("x"))
     min_size, max_size = (int(x) for x in args.resize.split("x"))
     device = torch.device(args.device)
 
-    config = load_config(ROOT / "config" / "detectron_config_x152.yaml")
+    config = with_proposals(load_config(ROOT / "config" / "detectron_config_x152.yaml"), args.proposals)
     model = RegionDetector(config).eval()
     init_random(model)
     model = model.to(device)
@@ -132,9 +146,10 @@ def main() -> None:
 
     # selection: the reference loop vs the vectorised computation on 1000 proposals
     g = torch.Generator().manual_seed(1)
-    corner = torch.rand(1000, 2, generator=g) * 1000
-    boxes = torch.cat([corner, corner + torch.rand(1000, 2, generator=g) * 300 + 4], 1).to(device)
-    sel_probs = torch.softmax(torch.randn(1000, 1601, generator=g) * 3, 1).to(device)
+    n = args.selection_boxes
+    corner = torch.rand(n, 2, generator=g) * 1000
+    boxes = torch.cat([corner, corner + torch.rand(n, 2, generator=g) * 300 + 4], 1).to(device)
+    sel_probs = torch.softmax(torch.randn(n, 1601, generator=g) * 3, 1).to(device)
     loop_s, loop_best = timed(lambda: max_confidence_loop(boxes, sel_probs), device)
     vec_s, (keep, conf) = timed(lambda: select_regions(boxes, sel_probs, REGIONS_PER_IMAGE), device)
     assert torch.equal(keep, loop_best.sort(descending=True, stable=True).indices[:100])
@@ -148,7 +163,7 @@ def main() -> None:
         print(f"  {stage:<13s} {median[stage] * 1e3:9.1f} ms{extra}")
     print(f"  total {total_s:.2f} s for {total_flops / 1e12:.3f} TFLOP; matmul {matmul_gflops:.1f} GFLOP/s -> floor "
           f"{floor_s:.2f} s, ratio {total_s / floor_s:.3f}x")
-    print(f"  selection, 1000 proposals x 1600 classes: loop {loop_s:.3f} s, vectorised {vec_s:.3f} s "
+    print(f"  selection, {n} proposals x 1600 classes: loop {loop_s:.3f} s, vectorised {vec_s:.3f} s "
           f"({loop_s / vec_s:.1f}x faster, identical selection)")
     if args.json:
         args.json.write_text(json.dumps({

@@ -36,6 +36,7 @@ from vilbert.cpu_inference import (  # noqa: E402
     pack_linear_weights,
 )
 from vilbert.modeling import ViLBertForVLTasks  # noqa: E402
+from vilbert.tiny import tiny_config  # noqa: E402
 from timing import timed  # noqa: E402  (bench/, this script's folder)
 
 CONFIG = Path(__file__).resolve().parent.parent / "config" / "bert_base_6layer_6conect.json"
@@ -66,11 +67,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--tiny", action="store_true",
+                        help="the tiny test model's config (vilbert/tiny.py) instead of the full one: a quick check of "
+                             "this script (bf16 on a CPU without native bf16 takes minutes at full size)")
     args = parser.parse_args()
     device = args.device
     torch.manual_seed(0)
 
-    config = ViLBertConfig.from_dict({**ViLBertConfig.from_json_file(CONFIG).to_dict(), "task_specific_tokens": True})
+    if args.tiny:
+        config = tiny_config(feature_dim=2048)
+    else:
+        config = ViLBertConfig.from_dict({**ViLBertConfig.from_json_file(CONFIG).to_dict(), "task_specific_tokens": True})
     model = ViLBertForVLTasks(config).eval().to(device)
     # What the predictor serves on CPU: the same weights, reordered for oneDNN (vilbert/cpu_inference.py).
     served = model

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_detector import init_random  # noqa: E402
+from bench_detector import init_random, with_proposals  # noqa: E402
 from detector.config import load_config  # noqa: E402
 from detector.extractor import RegionFeatureExtractor  # noqa: E402
 from detector.model import RegionDetector  # noqa: E402
@@ -83,6 +83,9 @@ def main() -> None:
     parser.add_argument("--options", default="channels_last,bf16")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--proposals", type=int, default=0,
+                        help="RPN proposals per image instead of the config's (0: the config's); for a quick check")
+    parser.add_argument("--photos", type=int, default=3, help="how many of the three photographs (a quick check: 1)")
     args = parser.parse_args()
     min_size, max_size = (int(x) for x in args.size.split("x"))
     names = [n for n in args.options.split(",") if n]
@@ -90,7 +93,8 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown options {unknown}; choose from {', '.join(OPTIONS)}")
 
-    model = RegionDetector(load_config(ROOT / "config" / "detectron_config_x152.yaml")).eval()
+    model = RegionDetector(with_proposals(load_config(ROOT / "config" / "detectron_config_x152.yaml"),
+                                          args.proposals)).eval()
     init_random(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -99,7 +103,7 @@ def main() -> None:
         fresh.load_state_dict(state)
         return RegionFeatureExtractor(fresh, args.device, min_size, max_size, **options)
 
-    images = photos()
+    images = dict(list(photos().items())[: args.photos])
     baseline = extractor(channels_last=False)
     reference, reference_features, base_time = {}, {}, 0.0
     for name, image in images.items():

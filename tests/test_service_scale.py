@@ -1,4 +1,4 @@
-"""Scale features with real processes (the end-to-end Stack of test_service_e2e: a private redis-server,
+"""Scale features with real processes (the end-to-end Stack of test_service_e2e: a private Redis server,
 `python worker.py`, gunicorn serving `app:app`): the feature cache, batching equality, precomputed-feature
 submissions, Prometheus metrics of both tiers, and back-pressure."""
 

@@ -198,11 +198,3 @@ def test_serve_no_tiny_and_worker_without_weights_exit_with_instructions(tmp_pat
     bad = subprocess.run([sys.executable, str(root / "worker.py")], env=dict(env, DEVICE="gpu"), capture_output=True,
                          text=True, timeout=60, cwd=root)
     assert bad.returncode == 2 and "DEVICE='gpu'" in bad.stderr
-
-
-def test_missing_redis_server_is_explained(monkeypatch):
-    from service.localstack import LocalStackError, redis_server_binary
-
-    monkeypatch.setenv("PATH", "/nonexistent")
-    with pytest.raises(LocalStackError, match="apt-get install redis-server.*REDIS_URL"):
-        redis_server_binary()

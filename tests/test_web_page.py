@@ -1,6 +1,6 @@
 """The web page in a real headless browser against the real stack.
 
-Real parts: the stack of tests/stack.py (shared with the service's end-to-end tests: a private redis-server,
+Real parts: the stack of tests/stack.py (shared with the service's end-to-end tests: a private Redis server,
 `python worker.py` on a tiny random-weight bundle, gunicorn serving `app:app`) and Debian's chromium driven by
 Playwright (never a downloaded browser: `playwright install` is not used). The browser picks a real photograph,
 asks, waits through the progress states and checks what a user sees: answer rows with probabilities equal to the

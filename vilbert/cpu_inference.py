@@ -20,6 +20,8 @@ checkpoints before packing.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,7 +58,22 @@ def native_bf16_linear_available() -> bool:
     instruction sets are checked, not only the op."""
     cpu = torch.cpu
     native = any(getattr(cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return native and onednn_linear_available()
+    return native and not _bf16_isa_capped() and onednn_linear_available()
+
+
+# oneDNN ISA names (ONEDNN_MAX_CPU_ISA) that still include native bf16 dot products.
+_BF16_ISAS = ("ALL", "DEFAULT", "AVX512_CORE_BF16", "AVX512_CORE_AMX", "AVX10")
+
+
+def _bf16_isa_capped() -> bool:
+    """True when the process is told to use less than the CPU has: ATEN_CPU_CAPABILITY below AVX-512, or
+    ONEDNN_MAX_CPU_ISA (DNNL_MAX_CPU_ISA) below AVX512_CORE_BF16. The CPUID probes above ignore both, so without
+    this an AVX2-capped run (how the tests emulate an AVX2-only CPU, docs/TESTING.md) would pack bf16 weights
+    for kernels it may not use."""
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return True
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").strip().upper()
+    return not cap.startswith(_BF16_ISAS)
 
 
 class PackedLinear(nn.Module):

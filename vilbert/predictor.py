@@ -35,6 +35,14 @@ CONFIG_FILE = "vilbert_config.json"
 VOCAB_FILE = "vocab.txt"
 # Regions the detector contributes to every row (its boxes + the global region), as in training.
 DETECTED_REGIONS = VISUAL_ROWS_PER_IMAGE
+# The measured cost of a reduced precision on a CPU without native instructions for it, quoted from
+# docs/PERFORMANCE.md (ViLBERT section) in the warning that the predictor logs.
+SLOW_CPU_PRECISION = {
+    "bf16": "measured 5-8x slower than fp32 (docs/PERFORMANCE.md: 0.20x the fp32 speed at batch 1 and 0.13x at "
+            "batch 8 on an AVX2 EPYC; emulated bf16 on AVX-512 without BF16 ran at a third of fp32)",
+    "fp16": "measured 3x slower than fp32 (docs/PERFORMANCE.md: 677 ms against 224 ms at batch 1 on a Zen 4 "
+            "without AVX512-FP16)",
+}
 
 log = logging.getLogger(__name__)
 
@@ -166,9 +174,11 @@ class Predictor:
             elif native_bf16:
                 self.packed_weights = pack_linear_weights(self.model, dtype=torch.bfloat16) > 0
         if on_cpu and precision != "fp32" and not native_bf16:
-            # measured (docs/PERFORMANCE.md): fp16 3x, bf16 without native instructions 3-8x slower than fp32
-            log.warning("precision %s on this CPU runs slower than fp32 (it lacks native %s instructions); "
-                        "on CPU use fp32, or bf16 where the CPU has AVX512-BF16 or AMX", precision, precision)
+            # A worker started with PRECISION=bf16/fp16 says this in its start-up log instead of silently running
+            # several times slower.
+            log.warning("precision %s on this CPU runs slower than fp32 (it lacks native %s instructions): %s. "
+                        "On CPU use PRECISION=fp32, or bf16 where the CPU has AVX512-BF16 or AMX",
+                        precision, precision, SLOW_CPU_PRECISION[precision])
         self.tokenizer = tokenizer
         self.answers = answers
         self.tasks = registry or TaskRegistry.from_file()
