@@ -78,7 +78,7 @@ def test_an_rq_job_runs_on_it_in_a_real_worker(valkey_url, tmp_path):
 
 def test_the_feature_cache_lua_script_runs_on_it(valkey_url):
     from detector.regions import RegionFeatures
-    from service.cache import FeatureCache
+    from service.worker.cache import FeatureCache
 
     def regions(n: int) -> RegionFeatures:
         return RegionFeatures(np.full((n, 4), n, np.float32), np.full((n, 8), n, np.float32), np.ones(n, np.float32),
