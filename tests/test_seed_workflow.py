@@ -67,6 +67,10 @@ def test_demo_with_no_arguments_on_a_bare_python(classic, tmp_path):
     assert "TINY RANDOM-WEIGHT MODEL" in out and "images: 512x512" in out, out
     for task in DEFAULT_TASKS:
         assert f"\n{task}\n" in out, out
+    # Only --draw needs Pillow: refused up front, before a job is submitted, not with a traceback after it ran.
+    draw = subprocess.run([*bare, str(ROOT / "demo.py"), "--draw", "boxes.png"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert draw.returncode == 2 and "--draw needs Pillow" in draw.stderr and "submitting" not in draw.stdout, draw
 
 
 def test_app_py_port_and_host_from_the_environment():
