@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
 """A small client for the service: submit images and a text, poll with a progress line, print every answer.
 
-    python demo.py                                   # a scikit-image sample photo, a sample question
+    python demo.py                                   # the shipped sample photo, a sample question
     python demo.py photo.jpg "what is the man holding?"
     python demo.py left.jpg right.jpg "there are two dogs" --tasks nlvr2,retrieval_coco
     python demo.py photo.jpg "the red car" --tasks refcoco --draw boxes.png
     python demo.py photo.jpg "which one is the cup?" --tasks visual7w --boxes "[[10,10,80,90],[100,20,160,120]]"
 
 Options: --url (default $VILBERT_URL or http://127.0.0.1:5000), --tasks, --top-k, --timeout. Exits 1 when the
-job fails or times out, 2 on bad arguments or when the service cannot be reached. Standard library + Pillow only.
+job fails or times out, 2 on bad arguments or when the service cannot be reached.
+
+Standard library only, so any Python 3.10+ runs it, no virtual environment needed; only --draw needs Pillow.
+With no image it sends samples/astronaut.jpg (public domain, see samples/README.md).
 """
 from __future__ import annotations
 
@@ -24,17 +27,14 @@ import uuid
 from pathlib import Path
 
 DEFAULT_TEXT = "what is the person doing?"
+SAMPLE_PHOTO = Path(__file__).resolve().parent / "samples" / "astronaut.jpg"
 
 
 def sample_photo() -> tuple[str, bytes]:
     try:
-        import skimage.data
-        from PIL import Image
-    except ImportError:
-        raise SystemExit("demo: no image given and scikit-image is not installed; pass an image path") from None
-    buffer = io.BytesIO()
-    Image.fromarray(skimage.data.astronaut()).save(buffer, "JPEG", quality=90)
-    return "astronaut.jpg (scikit-image sample)", buffer.getvalue()
+        return f"{SAMPLE_PHOTO.parent.name}/{SAMPLE_PHOTO.name} (sample)", SAMPLE_PHOTO.read_bytes()
+    except OSError as exc:
+        raise SystemExit(f"demo: no image given and the sample photo cannot be read ({exc}); pass an image") from None
 
 
 def multipart(fields: dict[str, str], files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
@@ -101,7 +101,7 @@ def format_result(result: dict) -> str:
 
 
 def draw(image: bytes, result: dict, out: Path) -> None:
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw  # only here: everything else runs on the standard library alone
 
     picture = Image.open(io.BytesIO(image)).convert("RGB")
     pen = ImageDraw.Draw(picture)
@@ -125,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draw", type=Path, help="save the first image with the grounding boxes drawn on it")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the result")
     args = parser.parse_args(argv)
+    if args.draw:
+        try:
+            import PIL  # noqa: F401 - checked before the job is submitted, not after it has run
+        except ImportError:
+            parser.error("--draw needs Pillow (pip install pillow); everything else runs without it")
 
     paths = [p for p in args.inputs if Path(p).is_file()]
     others = [p for p in args.inputs if not Path(p).is_file()]
@@ -144,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status, body = call(base + "/api/v1/jobs", *multipart(fields, images))
     except (urllib.error.URLError, OSError) as exc:
-        print(f"demo: cannot reach the service at {base}: {getattr(exc, 'reason', exc)} (is `make serve` running?)",
-              file=sys.stderr)
+        print(f"demo: cannot reach the service at {base}: {getattr(exc, 'reason', exc)} (is `make serve` running, "
+              "or `python worker.py` and `python app.py`?)", file=sys.stderr)
         return 2
     if status != 202:
         print(f"demo: refused ({status}): {body.get('error', body)}", file=sys.stderr)

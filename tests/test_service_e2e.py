@@ -398,7 +398,7 @@ def test_serve_runs_the_stack_and_demo_prints_answers(stack, tmp_path):
         assert demo.returncode == 0, demo.stderr
         for expected in ("TINY RANDOM-WEIGHT", "vqa", "gqa", "snli_ve", "refcoco", "retrieval_coco", "untrained-vqa-answer"):
             assert expected in demo.stdout
-        assert Image.open(drawn).size == (512, 512)  # the scikit-image astronaut, with boxes drawn
+        assert Image.open(drawn).size == (512, 512)  # demo.py's sample, samples/astronaut.jpg, with boxes drawn
         refused = subprocess.run([sys.executable, str(ROOT / "demo.py"), "--url", f"http://127.0.0.1:{port}", "--tasks",
                                   "teleport"], capture_output=True, text=True, timeout=60, cwd=ROOT)
         assert refused.returncode == 1 and "unknown_task" in refused.stderr
