@@ -100,6 +100,9 @@ DECODE, DETECTOR, VILBERT = "decode", "detector", "vilbert"
 # update), then the pipeline's stages; "failed" is recorded with an error.
 STAGE_QUEUED, STAGE_STARTING, STAGE_FAILED = "queued", "starting", "failed"
 STAGES = (DECODE, DETECTOR, VILBERT, "done")
+# Where an error can happen besides the pipeline's stages (an error's `stage`): reading the job's inputs in the
+# worker, and the batch as a whole (an unexpected failure of the batch loop).
+ERROR_AT_LOAD, ERROR_AT_BATCH = "load", "batch"
 
 # The names in a result's `timings` (seconds, each with "_s"); the worker metrics add a "total" per job.
 TIMINGS = ("queue_wait", DECODE, DETECTOR, VILBERT, "run")

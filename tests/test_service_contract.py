@@ -76,6 +76,28 @@ def test_a_job_cannot_run_outside_the_batch_worker():
         rq_batch.batched_only({"text": "t", "tasks": ["vqa"]})
 
 
+def test_a_job_whose_uploads_expired_fails_at_load_with_the_contract_code(redis_url):
+    """The worker reads a job's uploads from their own hash; once that has expired the job fails at the contract's
+    `load` stage with `upload_expired`, before any pipeline stage, and says what to do."""
+    from redis import Redis
+    from rq import Queue
+
+    from service.contract import ERROR_AT_LOAD, UPLOAD_EXPIRED, error_body
+    from service.errors import PipelineError
+    from service.worker.rq_batch import load_request
+
+    connection = Redis.from_url(redis_url)
+    request = JobRequest("what is this?", ["vqa"], images=[ImageInfo(4, 4, 10), ImageInfo(4, 4, 10)])
+    job = Queue("contract-test", connection=connection).enqueue("service.worker.rq_batch.batched_only",
+                                                                 request=request.to_json())
+    connection.hset(upload_key(job.id), "0", b"only one of the two uploads is left")
+    with pytest.raises(PipelineError) as failure:
+        load_request(connection, job)
+    assert failure.value.to_dict() == error_body(
+        UPLOAD_EXPIRED, "the uploaded images are gone (expired before the job started); submit again", ERROR_AT_LOAD)
+    assert failure.value.to_dict()["stage"] == "load"
+
+
 def test_worker_metrics_stay_in_process_when_the_multiprocess_dir_leaks(tmp_path):
     """serve.py starts the worker from an environment where gunicorn's PROMETHEUS_MULTIPROC_DIR may be set."""
     import os

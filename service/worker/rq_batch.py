@@ -38,8 +38,8 @@ from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
 from rq.worker import WorkerStatus
 
-from ..contract import (INTERNAL_ERROR, STAGE_FAILED, TIMEOUT, UPLOAD_EXPIRED, JobRequest, error_body, timing_key,
-                        upload_key)
+from ..contract import (ERROR_AT_BATCH, ERROR_AT_LOAD, INTERNAL_ERROR, STAGE_FAILED, TIMEOUT, UPLOAD_EXPIRED,
+                        JobRequest, error_body, timing_key, upload_key)
 from ..errors import BadRequest, PipelineError
 from ..features import parse_features
 from .context import WorkerContext
@@ -85,13 +85,13 @@ def load_request(connection: Redis, job: Job) -> InferenceRequest:
     count = len(request.images)
     if count == 0 or len(stored) != count:
         raise PipelineError(UPLOAD_EXPIRED, f"the uploaded {request.inputs} are gone (expired before the job "
-                                            "started); submit again", "load")
+                                            "started); submit again", ERROR_AT_LOAD)
     uploads = [stored[str(i).encode()] for i in range(count)]
     if request.inputs == "features":
         try:  # stored by the web tier as .npz; checked again, the worker does not trust Redis contents
             features = [parse_features(data) for data in uploads]
         except BadRequest as exc:
-            raise PipelineError.at("load", exc, "stored features: ") from None
+            raise PipelineError.at(ERROR_AT_LOAD, exc, "stored features: ") from None
         return InferenceRequest([], request.text, request.tasks, request.top_k, request.boxes, features=features)
     return InferenceRequest(uploads, request.text, request.tasks, request.top_k, request.boxes)
 
@@ -114,7 +114,7 @@ def run_batch(pipeline: Pipeline, connection: Redis, batch: list[Job]) -> dict[s
             outcomes[job.id] = exc
         except Exception as exc:  # a malformed job must not fail its partners
             log.exception("job %s: cannot load its request", job.id)
-            outcomes[job.id] = PipelineError(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", "load")
+            outcomes[job.id] = PipelineError(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", ERROR_AT_LOAD)
 
     def stage(name: str, detail: str = "") -> None:
         try:  # progress is best effort: a Redis blip must not fail the batch
@@ -221,7 +221,7 @@ class BatchWorker(SimpleWorker):
             outcomes = {m.id: exc for m in members}
         except Exception as exc:
             log.exception("batch of %d failed", len(members))
-            outcomes = {m.id: PipelineError(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", "batch")
+            outcomes = {m.id: PipelineError(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", ERROR_AT_BATCH)
                         for m in members}
         elapsed = time.monotonic() - started
         # Results are computed: if Redis is restarting, wait for it rather than lose them (bounded).
