@@ -96,21 +96,21 @@ def test_cache_hit_skips_the_detector_and_a_changed_detector_config_misses(stack
 
     connection = stack.connection()
     namespace_free = FeatureCache(connection, "test-" + detector_key(pipeline.extractor), ttl=60)
-    pipeline.cache = namespace_free
+    cached = pipeline.with_cache(namespace_free)
+    assert pipeline.cache is None and cached.extractor is pipeline.extractor  # same models, the original untouched
     calls = []
     extract = pipeline.extractor.extract
     pipeline.extractor.extract = lambda images: calls.append(len(images)) or extract(images)
     try:
-        first = pipeline.run(InferenceRequest([COFFEE], "what is in the cup?", ["vqa", "refcoco"]))
-        second = pipeline.run(InferenceRequest([COFFEE], "is it hot?", ["vqa", "refcoco"]))
+        first = cached.run(InferenceRequest([COFFEE], "what is in the cup?", ["vqa", "refcoco"]))
+        second = cached.run(InferenceRequest([COFFEE], "is it hot?", ["vqa", "refcoco"]))
         assert calls == [1]  # the second question about the same bytes never reached the detector
         assert (first["cache"], second["cache"]) == ("miss", "hit")
         assert second["timings"]["detector_s"] < first["timings"]["detector_s"]
-        again = pipeline.run(InferenceRequest([COFFEE], "what is in the cup?", ["vqa", "refcoco"]))
+        again = cached.run(InferenceRequest([COFFEE], "what is in the cup?", ["vqa", "refcoco"]))
         assert_close(again["tasks"], first["tasks"])  # cached features give the detector's answers
         assert namespace_free.stats.hits == 2 and namespace_free.stats.misses == 1
     finally:
-        pipeline.cache = None
         pipeline.extractor.extract = extract
 
     # Another detector config (a copy of the bundle with another RPN NMS threshold): another key, a miss.
@@ -120,7 +120,7 @@ def test_cache_hit_skips_the_detector_and_a_changed_detector_config_misses(stack
     config.write_text(config.read_text().replace("NMS_THRESH: 0.7", "NMS_THRESH: 0.6"))
     other = Pipeline.from_settings(load_settings(dict(stack.env, MODEL_DIR=str(changed))))
     assert detector_key(other.extractor) != detector_key(pipeline.extractor)
-    other.cache = FeatureCache(connection, "test-" + detector_key(other.extractor), ttl=60)
+    other = other.with_cache(FeatureCache(connection, "test-" + detector_key(other.extractor), ttl=60))
     assert other.run(InferenceRequest([COFFEE], "is it hot?", ["vqa"]))["cache"] == "miss"
     # ... and other sizes too.
     resized = Pipeline.from_settings(load_settings(dict(stack.env, DETECTOR_MIN_SIZE="256")))

@@ -74,9 +74,10 @@ def build_context(settings: Settings, pipeline: "Pipeline", connection: Redis) -
     if settings.worker_metrics_port:
         metrics.serve(settings.worker_metrics_port)
     if settings.feature_cache_ttl > 0:
-        pipeline.cache = FeatureCache(connection, detector_key(pipeline.extractor), ttl=settings.feature_cache_ttl,
-                                      max_entries=settings.feature_cache_max_entries,
-                                      max_bytes=settings.feature_cache_max_bytes, on_event=metrics.cache_event)
+        pipeline = pipeline.with_cache(FeatureCache(
+            connection, detector_key(pipeline.extractor), ttl=settings.feature_cache_ttl,
+            max_entries=settings.feature_cache_max_entries, max_bytes=settings.feature_cache_max_bytes,
+            on_event=metrics.cache_event))
     log.info("batching up to %d jobs (wait %d ms); feature cache %s", settings.batch_max_jobs,
              settings.batch_max_wait_ms, f"ttl {settings.feature_cache_ttl} s" if pipeline.cache else "off")
     return WorkerContext(settings=settings, pipeline=pipeline, metrics=metrics, connection=connection)

@@ -75,7 +75,7 @@ def resolve_device(device: str) -> str:
 
 class Pipeline:
     def __init__(self, extractor: RegionFeatureExtractor, predictor: Predictor, max_image_pixels: int = DEFAULT_MAX_PIXELS,
-                 tiny: bool = False):
+                 tiny: bool = False, cache: FeatureCache | None = None):
         if extractor.feature_dim != predictor.feature_dim:
             raise ValueError(
                 f"the detector gives {extractor.feature_dim}-d region features but ViLBERT expects "
@@ -85,7 +85,7 @@ class Pipeline:
         self.predictor = predictor
         self.max_image_pixels = max_image_pixels
         self.tiny = tiny
-        self.cache: FeatureCache | None = None  # set by the worker when FEATURE_CACHE_TTL > 0
+        self.cache = cache  # region features in Redis, shared by workers (FEATURE_CACHE_TTL > 0); None: off
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, device: str = "auto", precision: str = "fp32", min_size: int = 800,
@@ -111,6 +111,11 @@ class Pipeline:
                  extractor.precision, predictor.precision, ", oneDNN-packed weights" if predictor.packed_weights else "",
                  model_dir, device, time.perf_counter() - started)
         return cls(extractor, predictor, max_image_pixels=max_image_pixels, tiny=is_tiny(model_dir))
+
+    def with_cache(self, cache: FeatureCache | None) -> "Pipeline":
+        """The same models with a feature cache. The cache is keyed by the loaded detector's identity, so it can
+        only be made after loading; the worker passes the result on instead of changing this pipeline."""
+        return Pipeline(self.extractor, self.predictor, self.max_image_pixels, self.tiny, cache)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Pipeline":
