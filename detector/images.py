@@ -87,7 +87,10 @@ def load_image(source: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError("image_too_large", f"image refused as a decompression bomb ({exc})") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+    except UnidentifiedImageError:  # PIL's message names its file object (a heap address): say what we accept
+        raise ImageDecodeError("invalid_image", "cannot decode the image: not an image in an accepted format "
+                               f"({', '.join(ALLOWED_FORMATS)})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError("invalid_image", f"cannot decode the image ({exc})") from exc
 
 

@@ -1,4 +1,4 @@
-"""Fast tests of the service's plain functions: settings, request parsing, the OpenAPI description, serve.py's
+"""Fast tests of the service's plain functions: settings, the OpenAPI description, health checks, serve.py's
 weights decision. No HTTP, no Redis, no models."""
 
 from __future__ import annotations
@@ -6,24 +6,10 @@ from __future__ import annotations
 import io
 import re
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from service.errors import BadRequest
-from service.boxes import check_boxes
-from service.contract import JobRequest
-from service.web.inputs import parse_boxes, parse_submission, parse_tasks, parse_top_k
-from service.settings import DEFAULT_TASKS, Settings, SettingsError, load_settings
-from vilbert.tasks import TaskRegistry
-
-REGISTRY = TaskRegistry.from_file()
-
-
-def png(width: int = 64, height: int = 48) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(np.full((height, width, 3), 127, np.uint8)).save(buffer, "PNG")
-    return buffer.getvalue()
+from service.settings import Settings, SettingsError, load_settings
+from test_inputs import png
 
 
 # ----------------------------------------------------------------------------------------------------- settings
@@ -51,82 +37,6 @@ def test_settings_report_every_bad_variable():
 def test_settings_cross_checks():
     with pytest.raises(SettingsError, match="DETECTOR_MAX_SIZE"):
         load_settings({"DETECTOR_MIN_SIZE": "800", "DETECTOR_MAX_SIZE": "600"})
-
-
-# -------------------------------------------------------------------------------------------------- parsing
-
-
-def form(**fields):
-    return {"text": "what is this?", **fields}
-
-
-def test_parse_submission_defaults():
-    request = parse_submission(form(), [png()], Settings(), REGISTRY)
-    assert request.tasks == list(DEFAULT_TASKS) and request.top_k == 3 and request.boxes is None
-    assert (request.images[0].width, request.images[0].height) == (64, 48)
-    assert JobRequest.from_json(request.to_json()) == request
-
-
-def test_classic_field_names_are_accepted():
-    request = parse_submission({"text_input": " swimming elephant "}, [png()], Settings(), REGISTRY)
-    assert request.text == "swimming elephant"
-
-
-def test_default_tasks_follow_the_image_count():
-    assert parse_tasks(None, REGISTRY, 2) == ["nlvr2", "retrieval_coco"]
-    assert parse_tasks("", REGISTRY, 3) == ["retrieval_coco"]
-    assert parse_tasks(" vqa, gqa,vqa ", REGISTRY, 1) == ["vqa", "gqa"]
-
-
-@pytest.mark.parametrize("fields, images, code", [
-    ({}, [], "missing_image"),
-    ({"text": None}, [png()], "missing_text"),
-    ({"text": "   "}, [png()], "empty_text"),
-    ({"text": "x" * 1001}, [png()], "text_too_long"),
-    ({"tasks": "vqa,teleport"}, [png()], "unknown_task"),
-    ({"tasks": " , "}, [png()], "no_tasks"),
-    ({"tasks": "nlvr2"}, [png()], "image_count"),
-    ({"tasks": "visual7w"}, [png()], "missing_boxes"),
-    ({"tasks": "guesswhat", "boxes": "[[0,0,10,10]]"}, [png(), png()], None),
-    ({"tasks": "visual7w", "boxes": "[[1,2,3]]"}, [png()], "invalid_boxes"),
-    ({"tasks": "visual7w", "boxes": "[[0,0,10,10]"}, [png()], "invalid_boxes"),
-    ({"tasks": "visual7w", "boxes": "[[0,0,100,10]]"}, [png()], "invalid_boxes"),
-    ({"tasks": "visual7w", "boxes": "[[5,5,2,10]]"}, [png()], "invalid_boxes"),
-    ({"tasks": "visual7w", "boxes": "[[0,0,true,10]]"}, [png()], "invalid_boxes"),
-    ({"tasks": "visual7w", "boxes": "[" + ",".join(["[0,0,5,5]"] * 100) + "]"}, [png()], "too_many_boxes"),
-    ({"top_k": "abc"}, [png()], "invalid_top_k"),
-    ({"top_k": "0"}, [png()], "invalid_top_k"),
-    ({"top_k": "21"}, [png()], "invalid_top_k"),
-    ({}, [png()] * 9, "too_many_images"),
-    ({}, [b"definitely not an image"], "invalid_image"),
-    ({}, [b""], "empty_image"),
-    ({}, [png()[:60]], "invalid_image"),
-])
-def test_bad_submissions_get_codes(fields, images, code):
-    data = form(**fields)
-    data = {k: v for k, v in data.items() if v is not None}
-    if code is None:
-        assert parse_submission(data, images, Settings(), REGISTRY).boxes == [[0, 0, 10, 10]]
-        return
-    with pytest.raises(BadRequest) as caught:
-        parse_submission(data, images, Settings(), REGISTRY)
-    assert caught.value.code == code and caught.value.status == 400 and caught.value.message
-
-
-def test_pixel_limit_is_413():
-    with pytest.raises(BadRequest) as caught:
-        parse_submission(form(), [png(200, 200)], Settings(max_image_pixels=10_000), REGISTRY)
-    assert (caught.value.code, caught.value.status) == ("image_too_large", 413)
-
-
-def test_box_checks():
-    check_boxes([[0, 0, 64, 48]], 64, 48)
-    with pytest.raises(BadRequest):
-        check_boxes([[0, 0, float("nan"), 4]], 64, 48)
-    assert parse_boxes(None) is None and parse_boxes("[[1, 2, 3.5, 4]]") == [[1.0, 2.0, 3.5, 4.0]]
-    with pytest.raises(BadRequest):
-        parse_boxes("[]")
-    assert parse_top_k(None, 20) == 3 and parse_top_k("20", 20) == 20
 
 
 # -------------------------------------------------------------------------------------------------- OpenAPI
