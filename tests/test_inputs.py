@@ -94,11 +94,14 @@ def test_pixel_limit_is_413():
 
 def test_box_checks():
     check_boxes([[0, 0, 64, 48]], 64, 48)
-    with pytest.raises(BadRequest):
-        check_boxes([[0, 0, float("nan"), 4]], 64, 48)
+    with pytest.raises(BadRequest) as caught:
+        check_boxes([[0, 0, 10, 10], [0, 0, float("nan"), 4]], 64, 48)
+    assert (caught.value.code, caught.value.message) == ("invalid_boxes", "box 1 has a non-finite coordinate")
     assert parse_boxes(None) is None and parse_boxes("[[1, 2, 3.5, 4]]") == [[1.0, 2.0, 3.5, 4.0]]
-    with pytest.raises(BadRequest):
+    with pytest.raises(BadRequest) as caught:
         parse_boxes("[]")
+    assert (caught.value.code, caught.value.message) == ("invalid_boxes",
+                                                         "boxes must be a non-empty JSON list of [x1, y1, x2, y2]")
     assert parse_top_k(None, 20) == 3 and parse_top_k("20", 20) == 20
 
 
