@@ -108,3 +108,36 @@ def test_serve_no_tiny_and_worker_without_weights_exit_with_instructions(tmp_pat
     bad = subprocess.run([sys.executable, str(root / "worker.py")], env=dict(env, DEVICE="gpu"), capture_output=True,
                          text=True, timeout=60, cwd=root)
     assert bad.returncode == 2 and "DEVICE='gpu'" in bad.stderr
+
+
+# ------------------------------------------------------------------------------------------ hostile requests
+
+
+def test_a_job_id_with_a_trailing_newline_is_unknown_not_a_server_error():
+    from service.errors import NotFound
+    from service.web.jobs import fetch_job
+
+    with pytest.raises(NotFound) as caught:
+        fetch_job(None, "0123456789abcdef0123456789abcdef\n")  # refused before Redis is asked
+    assert (caught.value.code, caught.value.status) == ("unknown_job", 404)
+    client = create_app_down()
+    answer = client.get("/api/v1/jobs/0123456789abcdef0123456789abcdef%0A")
+    assert answer.status_code == 404 and answer.get_json()["error"]["code"] == "unknown_job"
+
+
+def test_made_up_http_methods_add_no_metric_series():
+    client = create_app_down()
+    for method in ("BREW", "PROPFIND", "X-ANYTHING-1", "X-ANYTHING-2"):
+        assert client.open("/healthz", method=method).status_code == 405
+    assert client.open("/healthz", method="DELETE").status_code == 405
+    text = client.get("/metrics").get_data(as_text=True)
+    counted = re.findall(r'vilbert_http_requests_total\{[^}]*method="([^"]+)"', text)
+    assert set(counted) == {"other", "DELETE"} and "BREW" not in text and "X-ANYTHING" not in text
+    assert re.search(r'vilbert_http_requests_total\{[^}]*method="other"[^}]*status="405"[^}]*\} 4\.0', text)
+
+
+def create_app_down():
+    """The app with a Redis that is not there: routes that need none still answer."""
+    from service.web import create_app
+
+    return create_app(Settings(redis_url="redis://127.0.0.1:1/0", redis_timeout=0.5)).test_client()

@@ -18,7 +18,7 @@ from ..errors import NotFound, Unavailable
 from ..queue import fail_if_orphaned, get_queue
 from ..settings import Settings
 
-JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+JOB_ID = re.compile(r"[0-9a-f]{32}")
 # RQ status -> the four states clients see.
 PUBLIC_STATUS = {
     JobStatus.QUEUED: "queued", JobStatus.DEFERRED: "queued", JobStatus.SCHEDULED: "queued",
@@ -47,7 +47,7 @@ def submit(connection: Redis, settings: Settings, request: JobRequest, uploads: 
 
 
 def fetch_job(connection: Redis, job_id: str) -> Job:
-    if not JOB_ID.match(job_id):
+    if not JOB_ID.fullmatch(job_id):  # not match: "$" also matches before a trailing newline
         raise NotFound("unknown_job", f"no job {job_id!r} (unknown or expired)")
     try:
         return Job.fetch(job_id, connection=connection, serializer=JSONSerializer)

@@ -57,6 +57,15 @@ class QueueCollector:
                                 value=workers)
 
 
+# The methods counted under their own name; any other (clients may send any token) is counted as "other", so a
+# client cannot add label values, and with them series, to /metrics at will.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
+
+def method_label(method: str) -> str:
+    return method if method in HTTP_METHODS else "other"
+
+
 class WebMetrics:
     def __init__(self) -> None:
         self.multiprocess = multiprocess_dir() is not None
@@ -71,7 +80,7 @@ class WebMetrics:
                               "back-pressure)", ["route", "code"], registry=own)
 
     def observe(self, route: str, method: str, status: int, seconds: float, error_code: str | None) -> None:
-        self.requests.labels(route, method, str(status)).inc()
+        self.requests.labels(route, method_label(method), str(status)).inc()
         self.latency.labels(route).observe(seconds)
         if error_code:
             self.errors.labels(route, error_code).inc()
