@@ -14,14 +14,22 @@ Layout:
 from __future__ import annotations
 
 import json
+import math
 import struct
 
 import numpy as np
+
+from modelkit.boundedjson import loads_bounded
 
 from .regions import RegionFeatures
 
 MAGIC = b"VLBFEAT1"
 ARRAYS = {"boxes": "<f4", "features": "<f4", "scores": "<f4", "class_ids": "<i8"}
+# Budgets for the header (records also come from clients): a real header is a few hundred bytes, four levels
+# deep ({"arrays": {name: {"shape": [...]}}}).
+MAX_HEADER_BYTES = 16 * 1024
+MAX_HEADER_DEPTH = 4
+MAX_ARRAY_DIMS = 2
 
 
 class FeatureStoreError(ValueError):
@@ -48,20 +56,34 @@ def decode_record(value: bytes) -> tuple[str, RegionFeatures]:
         raise FeatureStoreError("not a feature record of this format (bad magic)")
     try:
         (length,) = struct.unpack("<I", value[8:12])
-        header = json.loads(value[12:12 + length].decode("utf-8"))
+        if length > MAX_HEADER_BYTES:
+            raise FeatureStoreError(f"the header claims {length} bytes, the limit is {MAX_HEADER_BYTES}")
+        header = loads_bounded(value[12:12 + length], MAX_HEADER_BYTES, MAX_HEADER_DEPTH)
         data = memoryview(value)[12 + length:]
         fields = {}
         for name, dtype in ARRAYS.items():
             spec = header["arrays"][name]
-            start, size = int(spec["offset"]), int(spec["nbytes"])
-            if spec["dtype"] != dtype or start < 0 or start + size > len(data):
+            start, size = _count(spec["offset"]), _count(spec["nbytes"])
+            shape = [_count(n) for n in spec["shape"]]
+            if spec["dtype"] != dtype or start + size > len(data):
                 raise FeatureStoreError(f"array {name} lies outside the record")
+            if len(shape) > MAX_ARRAY_DIMS or math.prod(shape) * np.dtype(dtype).itemsize != size:
+                raise FeatureStoreError(f"array {name}: shape {shape} does not match its {size} bytes")
             raw = np.frombuffer(data[start:start + size], dtype=dtype)
-            fields[name] = raw.reshape([int(n) for n in spec["shape"]]).astype(dtype[1:], copy=True)
-        regions = RegionFeatures(num_boxes=int(header["num_boxes"]), image_width=int(header["image_width"]),
-                                 image_height=int(header["image_height"]), **fields)
+            fields[name] = raw.reshape(shape).astype(dtype[1:], copy=True)
+        regions = RegionFeatures(num_boxes=_count(header["num_boxes"]), image_width=_count(header["image_width"]),
+                                 image_height=_count(header["image_height"]), **fields)
+        if not isinstance(header["image_id"], str):
+            raise FeatureStoreError("image_id must be a string")
         return header["image_id"], regions
     except FeatureStoreError:
         raise
-    except (KeyError, TypeError, ValueError, UnicodeDecodeError, struct.error) as exc:
+    except (KeyError, TypeError, ValueError, struct.error) as exc:  # JsonBudgetError is a ValueError
         raise FeatureStoreError(str(exc)) from exc
+
+
+def _count(value: object) -> int:
+    """A non-negative JSON integer of the header (not a bool, float or string)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise FeatureStoreError(f"expected a non-negative integer in the header, got {str(value)[:40]}")
+    return value

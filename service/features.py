@@ -3,8 +3,9 @@
 - a record of our feature store (detector.records: magic, JSON header, raw little-endian arrays), as
   `python -m detector.extract` writes them and as the feature cache stores them;
 - a NumPy `.npz` with arrays `boxes` [N, 4] (pixels, x1 y1 x2 y2), `features` [N, D] and scalars `image_width`,
-  `image_height` (optional `scores` [N], `class_ids` [N]). It is read with `allow_pickle=False`, so an object
-  array is refused, never unpickled.
+  `image_height` (optional `scores` [N], `class_ids` [N]). It is never given to np.load: the zip directory and
+  each member's .npy header are checked against budgets first, then exactly the declared bytes are read as a
+  plain numeric array (an object array is refused, never unpickled).
 
 Everything a client can get wrong is a BadRequest("invalid_features", ...), checked in the web tier before the
 job is queued; the feature width is checked against the workers' model where the web tier knows it. Validated
@@ -15,7 +16,9 @@ processes use this module; it imports no torch).
 from __future__ import annotations
 
 import io
+import math
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -28,6 +31,18 @@ from .errors import BadRequest
 MAX_REGIONS = REGIONS_PER_IMAGE  # what the detector gives and what ViLBERT's visual rows hold besides the global one
 MAX_FEATURE_DIM = 4096
 MAX_SIDE = 100_000
+# A region feature of a ReLU detector is O(1..100); far larger values only overflow the model's float32 maths.
+MAX_FEATURE_MAGNITUDE = 1e5
+BOX_SLACK = 1.0  # pixels a box may reach past the image edge (rounding in other extractors)
+# .npz budgets: which members are read, how many entries the archive may list, and how many bytes one member may
+# inflate to (float64 features of the widest accepted model, plus the .npy header).
+NPZ_ARRAYS = ("boxes", "features", "scores", "class_ids", "image_width", "image_height")
+MAX_NPZ_ENTRIES = 64
+MAX_MEMBER_BYTES = MAX_REGIONS * MAX_FEATURE_DIM * 8 + 4096
+# What reading a hostile zip can raise besides our own BadRequest: bad headers, bad compressed data, encrypted
+# or unknown compression methods, truncation.
+_UNREADABLE = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError,
+               KeyError, SyntaxError)
 
 
 def parse_features(data: bytes, expected_dim: int | None = None) -> RegionFeatures:
@@ -46,26 +61,73 @@ def parse_features(data: bytes, expected_dim: int | None = None) -> RegionFeatur
 
 
 def _from_npz(data: bytes) -> RegionFeatures:
+    """The arrays of an .npz, read member by member within budgets: the zip directory and each .npy header are
+    checked (entry count, declared shape, dtype and size) before a byte of array data is inflated."""
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files if name in
-                      ("boxes", "features", "scores", "class_ids", "image_width", "image_height")}
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise BadRequest("invalid_features", f"unreadable .npz (object arrays are refused): {exc}") from None
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        entries = archive.infolist()
+        if len(entries) > MAX_NPZ_ENTRIES:
+            raise BadRequest("invalid_features", f"the .npz has {len(entries)} entries, the limit is {MAX_NPZ_ENTRIES}")
+        arrays = {}
+        for entry in entries:
+            name = entry.filename.removesuffix(".npy")
+            if entry.filename.endswith(".npy") and name in NPZ_ARRAYS:  # anything else is never read
+                arrays[name] = _read_member(archive, entry, name)
+    except BadRequest:
+        raise
+    except _UNREADABLE as exc:
+        raise BadRequest("invalid_features", f"unreadable .npz: {type(exc).__name__}: {exc}") from None
     missing = [n for n in ("boxes", "features", "image_width", "image_height") if n not in arrays]
     if missing:
         raise BadRequest("invalid_features", f"the .npz lacks {', '.join(missing)}")
-    count = len(np.atleast_1d(arrays["boxes"])) if np.ndim(arrays["boxes"]) else 0
-    try:
-        width, height = int(np.asarray(arrays["image_width"]).item()), int(np.asarray(arrays["image_height"]).item())
-    except (ValueError, TypeError):
-        raise BadRequest("invalid_features", "image_width and image_height must be scalars") from None
+    count = len(arrays["boxes"]) if arrays["boxes"].ndim else 0
     return RegionFeatures(
-        boxes=np.asarray(arrays["boxes"]), features=np.asarray(arrays["features"]),
-        scores=np.asarray(arrays.get("scores", np.zeros(count, np.float32))),
-        class_ids=np.asarray(arrays.get("class_ids", np.zeros(count, np.int64))),
-        num_boxes=count, image_width=width, image_height=height,
+        boxes=arrays["boxes"], features=arrays["features"],
+        scores=arrays.get("scores", np.zeros(count, np.float32)),
+        class_ids=arrays.get("class_ids", np.zeros(count, np.int64)),
+        num_boxes=count, image_width=_side(arrays["image_width"], "image_width"),
+        image_height=_side(arrays["image_height"], "image_height"),
     )
+
+
+def _read_member(archive: zipfile.ZipFile, entry: zipfile.ZipInfo, name: str) -> np.ndarray:
+    """One .npy member: its header checked against the budget first, then exactly the bytes it declares."""
+    if entry.file_size > MAX_MEMBER_BYTES:
+        raise BadRequest("invalid_features", f"{name} inflates to {entry.file_size} bytes, the limit is "
+                                             f"{MAX_MEMBER_BYTES}")
+    with archive.open(entry) as stream:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
+        else:
+            raise BadRequest("invalid_features", f"{name}: .npy format version {version} is not accepted")
+        if dtype.hasobject or dtype.kind not in "fiu" or dtype.itemsize > 8:
+            raise BadRequest("invalid_features", f"{name} must be a plain numeric array, got dtype {dtype.str}")
+        if len(shape) > 2:
+            raise BadRequest("invalid_features", f"{name} must have at most 2 dimensions, got shape {list(shape)}")
+        size = math.prod(shape) * dtype.itemsize
+        if size > MAX_MEMBER_BYTES:
+            raise BadRequest("invalid_features", f"{name} declares shape {list(shape)} ({size} bytes), the limit "
+                                                 f"is {MAX_MEMBER_BYTES} bytes")
+        raw = stream.read(size)
+    if len(raw) != size:
+        raise BadRequest("invalid_features", f"{name} is truncated: {len(raw)} of {size} bytes")
+    return np.frombuffer(raw, dtype=dtype).reshape(shape, order="F" if fortran_order else "C")
+
+
+def _side(value: np.ndarray, name: str) -> int:
+    """An image side given as a scalar array: a finite whole number in range (inf and 1e300 are refused here,
+    before int() could overflow)."""
+    if value.size != 1:
+        raise BadRequest("invalid_features", f"{name} must be a scalar")
+    number = value.item()
+    if not (isinstance(number, int) or (math.isfinite(number) and float(number).is_integer())):
+        raise BadRequest("invalid_features", f"{name} must be a whole number of pixels")
+    if not 1 <= number <= MAX_SIDE:
+        raise BadRequest("invalid_features", f"{name} {number} is out of range 1..{MAX_SIDE}")
+    return int(number)
 
 
 def validate(regions: RegionFeatures, expected_dim: int | None = None) -> RegionFeatures:
@@ -96,6 +158,11 @@ def validate(regions: RegionFeatures, expected_dim: int | None = None) -> Region
         raise bad(f"image size {width}x{height} is out of range")
     if (boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any():
         raise bad("boxes must have x2 >= x1 and y2 >= y1")
+    if ((boxes < -BOX_SLACK).any() or (boxes[:, [0, 2]] > width + BOX_SLACK).any()
+            or (boxes[:, [1, 3]] > height + BOX_SLACK).any()):
+        raise bad(f"boxes must lie inside the {width}x{height} image")
+    if np.abs(features).max() > MAX_FEATURE_MAGNITUDE:
+        raise bad(f"feature values must lie within +-{MAX_FEATURE_MAGNITUDE:g}")
     scores = np.asarray(regions.scores, np.float32).reshape(-1)
     class_ids = np.asarray(regions.class_ids, np.int64).reshape(-1)
     if len(scores) != len(boxes) or len(class_ids) != len(boxes):

@@ -14,7 +14,8 @@ from service.boxes import check_boxes
 from service.contract import ImageInfo, JobRequest
 from service.errors import BadRequest
 from service.settings import DEFAULT_TASKS, Settings
-from service.web.inputs import parse_boxes, parse_submission, parse_tasks, parse_text, parse_top_k
+from service.web.inputs import (MAX_BOXES, MAX_BOXES_CHARS, parse_boxes, parse_submission, parse_tasks, parse_text,
+                                parse_top_k)
 from vilbert.tasks import TaskRegistry
 
 REGISTRY = TaskRegistry.from_file()
@@ -289,3 +290,41 @@ def test_model_feature_dim_only_when_the_ready_workers_agree(redis_url):
     connection.delete(alive_key("c"))
     connection.set(alive_key("d"), json.dumps({"name": "an older worker that does not say"}))
     assert model_feature_dim(connection) is None
+
+
+# --------------------------------------------------------------------------- hostile fields, within a budget
+
+def test_boxes_with_huge_integers_or_deep_nesting_are_400s_not_500s():
+    assert failure(lambda: parse_boxes("[[0, 0, 1, " + "9" * 400 + "]]")).message == (
+        "boxes refused: an integer has more than 18 digits")
+    deep = failure(lambda: parse_boxes("[" * 5000 + "]" * 5000))
+    assert (deep.code, deep.message) == ("invalid_boxes", "boxes refused: the JSON is nested deeper than 2 levels")
+    assert failure(lambda: parse_boxes("[[[0, 0, 1, 1]]]")).message == (
+        "boxes refused: the JSON is nested deeper than 2 levels")
+    assert failure(lambda: parse_boxes("[[0, 0, 1e309, 1]]")).message == "boxes refused: the number 1e309 is out of range"
+    assert failure(lambda: parse_boxes("[[0, 0, NaN, 1]]")).message == "boxes refused: NaN is not a JSON number"
+    assert failure(lambda: parse_boxes("[[0, 0, -Infinity, 1]]")).message == (
+        "boxes refused: -Infinity is not a JSON number")
+    assert parse_boxes("[[0, 0, 1, " + "9" * 18 + "]]")[0][3] == 1e18  # at the digit limit: parsed (then range-checked)
+
+
+def test_boxes_length_and_count_at_their_limits():
+    at_limit = "[" + ",".join(["[0,0,1,1]"] * MAX_BOXES) + "]"
+    assert len(parse_boxes(at_limit)) == MAX_BOXES == 256
+    over = failure(lambda: parse_boxes("[" + ",".join(["[0,0,1,1]"] * (MAX_BOXES + 1)) + "]"))
+    assert (over.code, over.message) == ("too_many_boxes", "257 boxes sent, the limit is 256")
+    padded = "[[0,0,1,1]" + " " * (MAX_BOXES_CHARS - 11) + "]"
+    assert len(padded) == MAX_BOXES_CHARS and parse_boxes(padded) == [[0.0, 0.0, 1.0, 1.0]]
+    long = failure(lambda: parse_boxes(padded + " "))
+    assert (long.code, long.message) == ("invalid_boxes", f"boxes refused: the JSON is longer than {MAX_BOXES_CHARS} "
+                                                          "characters")
+
+
+def test_top_k_and_tasks_are_length_checked_before_parsing():
+    assert parse_top_k("0" * 7 + "5", 20) == 5  # eight characters: parsed
+    huge = failure(lambda: parse_top_k("9" * 5000, 20))
+    assert (huge.code, huge.message) == ("invalid_top_k", "top_k must be between 1 and 20")
+    registry = TaskRegistry.from_file()
+    assert parse_tasks("vqa," * 249 + "vqa " * 1, registry, 1) == ["vqa"]  # 1000 characters: at the limit
+    long = failure(lambda: parse_tasks("vqa," * 250 + "x", registry, 1))
+    assert (long.code, long.message) == ("unknown_task", "'tasks' is 1001 characters long, the limit is 1000")

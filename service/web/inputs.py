@@ -7,10 +7,10 @@ before anything is queued.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from detector.images import ImageDecodeError, load_image
+from modelkit.boundedjson import JsonBudgetError, JsonSyntaxError, loads_bounded
 from modelkit.regions import VISUAL_ROWS_PER_IMAGE
 from vilbert.tasks import TaskRegistry, UnknownTaskError
 
@@ -25,6 +25,13 @@ from ..settings import DEFAULT_TASKS, Settings
 IMAGE_FIELDS = ("image", "fileupload")
 TEXT_FIELDS = ("text", "text_input")
 T = TypeVar("T")
+# Budgets of the small fields, checked before they are parsed. The task names of a request are at most all of
+# them (about 20, each under 30 characters); boxes are at most as many as any pointing task takes, each four
+# numbers of at most about 24 characters.
+MAX_TASKS_CHARS = 1000
+MAX_TOP_K_CHARS = 8
+MAX_BOXES = 256
+MAX_BOXES_CHARS = MAX_BOXES * 4 * 32
 
 
 def parse_text(raw: str | None, max_chars: int) -> str:
@@ -46,6 +53,8 @@ def parse_tasks(raw: str | None, registry: TaskRegistry, image_count: int) -> li
         if image_count > 2:
             return ["retrieval_coco"]
         return list(DEFAULT_TASKS)
+    if len(raw) > MAX_TASKS_CHARS:
+        raise BadRequest("unknown_task", f"'tasks' is {len(raw)} characters long, the limit is {MAX_TASKS_CHARS}")
     names = [name.strip() for name in raw.split(",") if name.strip()]
     if not names:
         raise BadRequest("no_tasks", "no task named in 'tasks'")
@@ -58,6 +67,8 @@ def parse_tasks(raw: str | None, registry: TaskRegistry, image_count: int) -> li
 def parse_top_k(raw: str | None, max_top_k: int) -> int:
     if raw is None or not raw.strip():
         return 3
+    if len(raw.strip()) > MAX_TOP_K_CHARS:
+        raise BadRequest("invalid_top_k", f"top_k must be between 1 and {max_top_k}")
     try:
         value = int(raw.strip())
     except ValueError:
@@ -68,15 +79,20 @@ def parse_top_k(raw: str | None, max_top_k: int) -> int:
 
 
 def parse_boxes(raw: str | None) -> list[list[float]] | None:
-    """Candidate boxes as JSON: [[x1, y1, x2, y2], ...] in pixels of the first image."""
+    """Candidate boxes as JSON: [[x1, y1, x2, y2], ...] in pixels of the first image. The text is parsed within a
+    budget (length, two levels of nesting, finite numbers of bounded size: modelkit.boundedjson)."""
     if raw is None or not raw.strip():
         return None
     try:
-        boxes = json.loads(raw)
-    except json.JSONDecodeError:
+        boxes = loads_bounded(raw, MAX_BOXES_CHARS, max_depth=2)
+    except JsonSyntaxError:
         raise BadRequest("invalid_boxes", "boxes must be JSON: [[x1, y1, x2, y2], ...]") from None
+    except JsonBudgetError as exc:
+        raise BadRequest("invalid_boxes", f"boxes refused: {exc}") from None
     if not isinstance(boxes, list) or not boxes:
         raise BadRequest("invalid_boxes", "boxes must be a non-empty JSON list of [x1, y1, x2, y2]")
+    if len(boxes) > MAX_BOXES:
+        raise BadRequest("too_many_boxes", f"{len(boxes)} boxes sent, the limit is {MAX_BOXES}")
     parsed = []
     for index, box in enumerate(boxes):
         if (not isinstance(box, list) or len(box) != 4
