@@ -91,6 +91,7 @@ TIMEOUT = "timeout"
 WORKER_LOST = "worker_lost"
 CANCELED = "canceled"
 INTERNAL_ERROR = "internal_error"
+NON_FINITE_OUTPUT = "non_finite_output"  # the model produced NaN or infinity: no strict-JSON result exists
 
 # ------------------------------------------------------------------------------------------- stages, timings
 

@@ -33,7 +33,12 @@ MAX_FEATURE_DIM = 4096
 MAX_SIDE = 100_000
 # A region feature of a ReLU detector is O(1..100); far larger values only overflow the model's float32 maths.
 MAX_FEATURE_MAGNITUDE = 1e5
-BOX_SLACK = 1.0  # pixels a box may reach past the image edge (rounding in other extractors)
+# How far a region box may reach past the image edge: the detector clips boxes to its zero-padded canvas (the
+# scaled image rounded up to a multiple of 32, as the reference did), which in image pixels is up to 32/scale,
+# a few percent of the longer side at the default sizes. A quarter of the longer side (plus a pixel of
+# rounding) keeps every real extractor's boxes and refuses absurd ones.
+BOX_SLACK_FRACTION = 0.25
+BOX_SLACK_PIXELS = 1.0
 # .npz budgets: which members are read, how many entries the archive may list, and how many bytes one member may
 # inflate to (float64 features of the widest accepted model, plus the .npy header).
 NPZ_ARRAYS = ("boxes", "features", "scores", "class_ids", "image_width", "image_height")
@@ -158,9 +163,10 @@ def validate(regions: RegionFeatures, expected_dim: int | None = None) -> Region
         raise bad(f"image size {width}x{height} is out of range")
     if (boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any():
         raise bad("boxes must have x2 >= x1 and y2 >= y1")
-    if ((boxes < -BOX_SLACK).any() or (boxes[:, [0, 2]] > width + BOX_SLACK).any()
-            or (boxes[:, [1, 3]] > height + BOX_SLACK).any()):
-        raise bad(f"boxes must lie inside the {width}x{height} image")
+    slack = BOX_SLACK_PIXELS + BOX_SLACK_FRACTION * max(width, height)
+    if ((boxes < -BOX_SLACK_PIXELS).any() or (boxes[:, [0, 2]] > width + slack).any()
+            or (boxes[:, [1, 3]] > height + slack).any()):
+        raise bad(f"boxes must lie inside the {width}x{height} image (give or take {slack:g} pixels of padding)")
     if np.abs(features).max() > MAX_FEATURE_MAGNITUDE:
         raise bad(f"feature values must lie within +-{MAX_FEATURE_MAGNITUDE:g}")
     scores = np.asarray(regions.scores, np.float32).reshape(-1)

@@ -344,15 +344,17 @@ def test_image_sides_that_int_would_choke_on_are_refused(width, message):
 
 
 def test_boxes_must_lie_inside_the_image_and_features_be_plausible():
-    assert validate(regions(boxes=np.array([[-1, -1, 65, 49]] * 3, np.float32))).num_boxes == 3  # 1 px of slack
+    # 64x48: the padding slack is 1 + 64 / 4 = 17 pixels past the right and bottom edges, 1 before the left and top
+    assert validate(regions(boxes=np.array([[-1, -1, 81, 65]] * 3, np.float32))).num_boxes == 3
     tall = np.array([[0, 50, 5, 60]] * 3, np.float32)  # y beyond the width, inside the height: x and y not mixed up
     assert validate(regions(width=10, height=100, boxes=tall)).num_boxes == 3
     assert validate(regions(width=100, height=10, boxes=tall[:, [1, 0, 3, 2]])).num_boxes == 3
-    invalid("boxes must lie inside the 64x48 image", boxes=np.array([[-1.5, 0, 5, 5]] * 3, np.float32))
-    invalid("boxes must lie inside the 64x48 image", boxes=np.array([[0, -1.5, 5, 5]] * 3, np.float32))
-    invalid("boxes must lie inside the 64x48 image", boxes=np.array([[0, 0, 65.5, 5]] * 3, np.float32))
-    invalid("boxes must lie inside the 64x48 image", boxes=np.array([[0, 0, 5, 49.5]] * 3, np.float32))
-    invalid("boxes must lie inside the 64x48 image", boxes=np.array([[0, 0, 1e30, 1e30]] * 3, np.float32))
+    message = "boxes must lie inside the 64x48 image (give or take 17 pixels of padding)"
+    invalid(message, boxes=np.array([[-1.5, 0, 5, 5]] * 3, np.float32))
+    invalid(message, boxes=np.array([[0, -1.5, 5, 5]] * 3, np.float32))
+    invalid(message, boxes=np.array([[0, 0, 81.5, 5]] * 3, np.float32))
+    invalid(message, boxes=np.array([[0, 0, 5, 65.5]] * 3, np.float32))
+    invalid(message, boxes=np.array([[0, 0, 1e30, 1e30]] * 3, np.float32))
     assert validate(regions(features=np.full((3, 8), -MAX_FEATURE_MAGNITUDE, np.float32))).num_boxes == 3
     invalid("feature values must lie within +-100000", features=np.full((3, 8), 1.5e5, np.float32))
     invalid("feature values must lie within +-100000", features=np.full((3, 8), -3e38, np.float32))

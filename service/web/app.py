@@ -6,7 +6,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from typing import Any
+
 from flask import Flask, jsonify
+from flask.json.provider import DefaultJSONProvider
 from redis import Redis
 from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
@@ -25,12 +28,26 @@ log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"  # the web page, packaged with `service`
 
 
+class StrictJSONProvider(DefaultJSONProvider):
+    """Every response is strict JSON: a NaN or infinity raises (then the client gets a 500, logged) instead of
+    going out as a bare `NaN` that JSON.parse and most clients refuse."""
+
+    sort_keys = False
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        kwargs.setdefault("allow_nan", False)
+        return super().dumps(obj, **kwargs)
+
+
+class ServiceApp(Flask):
+    json_provider_class = StrictJSONProvider
+
+
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or load_settings()
-    app = Flask(__name__, static_folder=str(STATIC_DIR))
+    app = ServiceApp(__name__, static_folder=str(STATIC_DIR))
     # Werkzeug refuses bigger bodies with 413 before reading them into memory.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
-    app.json.sort_keys = False
     registry = TaskRegistry.from_file()
     connection: Redis = connect(settings)
     metrics.install(app, connection, settings)  # GET /metrics, request counters

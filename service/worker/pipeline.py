@@ -14,6 +14,7 @@ between decode and the detector.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from vilbert.predictor import PredictionInputError, Predictor, PredictRequest
 
 from ..boxes import check_boxes
 from ..bundle import TINY_NOTICE, is_tiny, missing_files
-from ..contract import DECODE, DETECTOR, VILBERT, timing_key
+from ..contract import DECODE, DETECTOR, NON_FINITE_OUTPUT, VILBERT, timing_key
 from ..errors import BadRequest, PipelineError
 from ..settings import Settings
 from .cache import FeatureCache, extract_cached
@@ -231,7 +232,7 @@ class Pipeline:
                 results[id(item)] = None
                 continue
             item.timings[timing_key(VILBERT)] = elapsed
-            results[id(item)] = {
+            result = {
                 "text": item.request.text,
                 "tasks": outcome,
                 "images": [{"width": r.image_width, "height": r.image_height, "regions": int(len(r.boxes))}
@@ -240,4 +241,18 @@ class Pipeline:
                 "cache": item.cache,
                 "model": self.info,
             }
+            if not strict_json(result):  # stored and served as strict JSON: NaN has no spelling there
+                item.error = PipelineError(NON_FINITE_OUTPUT, "the model produced a non-finite value (NaN or "
+                                                              "infinity) for this input; no answer is given", VILBERT)
+                result = None
+            results[id(item)] = result
         return results
+
+
+def strict_json(value: object) -> bool:
+    """Whether `value` serialises as strict JSON (no NaN or infinity, which JSON.parse and most parsers refuse)."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except ValueError:
+        return False
+    return True
