@@ -58,6 +58,9 @@ class JobRequest:
 # ------------------------------------------------------------------------------------------------- Redis keys
 
 UPLOAD_PREFIX = "vilbert:upload:"  # + job id: hash of upload index -> bytes, expires after UPLOAD_TTL
+# + queue name: the byte budget's ledger of stored uploads (service.queue.admit_uploads): a sorted set of job id
+# by expiry time, and a hash of job id -> upload bytes.
+UPLOAD_LEDGER_PREFIX = "vilbert:upload-ledger:"
 ALIVE_PREFIX = "vilbert:worker-alive:"  # + RQ worker name: JSON about a worker with its models loaded
 FEATURE_CACHE_PREFIX = "vilbert:feat:"  # the worker's region-feature cache (service.worker.cache)
 
@@ -68,6 +71,11 @@ JOB_FUNCTION = "service.worker.rq_batch.batched_only"
 
 def upload_key(job_id: str) -> str:
     return UPLOAD_PREFIX + job_id
+
+
+def upload_ledger_keys(queue_name: str) -> tuple[str, str]:
+    """(expiry sorted set, sizes hash) of the byte budget's ledger for one queue."""
+    return UPLOAD_LEDGER_PREFIX + queue_name + ":expiry", UPLOAD_LEDGER_PREFIX + queue_name + ":bytes"
 
 
 def alive_key(worker_name: str) -> str:

@@ -15,6 +15,7 @@ import logging
 from datetime import datetime, timezone
 
 from redis import Redis
+from redis.exceptions import WatchError
 from rq import Queue
 from rq.job import Job, JobStatus
 from rq.job_lifecycle import record_job_failure
@@ -22,7 +23,7 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.utils import parse_composite_key
 
-from .contract import ALIVE_PREFIX, WORKER_LOST, alive_key, error_body, upload_key
+from .contract import ALIVE_PREFIX, WORKER_LOST, alive_key, error_body, upload_key, upload_ledger_keys
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,39 @@ def connect(settings: Settings) -> Redis:
 def get_queue(connection: Redis, settings: Settings) -> Queue:
     return Queue(settings.queue_name, connection=connection, serializer=JSONSerializer,
                  default_timeout=settings.job_timeout)
+
+
+# Admit a job's uploads to the byte budget, atomically: forget entries past their expiry (their upload hash has
+# expired too), sum the rest, and add this job's bytes if the sum stays within the budget.
+# KEYS: expiry zset, sizes hash. ARGV: job id, bytes, ttl seconds, budget. Returns {admitted (0/1), bytes held}.
+_ADMIT = """
+local now = tonumber(redis.call('TIME')[1])
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+for _, id in ipairs(expired) do redis.call('HDEL', KEYS[2], id) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local held = 0
+for _, size in ipairs(redis.call('HVALS', KEYS[2])) do held = held + tonumber(size) end
+if held + tonumber(ARGV[2]) > tonumber(ARGV[4]) then return {0, held} end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return {1, held + tonumber(ARGV[2])}
+"""
+
+
+def admit_uploads(connection: Redis, settings: Settings, job_id: str, size: int) -> tuple[bool, int]:
+    """Reserve `size` bytes of the queued-upload budget (MAX_QUEUED_BYTES) for a job: (admitted, bytes held)."""
+    admitted, held = connection.eval(_ADMIT, 2, *upload_ledger_keys(settings.queue_name), job_id, size,
+                                     settings.upload_ttl, settings.max_queued_bytes)
+    return bool(admitted), int(held)
+
+
+def release_uploads(connection: Redis, settings: Settings, job_id: str) -> None:
+    """Drop a job's uploads and give their bytes back to the budget (job done, failed or never queued).
+    `connection` may be a pipeline, so that the release commits with the job's outcome."""
+    expiry, sizes = upload_ledger_keys(settings.queue_name)
+    connection.delete(upload_key(job_id))
+    connection.zrem(expiry, job_id)
+    connection.hdel(sizes, job_id)
 
 
 def started_registry(connection: Redis, settings: Settings) -> StartedJobRegistry:
@@ -57,11 +91,14 @@ def live_workers(connection: Redis) -> list[dict]:
 
 
 def fail_if_orphaned(connection: Redis, settings: Settings, job: Job) -> bool:
-    """Fail a started job whose worker no longer has a liveness key (killed, crashed, host lost).
-    Returns True when the job was failed here."""
+    """Fail a started job whose worker no longer has a liveness key (killed, crashed, host lost, paused).
+    Returns True when the job was failed here.
+
+    One transaction: the job hash and the worker's liveness key are WATCHed before they are read, so if the worker
+    writes its outcome (or renews its key) meanwhile, this failure is not committed; and the worker's own writes
+    are conditional on the job still being started by it (service.worker.rq_batch's fencing), so once this commits
+    the job stays failed."""
     if job.get_status(refresh=True) != JobStatus.STARTED:
-        return False
-    if job.worker_name and connection.exists(alive_key(job.worker_name)):
         return False
     # A worker that just reconnected to a restarted Redis may take a job before its next heartbeat: only a job
     # started at least one heartbeat TTL ago, with no live worker, is an orphan.
@@ -70,16 +107,25 @@ def fail_if_orphaned(connection: Redis, settings: Settings, job: Job) -> bool:
         if (datetime.now(timezone.utc) - started).total_seconds() < settings.worker_heartbeat_ttl:
             return False
     registry = started_registry(connection, settings)
-    message = (f"the worker {job.worker_name or '?'} stopped (killed or crashed) while running this job; no "
+    message = (f"the worker {job.worker_name or '?'} stopped (killed, crashed or paused) while running this job; no "
                f"heartbeat for {settings.worker_heartbeat_ttl} s")
-    job.meta["error"] = error_body(WORKER_LOST, message)
-    job.save_meta()
     with connection.pipeline() as pipe:
-        for entry in connection.zrange(registry.key, 0, -1):
-            if parse_composite_key(entry.decode())[0] == job.id:
+        try:
+            pipe.watch(job.key, alive_key(job.worker_name or ""))
+            if pipe.hget(job.key, "status") != JobStatus.STARTED.value.encode():
+                return False
+            if job.worker_name and pipe.exists(alive_key(job.worker_name)):
+                return False
+            entries = [e for e in pipe.zrange(registry.key, 0, -1) if parse_composite_key(e.decode())[0] == job.id]
+            job.meta["error"] = error_body(WORKER_LOST, message)
+            pipe.multi()
+            pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
+            for entry in entries:
                 pipe.zrem(registry.key, entry)
-        record_job_failure(job, f"WorkerLost: {message}", pipe)
-        pipe.execute()
-    connection.delete(upload_key(job.id))
+            record_job_failure(job, f"WorkerLost: {message}", pipe)
+            release_uploads(pipe, settings, job.id)
+            pipe.execute()
+        except WatchError:  # the worker wrote its outcome (or came back) meanwhile: not an orphan after all
+            return False
     log.warning("job %s failed: %s", job.id, message)
     return True

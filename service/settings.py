@@ -55,6 +55,9 @@ class Settings:
     max_image_pixels: int = 40_000_000
     max_top_k: int = 20
     max_queued_jobs: int = 1000
+    # Bytes of uploads that may wait in Redis at once (queued and running jobs); past it a submission gets 503
+    # queue_full. Redis's maxmemory must exceed this plus the feature cache (docs/OPERATIONS.md, sizing).
+    max_queued_bytes: int = 1 << 30
     redis_timeout: float = 5.0
     log_level: str = "INFO"
     # Scale (service/worker/cache.py, service/worker/rq_batch.py, service/*/metrics.py; docs/OPERATIONS.md).
@@ -150,6 +153,7 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "max_image_pixels": ("MAX_IMAGE_PIXELS", _int(1024)),
     "max_top_k": ("MAX_TOP_K", _int(1, 1000)),
     "max_queued_jobs": ("MAX_QUEUED_JOBS", _int(1)),
+    "max_queued_bytes": ("MAX_QUEUED_BYTES", _int(1024)),
     "redis_timeout": ("REDIS_TIMEOUT", _positive_float),
     "log_level": ("LOG_LEVEL", _choice(("debug", "info", "warning", "error"))),
     "feature_cache_ttl": ("FEATURE_CACHE_TTL", _int(0)),

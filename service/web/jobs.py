@@ -15,7 +15,7 @@ from rq.serializers import JSONSerializer
 from ..contract import (CANCELED, INTERNAL_ERROR, JOB_FUNCTION, STAGE_QUEUED, STAGE_STARTING, TIMEOUT, WORKER_LOST,
                         JobRequest, error_body, upload_key)
 from ..errors import NotFound, Unavailable
-from ..queue import fail_if_orphaned, get_queue
+from ..queue import admit_uploads, fail_if_orphaned, get_queue, release_uploads
 from ..settings import Settings
 
 JOB_ID = re.compile(r"[0-9a-f]{32}")
@@ -34,15 +34,28 @@ def submit(connection: Redis, settings: Settings, request: JobRequest, uploads: 
         raise Unavailable("queue_full", f"{queue.count} jobs are waiting, the limit is {settings.max_queued_jobs}; "
                                         "retry later")
     job_id = uuid.uuid4().hex
-    with connection.pipeline() as pipe:
-        pipe.hset(upload_key(job_id), mapping={str(i): data for i, data in enumerate(uploads)})
-        pipe.expire(upload_key(job_id), settings.upload_ttl)
-        pipe.execute()
+    size = sum(len(data) for data in uploads)
+    admitted, held = admit_uploads(connection, settings, job_id, size)
+    if not admitted:
+        raise Unavailable("queue_full", f"waiting jobs hold {held} bytes of uploads; this job's {size} bytes would "
+                                        f"pass the limit of {settings.max_queued_bytes}; retry later")
+    try:
+        with connection.pipeline() as pipe:
+            pipe.hset(upload_key(job_id), mapping={str(i): data for i, data in enumerate(uploads)})
+            pipe.expire(upload_key(job_id), settings.upload_ttl)
+            pipe.execute()
+        return _enqueue(queue, settings, job_id, request, len(uploads))
+    except BaseException:
+        release_uploads(connection, settings, job_id)
+        raise
+
+
+def _enqueue(queue: Any, settings: Settings, job_id: str, request: JobRequest, count: int) -> Job:
     return queue.enqueue(
         JOB_FUNCTION, kwargs={"request": request.to_json()}, job_id=job_id, job_timeout=settings.job_timeout,
         result_ttl=settings.result_ttl, failure_ttl=settings.failure_ttl, ttl=settings.upload_ttl,
         meta={"stage": STAGE_QUEUED, "tasks": request.tasks}, description=f"{','.join(request.tasks)} on "
-        f"{len(uploads)} image(s)",
+        f"{count} image(s)",
     )
 
 

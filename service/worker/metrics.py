@@ -9,7 +9,8 @@ tier's /metrics would merge.
 
 Names (all prefixed vilbert_): worker_jobs_total{status}, worker_failures_total{reason},
 worker_stage_seconds{stage}, worker_batch_size, feature_cache_events_total{event},
-device_memory_bytes{device,kind} (GPU only).
+discarded_results_total (outcomes dropped because the job had been failed as orphaned meanwhile: fencing,
+service.worker.rq_batch), device_memory_bytes{device,kind} (GPU only).
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ class WorkerMetrics:
                                     buckets=BATCH_BUCKETS, registry=self.registry)
         self.cache = Counter("vilbert_feature_cache_events", "feature cache hits, misses, stores, evictions and "
                              "errors, per image", ["event"], registry=self.registry)
+        self.discarded_results = Counter("vilbert_discarded_results", "outcomes this worker computed for jobs that "
+                                         "had meanwhile been failed as orphaned, and did not write",
+                                         registry=self.registry)
         for event in ("hit", "miss", "store", "eviction", "error"):
             self.cache.labels(event)
         for status in ("finished", "failed"):
@@ -62,6 +66,9 @@ class WorkerMetrics:
 
     def batch(self, size: int) -> None:
         self.batch_size.observe(size)
+
+    def discarded(self) -> None:
+        self.discarded_results.inc()
 
     def cache_event(self, kind: str, count: int) -> None:
         self.cache.labels(kind).inc(count)

@@ -17,6 +17,16 @@ BATCH_MAX_WAIT_MS have passed. Then, with RQ's primitives and in RQ's order:
    callbacks): its BatchJob returns the outcome computed in step 2; no job function is ever called.
 Each job keeps its own status, result or error: a bad job fails alone (Pipeline.run_many's contract).
 
+Fencing: the orphan reaper (service.queue.fail_if_orphaned) fails a started job whose worker's liveness key has
+expired, e.g. a worker paused (SIGSTOP, a VM freeze) past WORKER_HEARTBEAT_TTL. Such a worker, once it resumes,
+must not write anything for the job: a failed job stays failed. Every write of a job's outcome is therefore
+conditional on the job still being `started` by this worker, checked atomically with the write:
+- the outcome (RQ's perform_job: result, status, registries) goes through `FencingPipeline`: its transaction
+  WATCHes the job hash and checks status and owner first, so the reaper's transaction and ours cannot both
+  commit (whichever commits second sees the hash changed and aborts);
+- progress and error details go through a Lua script (`OWNED_HSET`) that writes only while the job is ours.
+A refused write is logged and counted (vilbert_discarded_results_total).
+
 Why SimpleWorker: RQ's default Worker forks a child per job, and CUDA state does not survive fork (and
 reloading the models per job would cost seconds). SimpleWorker runs each job in the main process.
 
@@ -27,10 +37,12 @@ all workers on all hosts share the queue, and each batches what it takes.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
 from redis import Redis
+from redis.client import Pipeline as RedisPipeline
 from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker
 from rq.job import Job
@@ -42,6 +54,7 @@ from ..contract import (ERROR_AT_BATCH, ERROR_AT_LOAD, INTERNAL_ERROR, STAGE_FAI
                         JobRequest, error_body, timing_key, upload_key)
 from ..errors import BadRequest, PipelineError
 from ..features import parse_features
+from ..queue import release_uploads
 from .context import WorkerContext
 from .pipeline import InferenceRequest, Pipeline
 
@@ -76,6 +89,62 @@ class BatchJob(Job):
 
 class JobFailed(Exception):
     """Raised from a batched job so RQ marks it failed; the reason is in job.meta["error"]."""
+
+
+# Write one field of a job hash only while the job is `started` by the given worker (KEYS[1]: the job hash;
+# ARGV: worker name, field, value). Returns 1 when written.
+OWNED_HSET = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'started' or redis.call('HGET', KEYS[1], 'worker_name') ~= ARGV[1] then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+return 1
+"""
+_fence = threading.local()  # the job whose outcome this thread is writing (set by BatchWorker around perform_job)
+
+
+class FencingPipeline(RedisPipeline):
+    """A Redis transaction that commits only while the fenced job (if any) is still `started` by its worker: it
+    WATCHes the job hash and checks status and owner before MULTI, so a reaper's concurrent failure of the job
+    makes our EXEC abort (and the retry then sees the job is no longer ours). Pipelines without a fenced job, or
+    without a transaction, behave as redis-py's."""
+
+    def _check_fence(self) -> None:
+        job, worker = getattr(_fence, "job", None), getattr(_fence, "worker", None)
+        if job is None:
+            return
+        self.watch(job.key)  # from here until EXEC, any change to the job hash aborts the transaction
+        status, owner = self.hmget(job.key, "status", "worker_name")
+        if status != b"started" or owner != worker.encode():
+            _fence.refused = True
+            self.reset()
+            raise JobNotOwned(f"job {job.id} is no longer started by {worker} (status {status!r}); its outcome is "
+                              "discarded")
+
+    def multi(self) -> None:
+        self._check_fence()
+        super().multi()
+
+    def execute(self, raise_on_error: bool = True) -> list:
+        if self.transaction and not self.explicit_transaction and self.command_stack:
+            self._check_fence()
+        return super().execute(raise_on_error)
+
+
+class FencedRedis(Redis):
+    """The batch worker's connection: its transactions are FencingPipelines."""
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> FencingPipeline:
+        return FencingPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+
+
+class JobNotOwned(RedisError):
+    """A write for a job that the reaper failed (or that changed hands) while this worker ran it."""
+
+
+def owned_hset(connection: Redis, job: Job, worker_name: str, field: str, value: Any) -> bool:
+    """Set one field of the job hash if the job is still `started` by worker_name (atomically, in Lua)."""
+    return bool(connection.eval(OWNED_HSET, 1, job.key, worker_name, field, value))
 
 
 def load_request(connection: Redis, job: Job) -> InferenceRequest:
@@ -119,9 +188,9 @@ def run_batch(pipeline: Pipeline, connection: Redis, batch: list[Job]) -> dict[s
     def stage(name: str, detail: str = "") -> None:
         try:  # progress is best effort: a Redis blip must not fail the batch
             with connection.pipeline(transaction=False) as pipe:  # one round trip for the whole batch
-                for job in live:
+                for job in live:  # written only while the job is still ours (OWNED_HSET)
                     job.meta.update(stage=name, stage_detail=detail)
-                    pipe.hset(job.key, "meta", job._serialize_meta())
+                    pipe.eval(OWNED_HSET, 1, job.key, job.worker_name or "", "meta", job._serialize_meta())
                 pipe.execute()
         except RedisError as exc:
             log.warning("stage %s not recorded: redis unavailable (%s)", name, exc)
@@ -159,7 +228,7 @@ def wait_for_redis(connection: Redis, limit_s: float) -> bool:
 def _record_error(job: Job, error: dict) -> None:
     job.meta["error"] = error
     job.meta.update(stage=STAGE_FAILED)
-    job.save_meta()
+    owned_hset(job.connection, job, job.worker_name or "", "meta", job._serialize_meta())
 
 
 class BatchWorker(SimpleWorker):
@@ -168,7 +237,8 @@ class BatchWorker(SimpleWorker):
     job_class = BatchJob
 
     def __init__(self, queues: list[Queue], context: WorkerContext, **kwargs: Any):
-        super().__init__(queues, connection=context.connection, serializer=JSONSerializer, **kwargs)
+        fenced = FencedRedis(connection_pool=context.connection.connection_pool)
+        super().__init__(queues, connection=fenced, serializer=JSONSerializer, **kwargs)
         self.context = context
 
     def request_stop(self, signum: Any, frame: Any) -> None:
@@ -227,6 +297,9 @@ class BatchWorker(SimpleWorker):
         # Results are computed: if Redis is restarting, wait for it rather than lose them (bounded).
         wait_for_redis(self.connection, REDIS_WAIT_S)
         for (member, member_queue), execution in zip(batch, executions):
+            if not self.still_owns(member):
+                self.discard(member, "before its outcome was written")
+                continue
             outcome = outcomes.get(member.id)
             if isinstance(outcome, dict) and 0 < limits[member.id] < elapsed:
                 outcome = JobTimeoutException(f"the batch took {elapsed:.1f} s")
@@ -236,10 +309,30 @@ class BatchWorker(SimpleWorker):
             elif isinstance(outcome, JobTimeoutException):
                 _record_error(member, error_body(TIMEOUT, f"the job's batch ran longer than its timeout of "
                                                           f"{limits[member.id]} s"))
-            self.context.metrics.job_done(outcome, member.meta.get("error"))
             member.outcome = outcome
+            _fence.job, _fence.worker, _fence.refused = member, self.name, False
             try:
                 self.perform_job(member, member_queue, execution)
             finally:
-                self.connection.delete(upload_key(member.id))
+                refused, _fence.job = _fence.refused, None
+                release_uploads(self.connection, self.context.settings, member.id)
+            if refused:
+                self.discard(member, "while its outcome was being written")
+            else:
+                self.context.metrics.job_done(outcome, member.meta.get("error"))
         self.set_state(WorkerStatus.IDLE)
+
+    def still_owns(self, job: Job) -> bool:
+        status, owner = self.connection.hmget(job.key, "status", "worker_name")
+        return status == b"started" and owner == self.name.encode()
+
+    def discard(self, job: Job, when: str) -> None:
+        """The reaper failed this job while we ran it (we were paused or cut off past the heartbeat TTL): the
+        job stays failed; what we computed is dropped."""
+        log.warning("job %s: discarding this worker's outcome, computed after the job was failed as orphaned "
+                    "(%s)", job.id, when)
+        self.context.metrics.discarded()
+        try:
+            release_uploads(self.connection, self.context.settings, job.id)
+        except RedisError:
+            pass
