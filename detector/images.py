@@ -7,13 +7,22 @@ Choices that differ from the 2019 extraction script, on purpose:
   black, 16-bit scaled to 8 bits). The reference repeated palette indices as gray values, crashed on RGBA and
   CMYK, and fed 16-bit values unscaled.
 - Decompression bombs and images over a pixel limit are refused before any pixel is decoded.
+
+What decoding costs: `probe_image` reads only an image's headers (format, size, mode, frame count, EXIF
+orientation) and its end marker, and prices the decode: `ImageHeader.decode_bytes` is the peak memory `load_image`
+needs for it, from bytes per pixel by mode measured on this code (PIL's decoded image, the conversion's
+temporaries, the uint8 RGB result, the rotated copy). The pixel limit is a budget in those bytes: an 8-bit RGB or
+grey image may have `max_pixels` pixels, a 16-bit or transparent one fewer, as its decode costs more. Only the
+first frame of an animation is decoded; more than MAX_FRAMES frames are refused.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import struct
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +31,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 40_000_000
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "MPO")
+MAX_FRAMES = 1000
+# Peak bytes per pixel that load_image holds while decoding an image of each mode (bench/image_decode_memory.py
+# measures them; these are rounded up). An 8-bit RGB or grey image is the reference the pixel limit is set for.
+DECODE_BYTES_PER_PIXEL = {"rgb": 10, "alpha": 20, "16bit": 12, "32bit": 30}
+ROTATED_EXTRA_BYTES_PER_PIXEL = 4  # the EXIF-rotated copy of the decoded image
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
 class ImageDecodeError(ValueError):
@@ -50,8 +66,127 @@ def _open(source: Any) -> Image.Image:
     raise ImageDecodeError("invalid_image", f"unsupported image input of type {type(source).__name__}")
 
 
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's headers say, read without decoding a pixel. width and height are as displayed (after the
+    EXIF orientation), as load_image returns the image."""
+
+    format: str
+    mode: str
+    width: int
+    height: int
+    frames: int
+    rotated: bool  # an EXIF orientation that needs a rotated copy
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    @property
+    def rgb_bytes(self) -> int:
+        """The decoded uint8 RGB array's size: what a worker holds per image until the detector has run."""
+        return self.pixels * 3
+
+    @property
+    def decode_bytes(self) -> int:
+        """Peak memory of decoding this image with load_image."""
+        return self.pixels * (bytes_per_pixel(self.mode) + (ROTATED_EXTRA_BYTES_PER_PIXEL if self.rotated else 0))
+
+
+def bytes_per_pixel(mode: str, transparency: bool = False) -> int:
+    if mode in SIXTEEN_BIT_MODES:
+        return DECODE_BYTES_PER_PIXEL["16bit"]
+    if mode in ("I", "F"):
+        return DECODE_BYTES_PER_PIXEL["32bit"]
+    if mode in ALPHA_MODES or transparency:
+        return DECODE_BYTES_PER_PIXEL["alpha"]
+    return DECODE_BYTES_PER_PIXEL["rgb"]
+
+
+def decode_budget(max_pixels: int) -> int:
+    """The decode memory an image may need: what an 8-bit RGB image of max_pixels pixels needs."""
+    return max_pixels * DECODE_BYTES_PER_PIXEL["rgb"]
+
+
+def _check_budget(header: ImageHeader, max_pixels: int) -> None:
+    if header.pixels > max_pixels:
+        raise ImageDecodeError("image_too_large", f"image has {header.width}x{header.height} pixels, more than the "
+                                                  f"limit of {max_pixels}")
+    if header.decode_bytes > decode_budget(max_pixels):
+        raise ImageDecodeError("image_too_large", f"decoding this {header.mode} image of {header.width}x"
+                               f"{header.height} pixels needs about {header.decode_bytes} bytes, more than the "
+                               f"{decode_budget(max_pixels)} an 8-bit RGB image at the pixel limit needs")
+    if header.frames > MAX_FRAMES:
+        raise ImageDecodeError("image_too_large", f"the image has {header.frames} frames, the limit is {MAX_FRAMES}")
+
+
+def _header(image: Image.Image) -> ImageHeader:
+    width, height = image.size
+    orientation = image.getexif().get(0x0112, 1) if image.format in ("JPEG", "MPO", "PNG", "TIFF", "WEBP") else 1
+    if orientation in (5, 6, 7, 8):  # a quarter turn: displayed with width and height swapped
+        width, height = height, width
+    transparency = image.mode == "P" and "transparency" in image.info
+    mode = "RGBA" if transparency else image.mode
+    return ImageHeader(format=image.format or "", mode=mode, width=width, height=height,
+                       frames=int(getattr(image, "n_frames", 1)), rotated=orientation not in (1, None))
+
+
+# Where each format's data must end; an upload cut short (the commonest broken upload) is refused from its last
+# bytes, without decoding. Formats not listed are checked when the worker decodes them.
+def _complete(image_format: str, data: bytes) -> bool:
+    if image_format in ("JPEG", "MPO"):  # the end-of-image marker after the last start-of-scan
+        return data.rfind(b"\xff\xd9") > data.rfind(b"\xff\xda") >= 0
+    if image_format == "PNG":
+        return data.rfind(b"IEND") > 0
+    if image_format == "GIF":
+        return data.rstrip(b"\x00").endswith(b";")
+    if image_format == "WEBP":  # the RIFF container states its length
+        return len(data) >= 8 and int.from_bytes(data[4:8], "little") + 8 <= len(data)
+    return True
+
+
+def probe_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
+    """The headers of an encoded image, checked against the budget of max_pixels, without decoding a pixel.
+    Raises ImageDecodeError (not an image we accept, over budget, or cut short)."""
+    if len(data) == 0:
+        raise ImageDecodeError("empty_image", "the image is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                if image.format not in ALLOWED_FORMATS:
+                    raise ImageDecodeError("unsupported_format", f"image format {image.format} is not accepted")
+                header = _header(image)
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError("image_too_large", f"image refused as a decompression bomb ({exc})") from exc
+    except UnidentifiedImageError:
+        raise ImageDecodeError("invalid_image", "cannot decode the image: not an image in an accepted format "
+                               f"({', '.join(ALLOWED_FORMATS)})") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+        raise ImageDecodeError("invalid_image", f"cannot read the image's headers ({exc})") from exc
+    _check_budget(header, max_pixels)
+    if not _complete(header.format, data):
+        raise ImageDecodeError("invalid_image", f"the {header.format} image is truncated (its data ends early)")
+    return header
+
+
 def _to_rgb8(image: Image.Image) -> np.ndarray:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+    if image.mode in SIXTEEN_BIT_MODES:
+        # Integer arithmetic in one uint32 buffer: round(v * 255 / 65535) exactly (no ties exist), at 4 bytes per
+        # pixel instead of float64's 8.
+        values = np.asarray(image)
+        if values.max(initial=0) > 255:
+            scaled = values.astype(np.uint32)
+            scaled *= 255
+            scaled += 32767
+            scaled //= 65535
+            gray = scaled.astype(np.uint8)
+        else:
+            gray = values.astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if image.mode == "I":
         values = np.asarray(image, dtype=np.float64)
         top = 65535.0 if values.max(initial=0) > 255 else 255.0
         gray = np.clip(np.round(values * (255.0 / top)), 0, 255).astype(np.uint8)
@@ -76,11 +211,7 @@ def load_image(source: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
             image = _open(source)
             if not isinstance(source, Image.Image) and image.format not in ALLOWED_FORMATS:
                 raise ImageDecodeError("unsupported_format", f"image format {image.format} is not accepted")
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageDecodeError(
-                    "image_too_large", f"image has {width}x{height} pixels, more than the limit of {max_pixels}"
-                )
+            _check_budget(_header(image), max_pixels)
             image = ImageOps.exif_transpose(image)
             return _to_rgb8(image)
     except ImageDecodeError:
@@ -95,6 +226,11 @@ def load_image(source: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
 
 
 def _array_to_rgb8(array: np.ndarray, max_pixels: int) -> np.ndarray:
+    if array.dtype == np.uint8 and array.ndim == 3 and array.shape[2] == 3 and array.flags.c_contiguous:
+        if array.shape[0] * array.shape[1] > max_pixels:
+            raise ImageDecodeError("image_too_large", f"image has {array.shape[1]}x{array.shape[0]} pixels, over "
+                                                      "the limit")
+        return array  # already what load_image returns (a decoded image passed on): no copy
     if array.ndim == 2:
         array = np.repeat(array[:, :, None], 3, axis=2)
     if array.ndim != 3 or array.shape[2] not in (3, 4) or array.shape[0] == 0 or array.shape[1] == 0:

@@ -23,11 +23,13 @@ INPUTS: tuple[str, ...] = get_args(Inputs)
 
 @dataclass
 class ImageInfo:
-    """What the web tier learnt about one upload: the image's size and the upload's length."""
+    """What the web tier learnt about one upload: the image's size, the upload's length and the size of the
+    decoded uint8 RGB array the worker will hold for it (0 for precomputed features)."""
 
     width: int
     height: int
     bytes: int
+    decoded_bytes: int = 0
 
 
 @dataclass

@@ -58,6 +58,10 @@ class Settings:
     # Bytes of uploads that may wait in Redis at once (queued and running jobs); past it a submission gets 503
     # queue_full. Redis's maxmemory must exceed this plus the feature cache (docs/OPERATIONS.md, sizing).
     max_queued_bytes: int = 1 << 30
+    # Decoded images (uint8 RGB, 3 bytes a pixel) a worker holds at once: per request (checked at submission)
+    # and per batch (a worker stops taking partners once its batch reaches it). docs/OPERATIONS.md, memory sizing.
+    max_decoded_bytes_per_request: int = 400_000_000
+    max_decoded_bytes_per_batch: int = 1_600_000_000
     redis_timeout: float = 5.0
     log_level: str = "INFO"
     # Scale (service/worker/cache.py, service/worker/rq_batch.py, service/*/metrics.py; docs/OPERATIONS.md).
@@ -154,6 +158,8 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "max_top_k": ("MAX_TOP_K", _int(1, 1000)),
     "max_queued_jobs": ("MAX_QUEUED_JOBS", _int(1)),
     "max_queued_bytes": ("MAX_QUEUED_BYTES", _int(1024)),
+    "max_decoded_bytes_per_request": ("MAX_DECODED_BYTES_PER_REQUEST", _int(1024)),
+    "max_decoded_bytes_per_batch": ("MAX_DECODED_BYTES_PER_BATCH", _int(1024)),
     "redis_timeout": ("REDIS_TIMEOUT", _positive_float),
     "log_level": ("LOG_LEVEL", _choice(("debug", "info", "warning", "error"))),
     "feature_cache_ttl": ("FEATURE_CACHE_TTL", _int(0)),

@@ -201,7 +201,7 @@ def test_a_non_default_request_survives_the_json_round_trip():
                                     boxes="[[1, 2, 30, 40], [0, 0, 64, 48]]"), [png()], Settings(), REGISTRY)
     assert request == JobRequest(text="point at the cup", tasks=["visual7w", "vqa"], top_k=7,
                                  boxes=[[1.0, 2.0, 30.0, 40.0], [0.0, 0.0, 64.0, 48.0]],
-                                 images=[ImageInfo(64, 48, len(png()))], inputs="images")
+                                 images=[ImageInfo(64, 48, len(png()), 64 * 48 * 3)], inputs="images")
     assert JobRequest.from_json(request.to_json()) == request
 
 

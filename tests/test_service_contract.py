@@ -26,7 +26,7 @@ def imported_after(statement: str, env: dict | None = None) -> set[str]:
 def test_job_request_survives_the_json_round_trip():
     for request in (
         JobRequest(text="what is this?", tasks=["vqa", "refcoco"], top_k=5, boxes=[[1.0, 2.0, 3.0, 4.0]],
-                   images=[ImageInfo(width=640, height=480, bytes=1234)]),
+                   images=[ImageInfo(width=640, height=480, bytes=1234, decoded_bytes=921600)]),
         JobRequest(text="two", tasks=["nlvr2"], images=[ImageInfo(2, 3, 4), ImageInfo(5, 6, 7)], inputs="features"),
     ):
         wire = json.loads(json.dumps(request.to_json()))  # what RQ's JSONSerializer stores

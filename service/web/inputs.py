@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
-from detector.images import ImageDecodeError, load_image
+from detector.images import ImageDecodeError, probe_image
 from modelkit.boundedjson import JsonBudgetError, JsonSyntaxError, loads_bounded
 from modelkit.regions import VISUAL_ROWS_PER_IMAGE
 from vilbert.tasks import TaskRegistry, UnknownTaskError
@@ -103,13 +103,14 @@ def parse_boxes(raw: str | None) -> list[list[float]] | None:
 
 
 def check_image(data: bytes, max_pixels: int) -> ImageInfo:
-    """Decode the upload once to prove it is an image we accept (format, pixel limit, not truncated)."""
+    """Prove from its headers alone that the upload is an image we accept: format, size and decode cost within the
+    pixel budget, not cut short (detector.images.probe_image). Nothing is decoded here: the worker decodes once."""
     try:
-        rgb = load_image(data, max_pixels)
+        header = probe_image(data, max_pixels)
     except ImageDecodeError as exc:
         status = 413 if exc.code == "image_too_large" else 400
         raise BadRequest(exc.code, exc.message, status=status) from None
-    return ImageInfo(width=int(rgb.shape[1]), height=int(rgb.shape[0]), bytes=len(data))
+    return ImageInfo(width=header.width, height=header.height, bytes=len(data), decoded_bytes=header.rgb_bytes)
 
 
 def check_request(request: JobRequest, registry: TaskRegistry, image_count: int) -> None:
@@ -136,6 +137,10 @@ def parse_submission(form: Mapping[str, str], images: Sequence[bytes], settings:
     text, tasks, top_k = _common_fields(form, len(images), "images", settings, registry)
     boxes = parse_boxes(form.get("boxes"))
     infos = _each(images, "image", lambda data: check_image(data, settings.max_image_pixels))
+    decoded = sum(info.decoded_bytes for info in infos)
+    if decoded > settings.max_decoded_bytes_per_request:
+        raise BadRequest("images_too_large", f"the images decode to {decoded} bytes together, the limit per request "
+                                             f"is {settings.max_decoded_bytes_per_request}", status=413)
     request = JobRequest(text=text, tasks=tasks, top_k=top_k, boxes=boxes, images=infos)
     check_request(request, registry, len(images))
     return request

@@ -147,6 +147,14 @@ def owned_hset(connection: Redis, job: Job, worker_name: str, field: str, value:
     return bool(connection.eval(OWNED_HSET, 1, job.key, worker_name, field, value))
 
 
+def decoded_bytes(job: Job) -> int:
+    """The decoded size of a queued job's images, as the web tier priced them (0 when unknown)."""
+    try:
+        return sum(int(image.get("decoded_bytes", 0)) for image in job.kwargs["request"].get("images", []))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return 0
+
+
 def load_request(connection: Redis, job: Job) -> InferenceRequest:
     """The pipeline request of a job: its parameters and the images (or region features) stored with it."""
     request = JobRequest.from_json(job.kwargs["request"])
@@ -246,17 +254,22 @@ class BatchWorker(SimpleWorker):
         super().request_stop(signum, frame)
 
     def take_partners(self, first: tuple[Job, Queue]) -> list[tuple[Job, Queue]]:
+        """Up to BATCH_MAX_JOBS jobs, but no more once their decoded images reach MAX_DECODED_BYTES_PER_BATCH (so
+        a batch holds at most that plus one request's images: docs/OPERATIONS.md)."""
         settings = self.context.settings
         batch = [first]
         if settings.batch_max_jobs <= 1:
             return batch
+        held = decoded_bytes(first[0])
         deadline = time.monotonic() + settings.batch_max_wait_ms / 1000.0
-        while len(batch) < settings.batch_max_jobs and not self._stop_requested:
+        while (len(batch) < settings.batch_max_jobs and held < settings.max_decoded_bytes_per_batch
+               and not self._stop_requested):
             taken = Queue.dequeue_any(self._ordered_queues, None, connection=self.connection,
                                       job_class=self.job_class, serializer=self.serializer,
                                       death_penalty_class=self.death_penalty_class)
             if taken is not None:
                 batch.append(taken)
+                held += decoded_bytes(taken[0])
                 continue
             if time.monotonic() >= deadline:
                 break
