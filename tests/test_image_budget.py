@@ -21,12 +21,11 @@ from rq.serializers import JSONSerializer
 from detector.images import (DECODE_BYTES_PER_PIXEL, ImageDecodeError, decode_budget, load_image, probe_image)
 from service.contract import ImageInfo, JobRequest
 from service.errors import BadRequest
-from service.settings import Settings, load_settings
-from service.web.inputs import check_image, parse_submission
+from service.settings import load_settings
+from service.web.inputs import check_image
 from service.worker.context import WorkerContext
 from service.worker.metrics import WorkerMetrics
 from service.worker.rq_batch import BatchWorker, decoded_bytes
-from vilbert.tasks import TaskRegistry
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -118,18 +117,6 @@ def test_a_decoded_image_passed_on_is_not_copied_again():
     assert load_image(rgb) is rgb  # the extractor gets the worker's decoded array itself: one decode in all
     gray = np.zeros((10, 20), np.uint8)
     assert load_image(gray).shape == (10, 20, 3)
-
-
-def test_a_request_whose_images_decode_past_the_limit_is_a_413():
-    image = encode(Image.new("RGB", (100, 100)), "PNG")
-    settings = Settings(max_decoded_bytes_per_request=2 * 100 * 100 * 3)
-    registry = TaskRegistry.from_file()
-    request = parse_submission({"text": "hi", "tasks": "retrieval_coco"}, [image, image], settings, registry)
-    assert [info.decoded_bytes for info in request.images] == [30_000, 30_000]
-    with pytest.raises(BadRequest) as caught:
-        parse_submission({"text": "hi", "tasks": "retrieval_coco"}, [image] * 3, settings, registry)
-    assert (caught.value.code, caught.value.status, caught.value.message) == (
-        "images_too_large", 413, "the images decode to 90000 bytes together, the limit per request is 60000")
 
 
 def test_a_worker_stops_taking_partners_once_the_batch_reaches_its_decoded_budget(redis_url):

@@ -328,3 +328,17 @@ def test_top_k_and_tasks_are_length_checked_before_parsing():
     assert parse_tasks("vqa," * 249 + "vqa " * 1, registry, 1) == ["vqa"]  # 1000 characters: at the limit
     long = failure(lambda: parse_tasks("vqa," * 250 + "x", registry, 1))
     assert (long.code, long.message) == ("unknown_task", "'tasks' is 1001 characters long, the limit is 1000")
+
+
+def test_a_request_whose_images_decode_past_the_limit_is_a_413():
+    buffer = io.BytesIO()
+    Image.new("RGB", (100, 100)).save(buffer, "PNG")
+    image = buffer.getvalue()
+    settings = Settings(max_decoded_bytes_per_request=2 * 100 * 100 * 3)
+    registry = TaskRegistry.from_file()
+    request = parse_submission({"text": "hi", "tasks": "retrieval_coco"}, [image, image], settings, registry)
+    assert [info.decoded_bytes for info in request.images] == [30_000, 30_000]
+    with pytest.raises(BadRequest) as caught:
+        parse_submission({"text": "hi", "tasks": "retrieval_coco"}, [image] * 3, settings, registry)
+    assert (caught.value.code, caught.value.status, caught.value.message) == (
+        "images_too_large", 413, "the images decode to 90000 bytes together, the limit per request is 60000")
