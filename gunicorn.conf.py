@@ -13,6 +13,8 @@ threads; a thread does block on a slow body, so the threads are sized well above
 expect to reach gunicorn directly (20 slow uploads, all on one worker, still leave 12 threads free per worker).
 Threads are cheap here: the web tier does no model work, a request is validation plus a few Redis calls.
 Deployments put nginx in front (deploy/nginx/), which reads whole bodies before gunicorn sees them.
+Note: gunicorn runs gthread whenever threads > 1, even with `--worker-class sync`; sync workers need
+`--worker-class sync --threads 1`.
 """
 
 import glob

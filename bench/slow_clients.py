@@ -3,7 +3,7 @@
 
     python bench/slow_clients.py [--clients 20] [--seconds 20] [--probe-timeout 60] [--configs sync,gthread,nginx]
 
-- sync: gunicorn with sync workers (`--worker-class sync`, the configuration before gthread), 2 workers;
+- sync: gunicorn with sync workers (`--worker-class sync --threads 1`, the configuration before gthread), 2 workers;
 - gthread: gunicorn as make serve runs it now (gunicorn.conf.py: gthread, WEB_THREADS threads, 2 workers);
 - nginx: the same gunicorn behind a private nginx started from deploy/nginx/nginx.conf.template.
 
@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import socket
 import statistics
 import sys
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl+C, so that the stacks' processes are stopped by the `finally` below.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     configs = [c for c in args.configs.split(",") if c]
     unknown = set(configs) - set(CONFIGS)
     if unknown:
@@ -104,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             for config in configs:
                 kind = "sync" if config == "sync" else "gthread"
                 if kind not in stacks:
-                    args_ = ("--worker-class", "sync") if kind == "sync" else ()
+                    # gunicorn turns sync into gthread when threads > 1, so the threads go back to 1 as well
+                    args_ = ("--worker-class", "sync", "--threads", "1") if kind == "sync" else ()
                     stacks[kind] = Stack(Path(scratch) / kind, gunicorn_args=args_)
                 stack = stacks[kind]
                 nginx = Nginx(nginx_binary, stack.web_port, stack.root) if config == "nginx" else None
