@@ -107,6 +107,11 @@ def test_healthz_answers_through_nginx_while_slow_uploads_are_open(stack, proxy)
     assert max(latencies) < HEALTHZ_LIMIT, _report("nginx", latencies)
     # The probes went through nginx (it logs a request just after sending the answer: wait for the last line).
     assert wait_until(lambda: proxy.access_log().count("GET /healthz") >= len(latencies), 10), proxy.access_log()
+    # The slow uploads, closed unfinished by the client, never reached gunicorn: nginx logs each one with no
+    # upstream response time ("urt=-"), it never opened a connection to gunicorn for them.
+    posts = lambda: [line for line in proxy.access_log().splitlines() if '"POST /api/v1/jobs' in line]  # noqa: E731
+    assert wait_until(lambda: len(posts()) >= SLOW_CLIENTS, 10), proxy.access_log()
+    assert len(posts()) == SLOW_CLIENTS and all(" urt=- " in line for line in posts()), posts()
 
 
 # ------------------------------------------------------------------------------------------- through nginx
