@@ -185,6 +185,13 @@ def test_nginx_service_renders_the_repository_template():
     assert values["PROXY_UPSTREAM"] == "web:5000" and values["PROXY_LISTEN"] == "5000"
     text = render.render(values)
     assert "client_max_body_size 20971520;" in text and "proxy_pass http://vilbert_web;" in text
+    # What the image's entrypoint writes: envsubst restricted to the filtered names (as its 20-envsubst script).
+    envsubst = shutil.which("envsubst")
+    if envsubst:
+        names = " ".join(f"${{{name}}}" for name in sorted(values))
+        proc = subprocess.run([envsubst, names], input=NGINX_TEMPLATE.read_text(), capture_output=True, text=True,
+                              env={**os.environ, **values}, timeout=30)
+        assert proc.returncode == 0 and proc.stdout == text, proc.stderr
     # nginx's limit is the service's: the same default and the same knob.
     web_env = compose_config(COMPOSE)["services"]["web"]["environment"]
     assert values["PROXY_MAX_BODY"] == web_env["MAX_UPLOAD_BYTES"] == str(Settings().max_upload_bytes)
