@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                 result["load_average"] = os.getloadavg()[0]
                 results["configs"][config] = result
                 print(f"{config:8s} /healthz unloaded median {result['idle_median_ms']:.1f} ms; with "
-                      f"{args.clients} slow uploads: median {result['median_ms']:.1f} ms, max {result['max_ms']:.1f} ms "
+                      f"{args.clients} slow uploads: median {result['median_ms']:.1f} ms, "
+                      f"max {result['max_ms']:.1f} ms "
                       f"over {result['probes']} probes ({result['timeouts']} timed out at {args.probe_timeout:.0f} s); "
                       f"slow uploads answered or closed by the server: {result['slow_uploads_answered_or_closed']}",
                       flush=True)

@@ -84,7 +84,8 @@ def _healthz_under_slow_uploads(port: int) -> list[float]:
 
 
 def _report(where: str, latencies: list[float]) -> str:
-    return (f"{where}: /healthz with {SLOW_CLIENTS} slow uploads open: median {statistics.median(latencies) * 1000:.1f} ms, "
+    median = statistics.median(latencies) * 1000
+    return (f"{where}: /healthz with {SLOW_CLIENTS} slow uploads open: median {median:.1f} ms, "
             f"max {max(latencies) * 1000:.1f} ms over {len(latencies)} requests")
 
 
