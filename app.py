@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
                 hook(server)
                 where = ", ".join(str(listener) for listener in server.LISTENERS)
                 workers = f"{self.cfg.workers} worker{'s' if self.cfg.workers != 1 else ''}"
+                if self.cfg.worker_class_str == "gthread":
+                    workers += f" x {self.cfg.threads} threads"
                 print(f"app: serving the API on {where} (gunicorn, {workers}); Ctrl+C stops it", flush=True)
 
             for name, value in {

@@ -5,12 +5,30 @@ Metrics under several gunicorn workers: prometheus_client's multiprocess mode ne
 before any worker imports it. If the operator did not set it, a fresh private directory is made here, in the
 master, and removed at exit; an operator-given directory is emptied at start (stale files from an earlier run
 would add old counts). A worker that exits has its live gauges dropped (mark_process_dead).
+
+Workers: gthread, WEB_THREADS threads each (default 32). A sync worker is one request at a time: two clients
+that upload one byte every two seconds hold both default workers, and /healthz waits until gunicorn's 30 s worker
+timeout kills one (docs/PERFORMANCE.md, "Slow clients"). A gthread worker reads each request in one of its
+threads; a thread does block on a slow body, so the threads are sized well above the slow uploads one should
+expect to reach gunicorn directly (20 slow uploads, all on one worker, still leave 12 threads free per worker).
+Threads are cheap here: the web tier does no model work, a request is validation plus a few Redis calls.
+Deployments put nginx in front (deploy/nginx/), which reads whole bodies before gunicorn sees them.
+Note: gunicorn runs gthread whenever threads > 1, even with `--worker-class sync`; sync workers need
+`--worker-class sync --threads 1`.
 """
 
 import glob
 import os
 import shutil
 import tempfile
+
+worker_class = "gthread"
+try:
+    threads = int(os.environ.get("WEB_THREADS", "") or 32)
+except ValueError:
+    raise SystemExit(f"gunicorn.conf.py: WEB_THREADS={os.environ['WEB_THREADS']!r} must be an integer") from None
+if not 1 <= threads <= 1024:
+    raise SystemExit(f"gunicorn.conf.py: WEB_THREADS={threads} must be between 1 and 1024")
 
 _made_dir = None
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

@@ -9,8 +9,10 @@
 - Weights: MODEL_DIR (default models/weights/). If no complete bundle is there, a tiny random-weight demo bundle
   is built in models/tiny-bundle/ and served instead, loudly marked as meaningless; `--no-tiny` (or
   REQUIRE_WEIGHTS=1) refuses to start instead. Real weights: `python models/fetch.py`.
-- One `python worker.py` and gunicorn serving `app:app` (WEB_CONCURRENCY workers, default 2) on --port
-  (default $PORT or 5000).
+- One `python worker.py` and gunicorn serving `app:app` (WEB_CONCURRENCY workers, default 2, each with
+  WEB_THREADS threads, default 32: gunicorn.conf.py) on --port (default $PORT or 5000). A client that uploads
+  slowly holds one thread, not a whole worker, so /healthz keeps answering (docs/OPERATIONS.md, "The reverse
+  proxy": in front of the internet, put nginx before it, deploy/nginx/).
 Ctrl+C (SIGINT) or SIGTERM stops the web server, lets the worker finish its current job, then stops Redis.
 """
 from __future__ import annotations

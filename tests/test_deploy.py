@@ -27,6 +27,8 @@ COMPOSE_CPU = REPO / "docker-compose.cpu.yml"
 COMPOSE_GPUS = REPO / "docker-compose.gpus.yml"
 DOCKERFILE = REPO / "Dockerfile"
 HEALTHCHECK = REPO / "docker" / "healthcheck.py"
+NGINX_TEMPLATE = REPO / "deploy" / "nginx" / "nginx.conf.template"
+NGINX_RENDER = REPO / "deploy" / "nginx" / "render.py"
 
 
 class _ComposeLoader(yaml.SafeLoader):
@@ -62,7 +64,8 @@ def compose_config(*files: Path, env: dict[str, str] | None = None) -> dict:
     args = [*cmd, "--project-directory", str(REPO)]
     for f in files:
         args += ["-f", str(f)]
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("WEB_", "WORKER_", "VILBERT_", "COMPOSE_"))}
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("WEB_", "WORKER_", "VILBERT_", "COMPOSE_", "NGINX_", "MAX_UPLOAD_BYTES"))}
     proc = subprocess.run([*args, "config", "--format", "json"], capture_output=True, text=True, timeout=60,
                           env={**clean, **(env or {})}, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
@@ -76,7 +79,7 @@ def compose_config(*files: Path, env: dict[str, str] | None = None) -> dict:
 def test_compose_validates_and_has_the_stack():
     config = compose_config(COMPOSE)
     services = config["services"]
-    assert set(services) == {"redis", "fetch-weights", "web", "worker"}
+    assert set(services) == {"redis", "fetch-weights", "web", "worker", "nginx"}
 
     web, worker, fetch, redis = services["web"], services["worker"], services["fetch-weights"], services["redis"]
     assert web["command"][:1] == ["gunicorn"] and "app:app" in web["command"]
@@ -96,7 +99,7 @@ def test_compose_validates_and_has_the_stack():
     assert "test" in redis["healthcheck"] and "test" in web["healthcheck"] and "test" in worker["healthcheck"]
 
     # Restart policies: long-running services restart, the one-shot fetch does not loop.
-    assert {s["restart"] for s in (redis, web, worker)} == {"unless-stopped"}
+    assert {s["restart"] for s in (redis, web, worker, services["nginx"])} == {"unless-stopped"}
     assert fetch["restart"] == "no"
 
     # Shared environment contract.
@@ -135,10 +138,66 @@ def test_compose_knobs_are_configurable():
     assert services["worker"]["deploy"]["replicas"] == 3
     assert services["web"]["deploy"]["replicas"] == 2
     assert services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["1"]
-    assert services["web"]["ports"][0]["published"] == "8080"
+    assert services["nginx"]["ports"][0]["published"] == "8080"
     assert services["worker"]["image"] == "registry.example/vilbert:1.2"
     assert {services[s]["environment"]["REDIS_URL"] for s in ("web", "worker", "fetch-weights")} == {
         "redis://:secret@queue.internal:6379/1"}
+
+
+def _render_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nginx_render", NGINX_RENDER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_only_nginx_is_published_and_on_localhost_by_default():
+    services = compose_config(COMPOSE)["services"]
+    nginx, web = services["nginx"], services["web"]
+    assert "ports" not in web  # gunicorn is reached through nginx only
+    assert web["expose"] == ["5000"]
+    (port,) = nginx["ports"]
+    assert (port["host_ip"], port["published"], port["target"]) == ("127.0.0.1", "5000", 5000)
+    assert nginx["depends_on"]["web"]["condition"] == "service_healthy"
+    assert "test" in nginx["healthcheck"]
+    # The operator opts in to every interface.
+    (port,) = compose_config(COMPOSE, env={"WEB_BIND": "0.0.0.0"})["services"]["nginx"]["ports"]
+    assert (port["host_ip"], port["published"]) == ("0.0.0.0", "5000")
+
+
+def test_nginx_service_renders_the_repository_template():
+    from service.settings import Settings
+
+    render = _render_module()
+    nginx = compose_config(COMPOSE)["services"]["nginx"]
+    (mount,) = nginx["volumes"]
+    assert Path(mount["source"]) == NGINX_TEMPLATE and NGINX_TEMPLATE.is_file()
+    assert mount["target"] == "/etc/nginx/templates/nginx.conf.template" and mount["read_only"] is True
+    env = nginx["environment"]
+    # The official image's entrypoint renders /etc/nginx/templates/X.template into $NGINX_ENVSUBST_OUTPUT_DIR/X,
+    # substituting only the variables that match the filter.
+    assert env["NGINX_ENVSUBST_OUTPUT_DIR"] == "/etc/nginx" and env["NGINX_ENVSUBST_FILTER"] == "^PROXY_"
+    values = {k: v for k, v in env.items() if k.startswith("PROXY_")}
+    assert set(values) == set(render.PLACEHOLDERS)
+    assert set(re.findall(r"\$\{(PROXY_[A-Z_]+)\}", NGINX_TEMPLATE.read_text())) == set(render.PLACEHOLDERS)
+    assert values["PROXY_UPSTREAM"] == "web:5000" and values["PROXY_LISTEN"] == "5000"
+    text = render.render(values)
+    assert "client_max_body_size 20971520;" in text and "proxy_pass http://vilbert_web;" in text
+    # What the image's entrypoint writes: envsubst restricted to the filtered names (as its 20-envsubst script).
+    envsubst = shutil.which("envsubst")
+    if envsubst:
+        names = " ".join(f"${{{name}}}" for name in sorted(values))
+        proc = subprocess.run([envsubst, names], input=NGINX_TEMPLATE.read_text(), capture_output=True, text=True,
+                              env={**os.environ, **values}, timeout=30)
+        assert proc.returncode == 0 and proc.stdout == text, proc.stderr
+    # nginx's limit is the service's: the same default and the same knob.
+    web_env = compose_config(COMPOSE)["services"]["web"]["environment"]
+    assert values["PROXY_MAX_BODY"] == web_env["MAX_UPLOAD_BYTES"] == str(Settings().max_upload_bytes)
+    services = compose_config(COMPOSE, env={"MAX_UPLOAD_BYTES": "5000000"})["services"]
+    assert services["nginx"]["environment"]["PROXY_MAX_BODY"] == services["web"]["environment"]["MAX_UPLOAD_BYTES"] \
+        == "5000000"
 
 
 def test_gpus_example_puts_one_worker_on_each_gpu():
@@ -159,7 +218,7 @@ def test_cpu_override_drops_the_gpu_reservation():
     assert not worker.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")
     assert worker["environment"]["DEVICE"] == "cpu"
     assert worker["depends_on"]["fetch-weights"]["condition"] == "service_completed_successfully"
-    assert set(config["services"]) == {"redis", "fetch-weights", "web", "worker"}
+    assert set(config["services"]) == {"redis", "fetch-weights", "web", "worker", "nginx"}
 
 
 def test_compose_files_structure_without_the_compose_binary():
@@ -169,6 +228,8 @@ def test_compose_files_structure_without_the_compose_binary():
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
     assert "replicas" in worker["deploy"] and "replicas" in base["services"]["web"]["deploy"]
+    assert "ports" not in base["services"]["web"]
+    assert base["services"]["nginx"]["ports"] == ["${WEB_BIND:-127.0.0.1}:${WEB_PORT:-5000}:5000"]
     assert cpu["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"] == {"__tag__": "reset"}
     assert set(cpu["services"]) == {"worker"}
     gpus = load_yaml(COMPOSE_GPUS)["services"]["worker-gpu1"]

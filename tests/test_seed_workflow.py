@@ -31,7 +31,7 @@ def classic(tmp_path_factory):
 @pytest.mark.slow
 def test_app_py_serves_with_gunicorn_and_says_where(classic):
     log = (classic.root / "web.log").read_text()  # all of it: the access lines of the readiness polls come after
-    assert f"app: serving the API on http://127.0.0.1:{classic.web_port} (gunicorn, 2 workers)" in log, log
+    assert f"app: serving the API on http://127.0.0.1:{classic.web_port} (gunicorn, 2 workers x 32 threads)" in log, log
     status, index, headers = classic.request("GET", "/", headers={"Accept": "application/json"})
     assert status == 200 and index["submit"] == "/api/v1/jobs"
     # Flask's debug server answers as "Werkzeug/x Python/y" and warns "This is a development server" in its log.
