@@ -130,6 +130,22 @@ def test_compose_volumes_keep_weights_and_jobs_outside_the_image():
     assert command[command.index("--appendfsync") + 1] == "everysec"
 
 
+def test_redis_memory_is_bounded_above_the_upload_budget_and_the_feature_cache():
+    from service.settings import Settings
+
+    services = compose_config(COMPOSE)["services"]
+    command = services["redis"]["command"]
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+    maxmemory = command[command.index("--maxmemory") + 1]
+    assert maxmemory.endswith("gb")
+    budget = int(services["web"]["environment"]["MAX_QUEUED_BYTES"])
+    assert budget == Settings().max_queued_bytes == int(services["worker"]["environment"]["MAX_QUEUED_BYTES"])
+    # Redis stores uploads at about 1.09 bytes per byte (bench/hostile_memory.py): room for both, and headroom.
+    assert int(maxmemory[:-2]) * 2**30 >= 1.25 * (1.09 * budget + Settings().feature_cache_max_bytes)
+    custom = compose_config(COMPOSE, env={"REDIS_MAXMEMORY": "8gb", "MAX_QUEUED_BYTES": "4294967296"})["services"]
+    assert "8gb" in custom["redis"]["command"] and custom["web"]["environment"]["MAX_QUEUED_BYTES"] == "4294967296"
+
+
 def test_compose_knobs_are_configurable():
     config = compose_config(COMPOSE, env={"WORKER_REPLICAS": "3", "WEB_REPLICAS": "2", "WORKER_GPU": "1",
                                           "WEB_PORT": "8080", "VILBERT_IMAGE": "registry.example/vilbert:1.2",
