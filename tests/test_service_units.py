@@ -136,6 +136,17 @@ def test_made_up_http_methods_add_no_metric_series():
     assert re.search(r'vilbert_http_requests_total\{[^}]*method="other"[^}]*status="405"[^}]*\} 4\.0', text)
 
 
+def test_a_method_not_allowed_answer_says_which_methods_are_allowed():
+    client = create_app_down()
+    answer = client.open("/healthz", method="TRACE")
+    assert answer.status_code == 405 and answer.content_type == "application/json"
+    assert answer.get_json() == {"error": {"code": "method_not_allowed",
+                                           "message": "The method is not allowed for the requested URL."}}
+    assert set(answer.headers["Allow"].split(", ")) == {"GET", "HEAD", "OPTIONS"}
+    answer = client.put("/api/v1/jobs")
+    assert answer.status_code == 405 and set(answer.headers["Allow"].split(", ")) == {"POST", "OPTIONS"}
+
+
 def create_app_down():
     """The app with a Redis that is not there: routes that need none still answer."""
     from service.web import create_app
