@@ -147,6 +147,12 @@ def test_a_method_not_allowed_answer_says_which_methods_are_allowed():
     assert answer.status_code == 405 and set(answer.headers["Allow"].split(", ")) == {"POST", "OPTIONS"}
 
 
+def test_metrics_content_type_is_prometheus_text_with_one_charset():
+    answer = create_app_down().get("/metrics")
+    assert answer.status_code == 200
+    assert answer.headers["Content-Type"] == "text/plain; version=1.0.0; charset=utf-8"
+
+
 def create_app_down():
     """The app with a Redis that is not there: routes that need none still answer."""
     from service.web import create_app
