@@ -153,6 +153,15 @@ def test_metrics_content_type_is_prometheus_text_with_one_charset():
     assert answer.headers["Content-Type"] == "text/plain; version=1.0.0; charset=utf-8"
 
 
+@pytest.mark.parametrize("field", ["image", "fileupload", "features"])
+def test_a_text_value_where_a_file_belongs_is_refused_not_ignored(field):
+    client = create_app_down()  # refused before Redis is asked
+    answer = client.post("/api/v1/jobs", data={"text": "hi", "image": (io.BytesIO(png()), "a.png"), field: "{}"})
+    assert answer.status_code == 400
+    assert answer.get_json() == {"error": {"code": "not_a_file", "message": f"the form field '{field}' must be a file "
+                                           f"upload (curl --form {field}=@path), not a text value"}}
+
+
 def create_app_down():
     """The app with a Redis that is not there: routes that need none still answer."""
     from service.web import create_app
