@@ -111,7 +111,8 @@ def substitute(case, label: str, seen: Counter) -> None:
             seen["positive image submissions"] += 1
     if label == GET_JOB and QUEUED:
         if seen["positive job lookups"] % 2 == 0:
-            case.path_parameters = {**(case.path_parameters or {}), "job_id": QUEUED[seen["queued job asked"] % len(QUEUED)]}
+            job_id = QUEUED[seen["queued job asked"] % len(QUEUED)]
+            case.path_parameters = {**(case.path_parameters or {}), "job_id": job_id}
             seen["queued job asked"] += 1
         seen["positive job lookups"] += 1
 
@@ -207,5 +208,6 @@ def test_the_run_reached_past_input_checking():
         assert seen[202] > 0 and seen[400] > 0, (label, seen)
         assert seen["real image sent"] > 0 and seen["features parts sent"] > 0, (label, seen)
     assert SEEN[GET_JOB][200] > 0 and SEEN[GET_JOB][404] > 0, SEEN[GET_JOB]
-    for label in ("GET /", "GET /api/v1/tasks", "GET /healthz", "GET /readyz", "GET /metrics", "GET /api/v1/openapi.json"):
+    for label in ("GET /", "GET /api/v1/tasks", "GET /healthz", "GET /readyz", "GET /metrics",
+                  "GET /api/v1/openapi.json"):
         assert SEEN[label][200] > 0, (label, SEEN[label])

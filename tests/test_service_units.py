@@ -67,6 +67,10 @@ def test_health_needs_no_redis_and_readiness_says_why():
     assert ready.status_code == 503 and ready.get_json()["status"] == "not_ready"
     down = client.post("/api/v1/jobs", data={"text": "hi", "image": (io.BytesIO(png()), "a.png")})
     assert down.status_code == 503 and down.get_json()["error"]["code"] == "redis_unavailable"
+    lookup = client.get("/api/v1/jobs/0123456789abcdef0123456789abcdef")
+    assert lookup.status_code == 503 and lookup.get_json()["error"]["code"] == "redis_unavailable"
+    # The OpenAPI description promises Retry-After on both operations' 503.
+    assert down.headers["Retry-After"] == lookup.headers["Retry-After"] == "5"
 
 
 # ------------------------------------------------------------------------------------------------ serve.py

@@ -34,11 +34,13 @@ def _submit_operation(summary: str, classic: bool, settings: Settings) -> dict:
                               "description": "one or more images (JPEG, PNG, GIF, BMP, TIFF, WEBP); "
                                              f"'{'image' if classic else 'fileupload'}' is accepted too"},
                 text_field: {"type": "string", "minLength": 1, "maxLength": settings.max_text_chars,
-                             "description": "question, caption, statement or referring expression; "
-                                                              f"'{'text' if classic else 'text_input'}' is accepted too"},
+                             "description": "question, caption, statement or referring expression (surrounding "
+                                            "whitespace is stripped, then it must not be empty); "
+                                            f"'{'text' if classic else 'text_input'}' is accepted too"},
                 "tasks": {"type": "string", "description": "comma-separated task names (GET /api/v1/tasks); "
                                                            "default depends on the number of images"},
-                "top_k": {"type": "integer", "minimum": 1, "maximum": settings.max_top_k, "description": "answers/regions per task (default 3)"},
+                "top_k": {"type": "integer", "minimum": 1, "maximum": settings.max_top_k,
+                          "description": "answers/regions per task (default 3)"},
                 "boxes": {"type": "string", "description": "JSON [[x1, y1, x2, y2], ...]: candidate boxes in pixels of "
                                                            "the first image, required by visual7w and guesswhat"},
                 "features": {"type": "array", "items": {"type": "string", "format": "binary"},
@@ -56,7 +58,7 @@ def _submit_operation(summary: str, classic: bool, settings: Settings) -> dict:
                     "links": {"job": {"operationId": "getJob", "parameters": {"job_id": "$response.body#/id"},
                                       "description": "poll the job"}}},
             "400": _error("bad input: missing or empty text, not an image, unknown task, wrong image count, bad boxes, "
-                          "bad top_k"),
+                          "bad top_k, a file field sent as text"),
             "413": _error("upload over the size limit, or an image over the pixel limit"),
             "503": _error("Redis unavailable or the queue is full", retry_after=True),
         },
@@ -90,7 +92,8 @@ def openapi_spec(settings: Settings) -> dict:
                 },
             }},
             "/api/v1/tasks": {"get": {"summary": "The tasks, what they answer and how many images they take",
-                                      "responses": {"200": _json("task list", {"$ref": "#/components/schemas/Tasks"})}}},
+                                      "responses": {"200": _json("task list",
+                                                                 {"$ref": "#/components/schemas/Tasks"})}}},
             "/api/v1/openapi.json": {"get": {"summary": "This description", "responses": {"200": _json(
                 "OpenAPI 3.1", {"type": "object", "required": ["openapi", "info", "paths"]})}}},
             "/healthz": {"get": {"summary": "Liveness: the API process answers", "responses": {"200": _json(
