@@ -25,15 +25,18 @@ from __future__ import annotations
 import io
 import os
 import re
+import tempfile
 from collections import Counter, defaultdict
 from email.parser import BytesParser
 from email.policy import HTTP
+from pathlib import Path
 
 import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
 
 import jsonschema_rs  # noqa: E402  (schemathesis's validator)
+from hypothesis.configuration import set_hypothesis_home_dir  # noqa: E402
 from PIL import Image  # noqa: E402
 from schemathesis import GenerationMode  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
@@ -72,6 +75,11 @@ def tiny_png() -> bytes:
 
 PNG = tiny_png()
 
+# Hypothesis keeps caches (constants found in the source, Unicode tables) in ./.hypothesis unless told otherwise;
+# they go to the temporary directory instead, so the run writes nothing into the checkout. Set on import, before
+# schemathesis builds its first Hypothesis test; no other test module uses Hypothesis.
+set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "vilbert-serve-hypothesis")
+
 
 @pytest.fixture(scope="module")
 def live_schema(stack):
@@ -79,7 +87,7 @@ def live_schema(stack):
         "seed": SEED,
         "base-url": stack.url,
         "request-timeout": REQUEST_TIMEOUT,
-        "cache": {"enabled": False},  # nothing written into the checkout (.schemathesis/, .hypothesis/)
+        "cache": {"enabled": False},  # schemathesis's own cache would be ./.schemathesis
         "generation": {"mode": "all", "max-examples": MAX_EXAMPLES, "deterministic": True, "database": "none"},
         "phases": {"examples": {"enabled": True}, "coverage": {"enabled": True}, "fuzzing": {"enabled": True}},
     })
