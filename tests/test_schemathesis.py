@@ -49,7 +49,7 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
     unsupported_method,
 )
 
-# About 10 s on two cores; the timeout only stops a hung run (each request also has REQUEST_TIMEOUT). No
+# 10-20 s on two cores; the timeout only stops a hung run (each request also has REQUEST_TIMEOUT). No
 # Hypothesis deadline: the time of one example on a loaded machine is not what this test is about.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
