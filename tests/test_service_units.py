@@ -67,6 +67,10 @@ def test_health_needs_no_redis_and_readiness_says_why():
     assert ready.status_code == 503 and ready.get_json()["status"] == "not_ready"
     down = client.post("/api/v1/jobs", data={"text": "hi", "image": (io.BytesIO(png()), "a.png")})
     assert down.status_code == 503 and down.get_json()["error"]["code"] == "redis_unavailable"
+    lookup = client.get("/api/v1/jobs/0123456789abcdef0123456789abcdef")
+    assert lookup.status_code == 503 and lookup.get_json()["error"]["code"] == "redis_unavailable"
+    # The OpenAPI description promises Retry-After on both operations' 503.
+    assert down.headers["Retry-After"] == lookup.headers["Retry-After"] == "5"
 
 
 # ------------------------------------------------------------------------------------------------ serve.py
@@ -134,6 +138,32 @@ def test_made_up_http_methods_add_no_metric_series():
     counted = re.findall(r'vilbert_http_requests_total\{[^}]*method="([^"]+)"', text)
     assert set(counted) == {"other", "DELETE"} and "BREW" not in text and "X-ANYTHING" not in text
     assert re.search(r'vilbert_http_requests_total\{[^}]*method="other"[^}]*status="405"[^}]*\} 4\.0', text)
+
+
+def test_a_method_not_allowed_answer_says_which_methods_are_allowed():
+    client = create_app_down()
+    answer = client.open("/healthz", method="TRACE")
+    assert answer.status_code == 405 and answer.content_type == "application/json"
+    assert answer.get_json() == {"error": {"code": "method_not_allowed",
+                                           "message": "The method is not allowed for the requested URL."}}
+    assert set(answer.headers["Allow"].split(", ")) == {"GET", "HEAD", "OPTIONS"}
+    answer = client.put("/api/v1/jobs")
+    assert answer.status_code == 405 and set(answer.headers["Allow"].split(", ")) == {"POST", "OPTIONS"}
+
+
+def test_metrics_content_type_is_prometheus_text_with_one_charset():
+    answer = create_app_down().get("/metrics")
+    assert answer.status_code == 200
+    assert answer.headers["Content-Type"] == "text/plain; version=1.0.0; charset=utf-8"
+
+
+@pytest.mark.parametrize("field", ["image", "fileupload", "features"])
+def test_a_text_value_where_a_file_belongs_is_refused_not_ignored(field):
+    client = create_app_down()  # refused before Redis is asked
+    answer = client.post("/api/v1/jobs", data={"text": "hi", "image": (io.BytesIO(png()), "a.png"), field: "{}"})
+    assert answer.status_code == 400
+    assert answer.get_json() == {"error": {"code": "not_a_file", "message": f"the form field '{field}' must be a file "
+                                           f"upload (curl --form {field}=@path), not a text value"}}
 
 
 def create_app_down():

@@ -80,7 +80,12 @@ def install_error_handlers(app: Flask, settings: Settings) -> None:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
         code = (exc.name or "error").lower().replace(" ", "_")
-        return jsonify({"error": error_body(code, exc.description)}), exc.code
+        response = jsonify({"error": error_body(code, exc.description)})
+        # The exception's own headers, such as a 405's Allow (RFC 9110 requires it), but not its HTML content type.
+        for name, value in exc.get_headers():
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response, exc.code
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):

@@ -125,6 +125,6 @@ def install(app: Flask, connection: Any, settings: Any) -> WebMetrics:
 
     @app.get("/metrics")
     def metrics_endpoint() -> Any:
-        return Response(web.render(queue), mimetype=CONTENT_TYPE_LATEST)
+        return Response(web.render(queue), content_type=CONTENT_TYPE_LATEST)  # as is: mimetype= adds a second charset
 
     return web

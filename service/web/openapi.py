@@ -6,30 +6,45 @@ from ..contract import STAGE_STARTING, STAGES
 from ..settings import Settings
 
 
-def _error(description: str) -> dict:
-    return {"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+def _error(description: str, retry_after: bool = False) -> dict:
+    response = {"description": description,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    if retry_after:
+        response["headers"] = {"Retry-After": {"required": True, "description": "seconds to wait before retrying",
+                                               "schema": {"type": "string", "pattern": "^[0-9]+$"}}}
+    return response
 
 
-def _submit_operation(summary: str, classic: bool) -> dict:
+def _json(description: str, schema: dict) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _submit_operation(summary: str, classic: bool, settings: Settings) -> dict:
     image_field = "fileupload" if classic else "image"
     text_field = "text_input" if classic else "text"
     return {
         "summary": summary,
+        "operationId": "submitClassic" if classic else "submitJob",
         "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
             "type": "object",
             "required": [image_field, text_field],
             "properties": {
                 image_field: {"type": "array", "items": {"type": "string", "format": "binary"},
+                              "minItems": 1, "maxItems": settings.max_images,
                               "description": "one or more images (JPEG, PNG, GIF, BMP, TIFF, WEBP); "
                                              f"'{'image' if classic else 'fileupload'}' is accepted too"},
-                text_field: {"type": "string", "description": "question, caption, statement or referring expression; "
-                                                              f"'{'text' if classic else 'text_input'}' is accepted too"},
+                text_field: {"type": "string", "minLength": 1, "maxLength": settings.max_text_chars,
+                             "description": "question, caption, statement or referring expression (surrounding "
+                                            "whitespace is stripped, then it must not be empty); "
+                                            f"'{'text' if classic else 'text_input'}' is accepted too"},
                 "tasks": {"type": "string", "description": "comma-separated task names (GET /api/v1/tasks); "
                                                            "default depends on the number of images"},
-                "top_k": {"type": "integer", "minimum": 1, "description": "answers/regions per task (default 3)"},
+                "top_k": {"type": "integer", "minimum": 1, "maximum": settings.max_top_k,
+                          "description": "answers/regions per task (default 3)"},
                 "boxes": {"type": "string", "description": "JSON [[x1, y1, x2, y2], ...]: candidate boxes in pixels of "
                                                            "the first image, required by visual7w and guesswhat"},
                 "features": {"type": "array", "items": {"type": "string", "format": "binary"},
+                             "maxItems": settings.max_images,
                              "description": "instead of images: precomputed region features, one file per image, "
                                             "as a feature-store record (detector.store.encode_record) or an .npz "
                                             "with boxes [N,4], features [N,D], image_width, image_height "
@@ -37,13 +52,15 @@ def _submit_operation(summary: str, classic: bool) -> dict:
             },
         }}}},
         "responses": {
-            "202": {"description": "queued", "headers": {"Location": {"schema": {"type": "string"},
+            "202": {"description": "queued", "headers": {"Location": {"required": True, "schema": {"type": "string"},
                                                                       "description": "the job's URL to poll"}},
-                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Accepted"}}}},
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Accepted"}}},
+                    "links": {"job": {"operationId": "getJob", "parameters": {"job_id": "$response.body#/id"},
+                                      "description": "poll the job"}}},
             "400": _error("bad input: missing or empty text, not an image, unknown task, wrong image count, bad boxes, "
-                          "bad top_k"),
+                          "bad top_k, a file field sent as text"),
             "413": _error("upload over the size limit, or an image over the pixel limit"),
-            "503": _error("Redis unavailable or the queue is full (Retry-After is set)"),
+            "503": _error("Redis unavailable or the queue is full", retry_after=True),
         },
     }
 
@@ -60,28 +77,34 @@ def openapi_spec(settings: Settings) -> dict:
                 "get": {"summary": "The web page for browsers (Accept: text/html), else an index of the API's URLs",
                         "responses": {"200": {"description": "the page, or links", "content": {
                             "text/html": {"schema": {"type": "string"}}, "application/json": {"schema": {"type": "object"}}}}}},
-                "post": _submit_operation("Submit a job with the classic demo's form fields", classic=True),
+                "post": _submit_operation("Submit a job with the classic demo's form fields", True, settings),
             },
-            "/api/v1/jobs": {"post": _submit_operation("Submit a job", classic=False)},
+            "/api/v1/jobs": {"post": _submit_operation("Submit a job", False, settings)},
             "/api/v1/jobs/{job_id}": {"get": {
                 "summary": "Status of a job, and its result once finished",
+                "operationId": "getJob",
                 "parameters": [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}],
                 "responses": {
                     "200": {"description": "the job", "content": {"application/json": {
                         "schema": {"$ref": "#/components/schemas/Job"}}}},
                     "404": _error("unknown or expired job id"),
-                    "503": _error("Redis unavailable"),
+                    "503": _error("Redis unavailable", retry_after=True),
                 },
             }},
             "/api/v1/tasks": {"get": {"summary": "The tasks, what they answer and how many images they take",
-                                      "responses": {"200": {"description": "task list"}}}},
-            "/api/v1/openapi.json": {"get": {"summary": "This description", "responses": {"200": {"description": "OpenAPI"}}}},
-            "/healthz": {"get": {"summary": "Liveness: the API process answers",
-                                 "responses": {"200": {"description": "alive"}}}},
+                                      "responses": {"200": _json("task list",
+                                                                 {"$ref": "#/components/schemas/Tasks"})}}},
+            "/api/v1/openapi.json": {"get": {"summary": "This description", "responses": {"200": _json(
+                "OpenAPI 3.1", {"type": "object", "required": ["openapi", "info", "paths"]})}}},
+            "/healthz": {"get": {"summary": "Liveness: the API process answers", "responses": {"200": _json(
+                "alive", {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}})}}},
             "/metrics": {"get": {"summary": "Prometheus metrics of the web tier (requests, errors, queue depth)",
-                                 "responses": {"200": {"description": "Prometheus text format"}}}},
+                                 "responses": {"200": {"description": "Prometheus text format", "content": {
+                                     "text/plain": {"schema": {"type": "string"}}}}}}},
             "/readyz": {"get": {"summary": "Readiness: Redis reachable and at least one worker with models loaded",
-                                "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}},
+                                "responses": {"200": _json("ready", {"$ref": "#/components/schemas/Readiness"}),
+                                              "503": _json("not ready: Redis unreachable or no live worker",
+                                                           {"$ref": "#/components/schemas/Readiness"})}}},
         },
         "components": {"schemas": {
             "Error": {"type": "object", "required": ["error"], "properties": {"error": {
@@ -96,11 +119,29 @@ def openapi_spec(settings: Settings) -> dict:
                 "tasks": {"type": "array", "items": {"type": "string"}},
                 "queue_position": {"type": ["integer", "null"], "description": "jobs ahead of this one (queued)"},
                 "stage": {"enum": [STAGE_STARTING, *STAGES], "description": "while started"},
+                "stage_detail": {"type": "string", "description": "while started, when the stage has one"},
                 "result": {"type": "object", "description": "when finished: tasks (one entry per task), images "
                                                             "(width, height, regions), timings, model"},
                 "error": {"type": "object", "properties": {"code": {"type": "string"}, "message": {"type": "string"}}},
                 "created_at": {"type": "string"}, "enqueued_at": {"type": "string"},
                 "started_at": {"type": "string"}, "ended_at": {"type": "string"},
             }},
+            "Tasks": {"type": "object", "required": ["tasks", "default"], "properties": {
+                "tasks": {"type": "array", "items": {"type": "object", "required": [
+                    "name", "task_id", "title", "kind", "answers", "images", "needs_candidate_boxes",
+                    "max_text_tokens", "description"], "properties": {
+                    "name": {"type": "string"}, "task_id": {"type": "integer"}, "title": {"type": "string"},
+                    "kind": {"type": "string"}, "answers": {"type": "string"},
+                    "images": {"anyOf": [{"type": "integer", "minimum": 1}, {"const": "1+"}]},
+                    "needs_candidate_boxes": {"type": "boolean"}, "max_text_tokens": {"type": "integer"},
+                    "description": {"type": "string"}}}},
+                "default": {"type": "object", "description": "the default tasks for 1, 2 and 3 or more images",
+                            "additionalProperties": {"type": "array", "items": {"type": "string"}}}}},
+            "Readiness": {"type": "object", "required": ["status", "redis", "workers"], "properties": {
+                "status": {"enum": ["ready", "not_ready"]},
+                "redis": {"type": "string", "description": "'ok', or 'unreachable: ' and the error's type"},
+                "workers": {"type": "array", "items": {"type": "object"},
+                            "description": "live workers: host, pid, queue, device, precision, ..."},
+                "reason": {"type": "string", "description": "why not ready, when Redis is up"}}},
         }},
     }

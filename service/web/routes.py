@@ -12,6 +12,7 @@ from redis.exceptions import RedisError
 
 from vilbert.tasks import TaskRegistry
 
+from ..errors import BadRequest
 from ..queue import live_workers
 from ..settings import Settings
 from .inputs import IMAGE_FIELDS, model_feature_dim, parse_feature_submission, parse_submission, parse_tasks
@@ -23,6 +24,10 @@ def api_blueprint(settings: Settings, registry: TaskRegistry, connection: Redis)
     api = Blueprint("api", __name__)
 
     def submit_form() -> tuple[Response, int, dict]:
+        for field in (*IMAGE_FIELDS, "features"):
+            if field in request.form:  # a text value where a file belongs would otherwise be ignored silently
+                raise BadRequest("not_a_file", f"the form field '{field}' must be a file upload "
+                                               f"(curl --form {field}=@path), not a text value")
         images = []
         for field in IMAGE_FIELDS:
             for upload in request.files.getlist(field):
