@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                 hook(server)
                 where = ", ".join(str(listener) for listener in server.LISTENERS)
                 workers = f"{self.cfg.workers} worker{'s' if self.cfg.workers != 1 else ''}"
-                if self.cfg.worker_class_str == "gthread":
+                if self.cfg.threads > 1:
                     workers += f" x {self.cfg.threads} threads"
                 print(f"app: serving the API on {where} (gunicorn, {workers}); Ctrl+C stops it", flush=True)
 

@@ -14,7 +14,7 @@ expect to reach gunicorn directly (20 slow uploads, all on one worker, still lea
 Threads are cheap here: the web tier does no model work, a request is validation plus a few Redis calls.
 Deployments put nginx in front (deploy/nginx/), which reads whole bodies before gunicorn sees them.
 Note: gunicorn runs gthread whenever threads > 1, even with `--worker-class sync`; sync workers need
-`--worker-class sync --threads 1`.
+`--worker-class sync --threads 1` (and then answer gunicorn's own errors in HTML).
 """
 
 import glob
@@ -22,7 +22,9 @@ import os
 import shutil
 import tempfile
 
-worker_class = "gthread"
+# gthread, answering gunicorn's own errors (request line or headers too long, malformed HTTP) in the service's
+# JSON error shape instead of HTML (service/web/gunicorn_worker.py).
+worker_class = "service.web.gunicorn_worker.JSONErrorThreadWorker"
 try:
     threads = int(os.environ.get("WEB_THREADS", "") or 32)
 except ValueError:

@@ -131,6 +131,10 @@ def test_top_k_at_both_ends_and_one_past():
     assert failure(lambda: parse_top_k("0", 20)).message == "top_k must be between 1 and 20, got 0"
     assert failure(lambda: parse_top_k("21", 20)).message == "top_k must be between 1 and 20, got 21"
     assert failure(lambda: parse_top_k("2.5", 20)).message == "top_k must be an integer, got '2.5'"
+    assert parse_top_k("+7", 20) == 7 and parse_top_k("007", 20) == 7
+    for spelling in ("1_0", "\u0663", "\uff17", "0x5", "5e0", "- 5"):  # what int() or a sloppy pattern would take
+        assert failure(lambda: parse_top_k(spelling, 20)).message == f"top_k must be an integer, got {spelling!r}"
+    assert failure(lambda: parse_top_k("-5", 20)).message == "top_k must be between 1 and 20, got -5"
 
 
 def test_image_count_at_the_limit_and_one_over():

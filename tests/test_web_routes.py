@@ -78,3 +78,35 @@ def test_script_uses_only_the_service_api():
     script = (STATIC / "app.js").read_text(encoding="utf-8")
     assert not re.search(r"https?://", script)
     assert '"api/v1/tasks"' in script and '"api/v1/jobs"' in script
+
+
+# ------------------------------------------------------------------------- security headers, 413 wording
+
+def test_every_answer_carries_the_security_headers_the_proxy_also_sets(client):
+    from service.web.app import SECURITY_HEADERS
+
+    for response in (client.get("/", headers={"Accept": "text/html"}), client.get("/healthz"),
+                     client.get("/no/such/route"), client.post("/api/v1/jobs", data={})):
+        for name, value in SECURITY_HEADERS.items():
+            assert response.headers[name] == value, (response.request.path, name)
+    assert "frame-ancestors 'none'" in SECURITY_HEADERS["Content-Security-Policy"]
+    template = (Path(__file__).resolve().parent.parent / "deploy" / "nginx" / "nginx.conf.template").read_text()
+    proxied = dict(re.findall(r'^\s*add_header (\S+) "([^"]*)" always;', template, re.M))
+    assert proxied == SECURITY_HEADERS  # make serve without the proxy and compose with it send the same
+
+
+def test_413_says_which_limit_was_hit():
+    import io
+
+    app = create_app(Settings(redis_url="redis://127.0.0.1:1/0", max_upload_bytes=2_000_000))
+    client = app.test_client()
+    big_field = client.post("/api/v1/jobs", data={"text": "x" * 600_000, "image": (io.BytesIO(b"x"), "a.jpg")})
+    assert big_field.status_code == 413 and big_field.get_json()["error"] == {
+        "code": "payload_too_large",
+        "message": "a text field of the form is larger than 500000 bytes, or the form has more than 1000 parts"}
+    parts = {f"field{i}": "1" for i in range(1001)}
+    many = client.post("/api/v1/jobs", data={**parts, "image": (io.BytesIO(b"x"), "a.jpg")})
+    assert many.status_code == 413 and "more than 1000 parts" in many.get_json()["error"]["message"]
+    whole = client.post("/api/v1/jobs", data={"text": "hi", "image": (io.BytesIO(b"x" * 2_100_000), "a.jpg")})
+    assert whole.status_code == 413 and whole.get_json()["error"]["message"] == (
+        "the request is larger than the limit of 2000000 bytes")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from typing import Any
 
-from flask import Flask, jsonify
+from flask import Flask, Response, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from redis import Redis
 from redis.exceptions import RedisError
@@ -26,6 +26,19 @@ from .routes import api_blueprint
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"  # the web page, packaged with `service`
+
+
+# Sent with every answer, for `make serve` without the proxy; behind nginx the proxy sets the same ones
+# (deploy/nginx/nginx.conf.template; tests/test_slow_clients.py checks they agree). The page loads its script and
+# style from this origin, calls the API with fetch() here and shows images through blob: and data: URLs.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+                               "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
+}
 
 
 class StrictJSONProvider(DefaultJSONProvider):
@@ -53,6 +66,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     metrics.install(app, connection, settings)  # GET /metrics, request counters
     app.register_blueprint(api_blueprint(settings, registry, connection))
     install_error_handlers(app, settings)
+
+    @app.after_request
+    def security_headers(response: Response) -> Response:
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        return response
+
     return app
 
 
@@ -68,8 +88,12 @@ def install_error_handlers(app: Flask, settings: Settings) -> None:
 
     @app.errorhandler(RequestEntityTooLarge)
     def too_large(exc: RequestEntityTooLarge):
-        return service_error(BadRequest("payload_too_large", f"the request is larger than the limit of "
-                                        f"{settings.max_upload_bytes} bytes", status=413))
+        if (request.content_length or 0) > settings.max_upload_bytes or request.content_length is None:
+            message = f"the request is larger than the limit of {settings.max_upload_bytes} bytes"
+        else:  # within the upload limit: one of the form parser's own limits was hit
+            message = (f"a text field of the form is larger than {request.max_form_memory_size} bytes, or the form has "
+                       f"more than {request.max_form_parts} parts")
+        return service_error(BadRequest("payload_too_large", message, status=413))
 
     @app.errorhandler(RedisError)
     def redis_down(exc: RedisError):

@@ -7,6 +7,7 @@ before anything is queued.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from detector.images import ImageDecodeError, probe_image
@@ -31,6 +32,7 @@ T = TypeVar("T")
 MAX_TASKS_CHARS = 1000
 MAX_TOP_K_CHARS = 8
 MAX_BOXES = 256
+ASCII_INTEGER = re.compile(r"[+-]?[0-9]+")
 MAX_BOXES_CHARS = MAX_BOXES * 4 * 32
 
 
@@ -69,10 +71,9 @@ def parse_top_k(raw: str | None, max_top_k: int) -> int:
         return 3
     if len(raw.strip()) > MAX_TOP_K_CHARS:
         raise BadRequest("invalid_top_k", f"top_k must be between 1 and {max_top_k}")
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise BadRequest("invalid_top_k", f"top_k must be an integer, got {raw!r}") from None
+    if not ASCII_INTEGER.fullmatch(raw.strip()):  # int() would also take "1_0" and non-ASCII digits
+        raise BadRequest("invalid_top_k", f"top_k must be an integer, got {raw!r}")
+    value = int(raw.strip())
     if not 1 <= value <= max_top_k:
         raise BadRequest("invalid_top_k", f"top_k must be between 1 and {max_top_k}, got {value}")
     return value
