@@ -1,6 +1,7 @@
 """Memory under the worst inputs the service accepts, and Redis memory at the queue's byte budget.
 
-Three measurements, each in a fresh process (peak RSS growth, from getrusage) or a private Redis server:
+Three measurements, each in a fresh process (peak RSS growth: VmHWM after the work minus VmRSS before it, with the
+peak reset first) or a private Redis server:
 
 1. web tier: parsing one submission of the worst accepted kind for each input type: 8 images at the decode budget
    (16-bit greyscale, each just under MAX_IMAGE_PIXELS' decode cost), and 8 feature files at the .npz member
@@ -28,12 +29,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+# Peak RSS growth: the process's peak (VmHWM) after the work minus its resident size (VmRSS) just before it, so
+# that what imports and setup touched earlier does not hide the work's own peak.
 PROBE = """
-import json, resource, sys
+import json, sys
 sys.path.insert(0, {root!r})
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+import gc; gc.collect()
+before = status("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
 {body}
-print(json.dumps({{"rss_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}}))
+print(json.dumps({{"rss_growth_mb": (status("VmHWM") - before) / 1024}}))
 """
 
 

@@ -122,7 +122,10 @@ def _check_budget(header: ImageHeader, max_pixels: int) -> None:
 
 def _header(image: Image.Image) -> ImageHeader:
     width, height = image.size
-    orientation = image.getexif().get(0x0112, 1) if image.format in ("JPEG", "MPO", "PNG", "TIFF", "WEBP") else 1
+    # Pillow finds a PNG's EXIF after its pixel data only by decoding them (getexif loads the image): read it only
+    # when the chunk came before the pixels. Other formats keep EXIF in their headers.
+    has_exif = image.format in ("JPEG", "MPO", "TIFF", "WEBP") or (image.format == "PNG" and "exif" in image.info)
+    orientation = image.getexif().get(0x0112, 1) if has_exif else 1
     if orientation in (5, 6, 7, 8):  # a quarter turn: displayed with width and height swapped
         width, height = height, width
     transparency = image.mode == "P" and "transparency" in image.info
