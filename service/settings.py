@@ -61,7 +61,7 @@ class Settings:
     # Decoded images (uint8 RGB, 3 bytes a pixel) a worker holds at once: per request (checked at submission)
     # and per batch (a worker stops taking partners once its batch reaches it). docs/OPERATIONS.md, memory sizing.
     max_decoded_bytes_per_request: int = 400_000_000
-    max_decoded_bytes_per_batch: int = 1_600_000_000
+    max_decoded_bytes_per_batch: int = 800_000_000
     redis_timeout: float = 5.0
     log_level: str = "INFO"
     # Scale (service/worker/cache.py, service/worker/rq_batch.py, service/*/metrics.py; docs/OPERATIONS.md).
