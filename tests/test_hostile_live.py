@@ -47,3 +47,35 @@ def test_hostile_uploads_do_not_grow_the_web_workers(stack):
 
     grown = {pid: (peak_rss_kb(pid) - before[pid]) / 1024 for pid in workers}
     assert all(growth < 40 for growth in grown.values()), f"gunicorn workers' peak RSS grew (MB): {grown}"
+
+
+def test_a_worker_batch_stops_at_its_decoded_byte_budget(stack):
+    """Six waiting jobs of one 640x480 image each (921,600 decoded bytes): with MAX_DECODED_BYTES_PER_BATCH at two
+    and a half images' worth the worker takes them three at a time (it stops once the batch reaches the budget),
+    not all six at once; every job still finishes."""
+    import signal
+
+    from service.localstack import wait_until
+
+    stack.worker.terminate()
+    stack.worker.wait(30)
+    stack.start_worker(MAX_DECODED_BYTES_PER_BATCH=str(int(2.5 * 640 * 480 * 3)), BATCH_MAX_JOBS="8",
+                       BATCH_MAX_WAIT_MS="200")
+    assert stack.wait_ready(90), stack.tail("worker")
+    images = []
+    for shade in range(6):
+        buffer = io.BytesIO()
+        Image.new("RGB", (640, 480), (40 * shade, 90, 200 - 30 * shade)).save(buffer, "JPEG")
+        images.append(buffer.getvalue())
+    stack.worker.send_signal(signal.SIGSTOP)  # idle in its dequeue: the jobs below wait in the queue together
+    try:
+        ids = [stack.submit("what colour is it?", [image], tasks="vqa") for image in images]
+        queue_key = f"rq:queue:{stack.settings.queue_name}"
+        connection = stack.connection()
+        assert wait_until(lambda: connection.llen(queue_key) >= 5, 30)
+    finally:
+        stack.worker.send_signal(signal.SIGCONT)
+    jobs = [stack.wait(job_id, 120) for job_id in ids]
+    assert all(job["status"] == "finished" for job in jobs), jobs
+    sizes = [job["result"]["batch_size"] for job in jobs]
+    assert 2 <= max(sizes) <= 3, sizes  # still batched, never more than the budget allows (before: all six at once)
