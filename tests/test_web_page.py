@@ -26,6 +26,13 @@ import pytest
 from PIL import Image
 from skimage import data
 
+# The page runs under the service's Content-Security-Policy (no eval), so waits use Playwright's assertions, which
+# run in its own isolated world, never page.wait_for_function with a string (evaluated in the page: refused).
+try:
+    from playwright.sync_api import expect
+except ImportError:  # the fixture below reports the missing package
+    expect = None
+
 pytestmark = pytest.mark.slow
 
 TIMEOUT_MS = 30_000
@@ -179,7 +186,7 @@ def test_ask_shows_answers_and_boxes(stack, page, photos):
     boxes = page.locator('#overlay .box[data-task="refcoco"]')
     assert boxes.count() == len(regions) >= 1
     image = page.locator("#result-image")
-    page.wait_for_function("document.getElementById('result-image').complete")
+    expect(image).to_have_js_property("complete", True)
     frame = image.bounding_box()
     width, height = job["result"]["images"][0]["width"], job["result"]["images"][0]["height"]
     assert (width, height) == (240, 160)
@@ -230,7 +237,7 @@ def test_candidate_boxes_drawn_by_dragging(stack, page, photos):
     page.get_by_text("More options", exact=True).click()
     stage = page.locator("#box-stage")
     stage.wait_for(state="visible")
-    page.wait_for_function("document.getElementById('box-image').naturalWidth > 0")
+    expect(page.locator("#box-image")).not_to_have_js_property("naturalWidth", 0)
     stage.scroll_into_view_if_needed()  # the mouse acts on the viewport
     frame = page.locator("#box-image").bounding_box()
     wanted = [[24, 16, 120, 96], [130, 40, 230, 150]]  # in pixels of the 240 x 160 photo
@@ -273,7 +280,7 @@ def test_errors_are_shown(stack, page, photos, tmp_path):
     page.get_by_label("Image", exact=True).set_input_files(str(photos[0]))
     _choose_tasks(page, ["nlvr2"])
     page.get_by_role("button", name="Ask").click()
-    page.wait_for_function("document.getElementById('error').textContent.includes('image_count')")
+    expect(page.locator("#error")).to_contain_text("image_count")
     assert "nlvr2 needs 2 images" in alert.inner_text()
     _screenshot(page, "error")
     # An upload over MAX_UPLOAD_BYTES: the 413 from the server reaches the page (not a reset connection).
@@ -284,7 +291,7 @@ def test_errors_are_shown(stack, page, photos, tmp_path):
     page.get_by_label("More images (optional)").set_input_files(str(noise))
     _choose_tasks(page, ["retrieval_coco"])
     page.get_by_role("button", name="Ask").click()
-    page.wait_for_function("document.getElementById('error').textContent.includes('payload_too_large')")
+    expect(page.locator("#error")).to_contain_text("payload_too_large")
     assert f"limit of {stack.settings.max_upload_bytes} bytes" in alert.inner_text()
 
     page.get_by_label("More images (optional)").set_input_files([])
@@ -312,16 +319,15 @@ def test_queue_position_and_a_failed_job(stack, page, photos):
         with page.expect_response(lambda r: r.url.endswith("/api/v1/jobs") and r.request.method == "POST") as sent:
             page.get_by_role("button", name="Ask").click()
         job_id = sent.value.json()["id"]
-        page.wait_for_function(
-            "/^Queued: (next in line|\\d+ jobs? ahead)/.test(document.getElementById('status').textContent)",
-            timeout=10_000)
+        expect(page.locator("#status")).to_have_text(re.compile(r"^Queued: (next in line|\d+ jobs? ahead)"),
+                                                     timeout=10_000)
         assert page.locator("#status").get_attribute("class") == "status busy"
         stack.connection().delete(upload_key(job_id))
     finally:
         os.kill(stack.worker.pid, signal.SIGCONT)
 
     alert = page.get_by_role("alert")
-    page.wait_for_function("document.getElementById('error').textContent.includes('upload_expired')")
+    expect(page.locator("#error")).to_contain_text("upload_expired")
     assert "the job failed" in alert.inner_text() and "[stage: load]" in alert.inner_text()
     assert page.locator("#results").is_hidden() and page.locator("#status").inner_text() == ""
     assert page.get_by_role("button", name="Ask").is_enabled()
