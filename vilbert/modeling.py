@@ -293,11 +293,27 @@ class BertEncoder(nn.Module):
         self.with_coattention = config.with_coattention
         self.schedule = list(zip(config.t_biattention_id, config.v_biattention_id))
 
+    @property
+    def text_only_layers(self) -> int:
+        """Text layers that run before the first co-attention block: their output depends on the text alone."""
+        return self.schedule[0][0] if self.schedule else len(self.layer)
+
+    def text_prefix(self, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """The text stream through its text-only layers: [B, L, H] -> [B, L, H]. `forward(..., text_done=
+        text_only_layers)` continues from it exactly as `forward` from the embeddings would."""
+        for layer in self.layer[: self.text_only_layers]:
+            text = layer(text, text_mask)
+        return text
+
     def forward(
-        self, text: torch.Tensor, visual: torch.Tensor, text_mask: torch.Tensor, visual_mask: torch.Tensor
+        self, text: torch.Tensor, visual: torch.Tensor, text_mask: torch.Tensor, visual_mask: torch.Tensor,
+        text_done: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """text [B, L, H], visual [B, R, V], additive masks [B, 1, 1, L] / [B, 1, 1, R] -> final states."""
-        t_done = v_done = 0
+        """text [B, L, H], visual [B, R, V], additive masks [B, 1, 1, L] / [B, 1, 1, R] -> final states.
+        text_done: text layers already run on `text` (0, or text_only_layers after `text_prefix`)."""
+        if text_done > self.text_only_layers:
+            raise ValueError(f"only the {self.text_only_layers} text-only layers can run ahead, not {text_done}")
+        t_done, v_done = text_done, 0
         for block, (t_end, v_end) in zip(self.c_layer, self.schedule):
             for layer in self.layer[t_done:t_end]:
                 text = layer(text, text_mask)
@@ -358,6 +374,39 @@ class BertModel(nn.Module):
         visual_mask = additive_mask(image_attention_mask, visual.dtype)
         text, visual = self.encoder(text, visual, text_mask, visual_mask)
         return text, visual, self.t_pooler(text), self.v_pooler(visual)
+
+    def encode_text(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    task_ids: torch.Tensor | None) -> "TextPrefix":
+        """What depends on the text alone, computed once to pair it with many images (`forward_with_text`):
+        the embeddings and the text-only layers. input_ids etc. [1, L0]."""
+        text = self.embeddings(input_ids, token_type_ids, task_ids)
+        if self.task_specific_tokens:
+            ones = attention_mask.new_ones(attention_mask.shape[0], 1)
+            attention_mask = torch.cat([ones, attention_mask], dim=1)
+        text_mask = additive_mask(attention_mask, text.dtype)
+        return TextPrefix(self.encoder.text_prefix(text, text_mask), text_mask, self.encoder.text_only_layers)
+
+    def forward_with_text(self, prefix: "TextPrefix", features: torch.Tensor, spatials: torch.Tensor,
+                          image_attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` for one text (its prefix, [1, L, H]) against B images: features [B, R, D], spatials
+        [B, R, 5], image_attention_mask [B, R] -> pooled text [B, C], pooled visual [B, C]. The text prefix is
+        broadcast, not recomputed; each row equals `forward` on that text and image."""
+        batch = features.shape[0]
+        text = prefix.states.expand(batch, -1, -1)
+        text_mask = prefix.mask.expand(batch, -1, -1, -1)
+        visual = self.v_embeddings(features, spatials)
+        visual_mask = additive_mask(image_attention_mask, visual.dtype)
+        text, visual = self.encoder(text, visual, text_mask, visual_mask, text_done=prefix.layers_done)
+        return self.t_pooler(text), self.v_pooler(visual)
+
+
+@dataclass
+class TextPrefix:
+    """One text through the text-only part of ViLBERT (BertModel.encode_text)."""
+
+    states: torch.Tensor  # [1, L, H] after the text-only layers
+    mask: torch.Tensor  # [1, 1, 1, L] additive attention mask
+    layers_done: int  # text layers already run
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -478,6 +527,13 @@ class ViLBertForVLTasks(nn.Module):
         if self.config.fusion_method == "sum":
             return self.dropout(pooled_text + pooled_visual)
         return self.dropout(pooled_text * pooled_visual)
+
+    def retrieval_logits(self, prefix: TextPrefix, features: torch.Tensor, spatials: torch.Tensor,
+                         image_attention_mask: torch.Tensor) -> torch.Tensor:
+        """The retrieval head (`vil_logit`) of one text against B images, the text side computed once
+        (BertModel.encode_text): features [B, R, D], spatials [B, R, 5], image_attention_mask [B, R] -> [B]."""
+        pooled_text, pooled_visual = self.bert.forward_with_text(prefix, features, spatials, image_attention_mask)
+        return self.vil_logit(self.fuse(pooled_text, pooled_visual))[:, 0]
 
     def pair_prediction(self, pooled_output: torch.Tensor) -> torch.Tensor:
         """NLVR2 head: pooled [2P, C], rows (2i, 2i+1) are one statement with its two images -> [P, 2]."""

@@ -248,6 +248,52 @@ class Predictor:
             outcomes[index] = self._answers(selected, outputs, rows, row_ids, requests[index].top_k)
         return outcomes  # type: ignore[return-value]
 
+    def score_images(self, text: str, images: Sequence[RegionsLike], task: str = "retrieval_coco",
+                     batch_size: int = 64) -> np.ndarray:
+        """The retrieval logit of `text` against each image, for ranking many images (a collection search).
+
+        The text side (embeddings and the text-only layers before the first co-attention) is computed once and
+        broadcast to every image; images go through in forwards of `batch_size`. Each score equals the `scores`
+        entry that `predict(images, text, [task])` gives for that image (to float rounding). -> [N] float32."""
+        chosen = self.tasks.get(task)
+        if chosen.kind != "score":
+            raise PredictionInputError("unknown_task", f"task {chosen.name} does not score images; use a "
+                                                       "retrieval task")
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        if not images:
+            return np.zeros(0, np.float32)
+        for image in images:
+            if np.asarray(image.features).shape[-1] != self.feature_dim:
+                raise PredictionInputError("feature_size", f"region features have "
+                                           f"{np.asarray(image.features).shape[-1]} dimensions, the model expects "
+                                           f"{self.feature_dim}")
+        encoded = self.tokenizer.encode(text, chosen.max_seq_length, pad=False)
+        input_ids = torch.tensor([encoded.input_ids], dtype=torch.long, device=self.device)
+        scores = []
+        with torch.inference_mode(), precision_autocast(self.device.type, self.precision):
+            prefix = self.model.bert.encode_text(input_ids, torch.zeros_like(input_ids), torch.ones_like(input_ids),
+                                                 torch.tensor([[chosen.task_id]], device=self.device))
+            for start in range(0, len(images), batch_size):
+                rows = [region_rows(image, DETECTED_REGIONS) for image in images[start:start + batch_size]]
+                features, spatials, mask = self._visual_batch(rows)
+                scores.append(self.model.retrieval_logits(prefix, features, spatials, mask).float().cpu())
+        return torch.cat(scores).numpy()
+
+    def _visual_batch(self, rows: Sequence[RegionRows]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The visual tensors of a batch of region rows, padded to the longest: features [B, R, D],
+        spatials [B, R, 5], image mask [B, R] (1 = a real region), on the predictor's device."""
+        regions = max(len(r.features) for r in rows)
+        features = torch.zeros(len(rows), regions, self.feature_dim)
+        spatials = torch.zeros(len(rows), regions, 5)
+        mask = torch.zeros(len(rows), regions, dtype=torch.long)
+        for i, row in enumerate(rows):
+            count = len(row.features)
+            features[i, :count] = torch.from_numpy(row.features)
+            spatials[i, :count] = torch.from_numpy(row.spatials)
+            mask[i, :count] = 1
+        return features.to(self.device), spatials.to(self.device), mask.to(self.device)
+
     def _answers(self, selected: list[Task], outputs: list[dict[str, torch.Tensor]], rows: list[_Row],
                  row_ids: dict[str, list[int]], top_k: int) -> dict[str, dict]:
         """Decoded answers per task name, from the per-row outputs of a forward over `rows`."""
@@ -323,30 +369,23 @@ class Predictor:
         """Pad rows to a common text length and region count and run the model once."""
         batch = len(rows)
         length = max(len(r.text.input_ids) for r in rows)
-        regions = max(len(r.regions.features) for r in rows)
         input_ids = torch.zeros(batch, length, dtype=torch.long)
         attention_mask = torch.zeros(batch, length, dtype=torch.long)
-        features = torch.zeros(batch, regions, self.feature_dim)
-        spatials = torch.zeros(batch, regions, 5)
-        image_mask = torch.zeros(batch, regions, dtype=torch.long)
         for i, row in enumerate(rows):
             n = len(row.text.input_ids)
             input_ids[i, :n] = torch.tensor(row.text.input_ids)
             attention_mask[i, :n] = 1
-            r = len(row.regions.features)
-            features[i, :r] = torch.from_numpy(row.regions.features)
-            spatials[i, :r] = torch.from_numpy(row.regions.spatials)
-            image_mask[i, :r] = 1
+        features, spatials, image_mask = self._visual_batch([row.regions for row in rows])
         task_ids = torch.tensor([[row.task.task_id] for row in rows], dtype=torch.long)
         device = self.device
         with torch.inference_mode(), precision_autocast(self.device.type, self.precision):
             return self.model(
                 input_ids=input_ids.to(device),
-                features=features.to(device),
-                spatials=spatials.to(device),
+                features=features,
+                spatials=spatials,
                 token_type_ids=torch.zeros_like(input_ids).to(device),
                 attention_mask=attention_mask.to(device),
-                image_attention_mask=image_mask.to(device),
+                image_attention_mask=image_mask,
                 task_ids=task_ids.to(device),
             )
 
