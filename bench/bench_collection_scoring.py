@@ -1,0 +1,108 @@
+"""Collection-search scoring speed: images scored per second by Predictor.score_images (one text against many
+images, the text side computed once and broadcast) against full forwards that recompute the text for every
+image (what a `retrieval_coco` job over the same images does), for 1 to 64 images per forward.
+
+Full official ViLBERT config (bert_base_6layer_6conect + task tokens), random weights, 100 detected regions per
+image (101 rows with the global one), a 12-word caption. Per precision: fp32 (oneDNN-packed weights where the CPU
+has them) and bf16 with packed weights where the CPU has native bf16 (AVX512-BF16/AMX), as PRECISION=bf16 serves
+it. Also the largest difference between the two ways' scores (the equal-results contract at full size). Ratios are
+what to read on a shared machine; each is measured in one process, timings interleaved.
+
+    python bench/bench_collection_scoring.py [--images 32] [--batches 1,4,16,64] [--repeats 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from vilbert.configuration import ViLBertConfig  # noqa: E402
+from vilbert.cpu_inference import native_bf16_linear_available  # noqa: E402
+from vilbert.modeling import ViLBertForVLTasks  # noqa: E402
+from vilbert.predictor import ImageRegions, Predictor  # noqa: E402
+from vilbert.tokenization import PACKAGED_VOCAB, Tokenizer  # noqa: E402
+
+CONFIG = Path(__file__).resolve().parent.parent / "config" / "bert_base_6layer_6conect.json"
+CAPTION = "a brown dog catching a red frisbee in a green park on a sunny day"
+
+
+def images(count: int, feature_dim: int) -> list[ImageRegions]:
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(count):
+        corners = rng.uniform(0, 300, (100, 2)).astype(np.float32)
+        boxes = np.concatenate([corners, corners + rng.uniform(10, 300, (100, 2)).astype(np.float32)], axis=1)
+        out.append(ImageRegions(boxes=boxes, features=rng.uniform(0, 4, (100, feature_dim)).astype(np.float32),
+                                image_width=640, image_height=640))
+    return out
+
+
+def full_forward_scores(predictor: Predictor, text: str, batch: list[ImageRegions]) -> np.ndarray:
+    """Scores through full forwards, the text recomputed in every row (a retrieval job over these images)."""
+    rows = predictor._plan(batch, text, ["retrieval_coco"], None)[1]
+    return np.array([float(out["vil_logit"]) for out in predictor._run(rows)], np.float32)
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def measure(precision: str, gallery: list[ImageRegions], batches: list[int], repeats: int) -> dict:
+    config = ViLBertConfig.from_dict({**ViLBertConfig.from_json_file(CONFIG).to_dict(), "task_specific_tokens": True})
+    torch.manual_seed(0)
+    model = ViLBertForVLTasks(config).eval()
+    predictor = Predictor(model, Tokenizer(PACKAGED_VOCAB), answers={}, precision=precision)
+    rows = []
+    for batch in batches:
+        shared = median_seconds(lambda: predictor.score_images(CAPTION, gallery, batch_size=batch), repeats)
+        full = median_seconds(lambda: [full_forward_scores(predictor, CAPTION, gallery[i:i + batch])
+                                       for i in range(0, len(gallery), batch)], repeats)
+        rows.append({"images_per_forward": batch, "shared_text_images_per_s": round(len(gallery) / shared, 2),
+                     "full_forward_images_per_s": round(len(gallery) / full, 2),
+                     "saving": round(1 - shared / full, 3)})
+    shared_scores = predictor.score_images(CAPTION, gallery, batch_size=max(batches))
+    job_scores = np.concatenate([full_forward_scores(predictor, CAPTION, [image]) for image in gallery])
+    return {"precision": precision, "packed_weights": predictor.packed_weights, "rows": rows,
+            "max_score_difference_vs_jobs": float(np.abs(shared_scores - job_scores).max()),
+            "score_spread": float(job_scores.max() - job_scores.min())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--batches", default="1,4,16,64")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    gallery = images(args.images, 2048)
+    precisions = ["fp32"] + (["bf16"] if native_bf16_linear_available() else [])
+    report = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "images": args.images,
+              "results": [measure(p, gallery, batches, args.repeats) for p in precisions]}
+    if "bf16" not in precisions:
+        report["bf16"] = "skipped: this CPU has no native bf16 instructions (emulated bf16 is slower than fp32)"
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
