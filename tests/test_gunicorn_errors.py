@@ -23,7 +23,7 @@ def raw_request(port: int, data: bytes) -> tuple[int, dict[str, str], bytes]:
 
 @pytest.mark.parametrize("request_bytes, status, code", [
     (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "uri_too_long"),
-    (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n", 431, "headers_too_large"),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n", 431, "request_header_too_large"),
     (b"this is not http\r\n\r\n", 400, "bad_request"),
     (b"GET / HTTP/9.9\r\nHost: x\r\n\r\n", 400, "bad_request"),
     (b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n", 400, "bad_request"),

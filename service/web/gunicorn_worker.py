@@ -21,7 +21,7 @@ from ..contract import error_body
 # gunicorn's exception -> (HTTP status, reason phrase, error code, message for the client)
 CLIENT_ERRORS: tuple[tuple[type[Exception], int, str, str, str], ...] = (
     (LimitRequestLine, 414, "URI Too Long", "uri_too_long", "the request line is longer than the server accepts"),
-    (LimitRequestHeaders, 431, "Request Header Fields Too Large", "headers_too_large",
+    (LimitRequestHeaders, 431, "Request Header Fields Too Large", "request_header_too_large",
      "the request headers are larger or more numerous than the server accepts"),
     (InvalidRequestMethod, 400, "Bad Request", "bad_request", "the request method is not valid HTTP"),
     (InvalidHTTPVersion, 400, "Bad Request", "bad_request", "the HTTP version is not supported"),
