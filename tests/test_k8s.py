@@ -38,6 +38,7 @@ KNOWN_OTHER_VARIABLES = {
     "SERVICE_ROLE": "docker/healthcheck.py (web or worker)",
     "WEB_CONCURRENCY": "gunicorn itself (worker processes)",
     "WEB_THREADS": "gunicorn.conf.py",
+    "XDG_RUNTIME_DIR": "gunicorn (where its control socket goes)",
     "VILBERT_WEIGHTS_URL": "models/fetch.py (release host or mirror)",
     "NVIDIA_DRIVER_CAPABILITIES": "the NVIDIA container runtime",
     "OMP_NUM_THREADS": "torch (CPU threads)",
@@ -496,3 +497,30 @@ def test_only_web_and_worker_pods_reach_redis():
     (keda,) = [p for p in rule["from"] if "namespaceSelector" in p]
     assert keda["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "keda"}
     assert rule["ports"] == [{"protocol": "TCP", "port": 6379}]
+
+
+def test_nginx_accepts_the_sidecars_rendered_config(tmp_path):
+    """The template rendered as the nginx image's entrypoint does (envsubst limited to the ${PROXY_*} names) with the
+    sidecar's values, then `nginx -t`. Only the pid and temp paths move into tmp_path (nginx -t creates them)."""
+    import shutil as _shutil
+
+    from stack import find_nginx
+
+    nginx, envsubst = find_nginx(), _shutil.which("envsubst")
+    if not nginx or not envsubst:
+        if os.environ.get("CI") and not nginx:
+            pytest.fail("nginx is not installed (.ci/run installs it)")
+        pytest.skip("needs nginx and envsubst (gettext-base)")
+    docs = render("gpu")
+    env = environment(docs, container(pod_spec(docs, "vilbert-web"), "nginx"))
+    values = {k: v for k, v in env.items() if k.startswith("PROXY_")}
+    values.update(PROXY_PID=str(tmp_path / "nginx.pid"), PROXY_TEMP_DIR=str(tmp_path), PROXY_ACCESS_LOG="/dev/null")
+    template = (REPO / "deploy" / "nginx" / "nginx.conf.template").read_text()
+    rendered = subprocess.run([envsubst, " ".join(f"${{{name}}}" for name in sorted(values))], input=template,
+                              capture_output=True, text=True, env={**os.environ, **values}, check=True).stdout
+    assert "${PROXY_" not in rendered.split("http {", 1)[1]
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(rendered)
+    proc = subprocess.run([nginx, "-t", "-e", "stderr", "-p", str(tmp_path), "-c", str(conf)], capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
