@@ -328,6 +328,11 @@ def test_web_probes_hit_the_services_routes(docs):
         assert f'@api.get("{path}")' in routes
 
 
+def test_autoscaled_deployments_leave_the_replica_count_to_the_autoscaler(docs):
+    for name in ("vilbert-web", "vilbert-worker"):
+        assert "replicas" not in find(docs, "Deployment", name)["spec"], name
+
+
 def test_web_has_an_hpa_on_cpu_and_a_pdb(docs):
     labels = find(docs, "Deployment", "vilbert-web")["spec"]["template"]["metadata"]["labels"]
     hpa = find(docs, "HorizontalPodAutoscaler", "vilbert-web")["spec"]
