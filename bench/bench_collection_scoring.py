@@ -53,14 +53,17 @@ def full_forward_scores(predictor: Predictor, text: str, batch: list[ImageRegion
     return np.array([float(out["vil_logit"]) for out in predictor._run(rows)], np.float32)
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def interleaved_medians(first, second, repeats: int) -> tuple[float, float]:
+    """Median seconds of two calls timed alternately (after a warm-up of each), so that a load that comes and
+    goes on a shared machine weighs on both alike."""
+    first(), second()
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        for fn, out in ((first, times[0]), (second, times[1])):
+            started = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - started)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def measure(precision: str, gallery: list[ImageRegions], batches: list[int], repeats: int) -> dict:
@@ -70,9 +73,10 @@ def measure(precision: str, gallery: list[ImageRegions], batches: list[int], rep
     predictor = Predictor(model, Tokenizer(PACKAGED_VOCAB), answers={}, precision=precision)
     rows = []
     for batch in batches:
-        shared = median_seconds(lambda: predictor.score_images(CAPTION, gallery, batch_size=batch), repeats)
-        full = median_seconds(lambda: [full_forward_scores(predictor, CAPTION, gallery[i:i + batch])
-                                       for i in range(0, len(gallery), batch)], repeats)
+        shared, full = interleaved_medians(
+            lambda: predictor.score_images(CAPTION, gallery, batch_size=batch),
+            lambda: [full_forward_scores(predictor, CAPTION, gallery[i:i + batch]) for i in range(0, len(gallery), batch)],
+            repeats)
         rows.append({"images_per_forward": batch, "shared_text_images_per_s": round(len(gallery) / shared, 2),
                      "full_forward_images_per_s": round(len(gallery) / full, 2),
                      "saving": round(1 - shared / full, 3)})
