@@ -65,6 +65,7 @@ UPLOAD_PREFIX = "vilbert:upload:"  # + job id: hash of upload index -> bytes, ex
 UPLOAD_LEDGER_PREFIX = "vilbert:upload-ledger:"
 ALIVE_PREFIX = "vilbert:worker-alive:"  # + RQ worker name: JSON about a worker with its models loaded
 FEATURE_CACHE_PREFIX = "vilbert:feat:"  # the worker's region-feature cache (service.worker.cache)
+COLLECTION_PREFIX = "vilbert:coll:"  # + name + ":regions" / ":meta" / ":thumbs": a collection (service.collections)
 
 # The function name the web tier enqueues jobs under. The batch worker never calls it: it computes every job's
 # outcome itself (service.worker.rq_batch); the function raises if anything else ever runs a job.

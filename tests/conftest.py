@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -28,6 +29,15 @@ def private_redis(workdir: Path, binary: ServerBinary | None = None) -> Iterator
 def redis_url(tmp_path_factory) -> Iterator[str]:
     """URL of a server private to the test module (so RQ workers and keys of one module never meet another's)."""
     yield from private_redis(tmp_path_factory.mktemp("redis"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """A tiny random-weight bundle in the released files' formats (`python models/make_tiny.py`), made once."""
+    out = tmp_path_factory.mktemp("tiny-bundle") / "bundle"
+    subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "models" / "make_tiny.py"), "--out",
+                    str(out)], check=True, capture_output=True)
+    return out
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -25,7 +23,6 @@ from service.settings import load_settings
 from service.web import create_app
 from service.worker.pipeline import InferenceRequest, Pipeline, strict_json
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def png(width: int = 96, height: int = 64) -> bytes:
@@ -35,11 +32,8 @@ def png(width: int = 96, height: int = 64) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("strict") / "bundle"
-    subprocess.run([sys.executable, str(ROOT / "models" / "make_tiny.py"), "--out", str(out)], check=True,
-                   capture_output=True, cwd=ROOT)
-    return out
+def bundle(tiny_bundle) -> Path:
+    return tiny_bundle
 
 
 def test_strict_json_tells_finite_from_non_finite():

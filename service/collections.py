@@ -1,0 +1,120 @@
+"""Collections: a user's own images, indexed once (their detector regions stored) and searched by caption many
+times (issue 14; so far the storage, a bulk indexing path and the search, without the HTTP API).
+
+Storage is the job Redis, so every worker on every host sees the same collection and it survives restarts with the
+append-only file. Per collection `<name>` (service.contract.COLLECTION_PREFIX + name):
+- `:regions`, a hash image id -> the image's regions as a feature record (detector.records: float32 boxes and
+  features, never pickle; about 0.8 MB an image at the full model's 100 x 2048);
+- `:meta`, a hash image id -> JSON {"width", "height", "bytes" (the upload's length), "stored" (record bytes)};
+- `:thumbs`, a hash image id -> a JPEG thumbnail, at most 256 px on its long side.
+An image id is derived from the image's bytes (sha256), so adding the same bytes again is a no-op.
+This module imports no torch: the web tier will use it too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+from redis import Redis
+
+from detector.records import FeatureStoreError, decode_record, encode_record
+from detector.regions import RegionFeatures
+
+from .contract import COLLECTION_PREFIX
+from .errors import BadRequest, NotFound
+
+NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+IMAGE_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def check_name(name: str) -> str:
+    """A collection name: 1-63 lower-case letters, digits, '-' or '_', starting with a letter or digit. Names are
+    only ever used inside Redis key names, never as paths."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise BadRequest("invalid_collection", "a collection name is 1 to 63 characters: lower-case letters, digits, "
+                                               "'-' and '_', starting with a letter or digit")
+    return name
+
+
+def image_id_of(data: bytes) -> str:
+    """The content-derived id of an image: the first 32 hex digits of the sha256 of its bytes."""
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class CollectionInfo:
+    name: str
+    images: int
+    bytes: int  # stored: region records and thumbnails
+
+
+class CollectionStore:
+    """One collection in Redis (see the module docstring for the layout)."""
+
+    def __init__(self, connection: Redis, name: str):
+        self.connection = connection
+        self.name = check_name(name)
+        base = COLLECTION_PREFIX + self.name
+        self.regions_key, self.meta_key, self.thumbs_key = base + ":regions", base + ":meta", base + ":thumbs"
+
+    def has(self, image_id: str) -> bool:
+        return bool(self.connection.hexists(self.regions_key, image_id))
+
+    def add(self, image_id: str, regions: RegionFeatures, thumbnail: bytes, upload_bytes: int) -> bool:
+        """Store one image's regions and thumbnail; False (and nothing written) when the id is already there."""
+        record = encode_record(image_id, regions)
+        meta = json.dumps({"width": int(regions.image_width), "height": int(regions.image_height),
+                           "bytes": int(upload_bytes), "stored": len(record) + len(thumbnail)})
+        if not self.connection.hsetnx(self.regions_key, image_id, record):
+            return False
+        with self.connection.pipeline() as pipe:
+            pipe.hset(self.meta_key, image_id, meta)
+            pipe.hset(self.thumbs_key, image_id, thumbnail)
+            pipe.execute()
+        return True
+
+    def ids(self) -> list[str]:
+        """Every image id, sorted (a stable order for scoring and ties)."""
+        return sorted(key.decode() for key in self.connection.hkeys(self.regions_key))
+
+    def regions(self, image_ids: Sequence[str]) -> list[RegionFeatures]:
+        """The stored regions of the given images, in order; an id that is not there is a NotFound."""
+        records = self.connection.hmget(self.regions_key, list(image_ids)) if image_ids else []
+        out = []
+        for image_id, record in zip(image_ids, records):
+            if record is None:
+                raise NotFound("unknown_image", f"no image {image_id} in collection {self.name}")
+            try:
+                out.append(decode_record(record)[1])
+            except FeatureStoreError as exc:
+                raise FeatureStoreError(f"collection {self.name}, image {image_id}: {exc}") from exc
+        return out
+
+    def thumbnail(self, image_id: str) -> bytes:
+        data = self.connection.hget(self.thumbs_key, image_id) if IMAGE_ID.fullmatch(image_id or "") else None
+        if data is None:
+            raise NotFound("unknown_image", f"no image {image_id!r} in collection {self.name}")
+        return data
+
+    def remove(self, image_id: str) -> bool:
+        with self.connection.pipeline() as pipe:
+            pipe.hdel(self.regions_key, image_id)
+            pipe.hdel(self.meta_key, image_id)
+            pipe.hdel(self.thumbs_key, image_id)
+            removed = pipe.execute()[0]
+        return bool(removed)
+
+    def drop(self) -> int:
+        """Delete the whole collection; returns how many images it held."""
+        count = int(self.connection.hlen(self.regions_key))
+        self.connection.delete(self.regions_key, self.meta_key, self.thumbs_key)
+        return count
+
+    def info(self) -> CollectionInfo:
+        metas = self.connection.hvals(self.meta_key)
+        return CollectionInfo(self.name, int(self.connection.hlen(self.regions_key)),
+                              sum(int(json.loads(m)["stored"]) for m in metas))

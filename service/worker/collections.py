@@ -1,0 +1,141 @@
+"""Indexing images into a collection and searching it by caption, with the worker's models (issue 14; the HTTP
+API and its job types come later). Also the bulk path: index a folder of images without going through HTTP.
+
+    python -m service.worker.collections add NAME IMAGE_OR_DIR...     # detector once per image, regions stored
+    python -m service.worker.collections search NAME "a dog catching a frisbee" [--top-k 10]
+    python -m service.worker.collections info NAME
+
+Searching scores every image of the collection with the retrieval head (Predictor.score_images: the text side
+computed once, images in forwards of `batch_size`, read from Redis in chunks of that size so a large collection
+never sits in memory whole). Each score equals the retrieval_coco score a normal job gives for that image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from detector.images import load_image
+
+from ..collections import CollectionStore, image_id_of
+from ..errors import BadRequest
+from .pipeline import Pipeline
+
+THUMBNAIL_SIDE = 256
+SEARCH_TASKS = ("retrieval_coco", "retrieval_flickr30k")
+
+
+def thumbnail(rgb: np.ndarray) -> bytes:
+    """A JPEG of at most THUMBNAIL_SIDE pixels on its long side, for showing search hits."""
+    image = Image.fromarray(rgb)
+    image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=85)
+    return buffer.getvalue()
+
+
+def index_images(pipeline: Pipeline, store: CollectionStore, images: Sequence[bytes]) -> list[tuple[str, bool]]:
+    """Run the detector on each image not yet in the collection and store its regions and thumbnail.
+    Returns (image id, newly added) per image, in order; the same bytes twice are indexed once."""
+    out = []
+    for data in images:
+        image_id = image_id_of(data)
+        if store.has(image_id):
+            out.append((image_id, False))
+            continue
+        rgb = load_image(data, pipeline.max_image_pixels)
+        regions = pipeline.extractor.extract([rgb])[0]
+        out.append((image_id, store.add(image_id, regions, thumbnail(rgb), len(data))))
+    return out
+
+
+def search(pipeline: Pipeline, store: CollectionStore, text: str, top_k: int = 10, task: str = "retrieval_coco",
+           batch_size: int = 64) -> dict:
+    """The collection's images ranked by the retrieval logit for `text`: {"hits": [{image_id, score, rank}],
+    "scored", "timings"}. Images are read and scored `batch_size` at a time."""
+    if task not in SEARCH_TASKS:
+        raise ValueError(f"task must be one of {SEARCH_TASKS}, got {task!r}")
+    started = time.perf_counter()
+    ids = store.ids()
+    scores = []
+    read_s = 0.0
+    for start in range(0, len(ids), batch_size):
+        read_started = time.perf_counter()
+        regions = store.regions(ids[start:start + batch_size])
+        read_s += time.perf_counter() - read_started
+        scores.append(pipeline.predictor.score_images(text, regions, task, batch_size=batch_size))
+    all_scores = np.concatenate(scores) if scores else np.zeros(0, np.float32)
+    order = np.argsort(-all_scores, kind="stable")[:top_k]
+    hits = [{"image_id": ids[i], "score": round(float(all_scores[i]), 6), "rank": rank + 1}
+            for rank, i in enumerate(order)]
+    total = time.perf_counter() - started
+    return {"hits": hits, "scored": len(ids), "task": task,
+            "timings": {"read_s": round(read_s, 4), "score_s": round(total - read_s, 4), "total_s": round(total, 4)}}
+
+
+def image_files(paths: Sequence[str]) -> list[Path]:
+    """The files given, and the image files (by extension) directly inside the folders given, sorted."""
+    suffixes = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".mpo"}
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in suffixes and p.is_file()))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise SystemExit(f"collections: no such file or folder: {path}")
+    return files
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ..queue import connect
+    from ..settings import load_settings
+
+    parser = argparse.ArgumentParser(prog="python -m service.worker.collections", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    add = commands.add_parser("add", help="index images (files or folders) into a collection")
+    add.add_argument("name")
+    add.add_argument("paths", nargs="+")
+    find = commands.add_parser("search", help="rank a collection's images for a caption")
+    find.add_argument("name")
+    find.add_argument("text")
+    find.add_argument("--top-k", type=int, default=10)
+    find.add_argument("--task", choices=SEARCH_TASKS, default="retrieval_coco")
+    info = commands.add_parser("info", help="image count and stored bytes of a collection")
+    info.add_argument("name")
+    args = parser.parse_args(argv)
+    settings = load_settings()
+    try:
+        store = CollectionStore(connect(settings), args.name)
+    except BadRequest as exc:
+        print(f"collections: {exc.message}", file=sys.stderr)
+        return 2
+    if args.command == "info":
+        print(json.dumps(store.info().__dict__))
+        return 0
+    pipeline = Pipeline.from_settings(settings)
+    if args.command == "add":
+        files = image_files(args.paths)
+        added = 0
+        for number, path in enumerate(files, 1):
+            (image_id, new), = index_images(pipeline, store, [path.read_bytes()])
+            added += new
+            print(f"[{number}/{len(files)}] {path.name}: {image_id} {'added' if new else 'already there'}",
+                  file=sys.stderr, flush=True)
+        print(json.dumps({"added": added, "images": store.info().images}))
+        return 0
+    print(json.dumps(search(pipeline, store, args.text, args.top_k, args.task), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,143 @@
+"""Collections (issue 14, first pieces): storage in a real Redis, indexing with the real (tiny) models, search by
+caption with each hit's score equal to the retrieval_coco score of a normal job on that image, the bulk path
+(`python -m service.worker.collections`) as a real process."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from redis import Redis
+
+from detector.regions import RegionFeatures
+from service.collections import CollectionStore, check_name, image_id_of
+from service.errors import BadRequest, NotFound
+from service.worker.collections import THUMBNAIL_SIDE, index_images, search
+from service.worker.pipeline import InferenceRequest, Pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_bundle) -> Path:
+    return tiny_bundle
+
+
+@pytest.fixture(scope="module")
+def pipeline(bundle) -> Pipeline:
+    return Pipeline.from_dir(bundle, device="cpu", min_size=96, max_size=160)
+
+
+def photo(seed: int, size: tuple[int, int] = (320, 240)) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = (rng.random((size[1] // 8, size[0] // 8, 3)) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).resize(size).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def store_for(redis_url: str) -> CollectionStore:
+    return CollectionStore(Redis.from_url(redis_url), f"test-{uuid.uuid4().hex[:8]}")
+
+
+def regions(count: int = 2) -> RegionFeatures:
+    return RegionFeatures(boxes=np.array([[0, 0, 4, 4]] * count, np.float32), features=np.ones((count, 8), np.float32),
+                          scores=np.ones(count, np.float32), class_ids=np.zeros(count, np.int64), num_boxes=count,
+                          image_width=10, image_height=10)
+
+
+def test_names_are_checked_and_ids_come_from_the_bytes():
+    for good in ("a", "holiday-2026", "x_1", "0" * 63):
+        assert check_name(good) == good
+    for bad in ("", "Holiday", "-a", "a/b", "../etc", "a b", "a" * 64, "é", "a\n"):
+        with pytest.raises(BadRequest) as caught:
+            check_name(bad)
+        assert caught.value.code == "invalid_collection"
+    assert image_id_of(b"abc") == image_id_of(b"abc") != image_id_of(b"abd")
+    assert len(image_id_of(b"abc")) == 32
+
+
+def test_the_store_adds_once_reads_back_removes_and_drops(redis_url):
+    store = store_for(redis_url)
+    assert store.add("a" * 32, regions(2), b"jpeg-a", 1000)
+    assert not store.add("a" * 32, regions(3), b"other", 5)  # the same id again: nothing changes
+    assert store.add("b" * 32, regions(3), b"jpeg-b", 2000)
+    assert store.ids() == ["a" * 32, "b" * 32]
+    back = store.regions(["b" * 32, "a" * 32])
+    assert [r.num_boxes for r in back] == [3, 2] and back[0].features.dtype == np.float32
+    info = store.info()
+    assert (info.images, info.name) == (2, store.name) and info.bytes > 0
+    assert store.thumbnail("a" * 32) == b"jpeg-a"
+    with pytest.raises(NotFound):
+        store.thumbnail("../../etc/passwd")
+    assert store.remove("a" * 32) and not store.remove("a" * 32)
+    with pytest.raises(NotFound) as caught:
+        store.regions(["a" * 32])
+    assert caught.value.code == "unknown_image"
+    assert store.drop() == 1 and store.info().images == 0
+
+
+def test_index_and_search_rank_by_the_retrieval_score_of_a_normal_job(redis_url, pipeline):
+    store = store_for(redis_url)
+    photos = [photo(seed) for seed in range(5)]
+    added = index_images(pipeline, store, photos + [photos[0]])
+    assert [new for _, new in added] == [True] * 5 + [False]  # re-adding the same bytes is a no-op
+    assert [image_id for image_id, _ in added][:5] == [image_id_of(p) for p in photos]
+    thumb = Image.open(io.BytesIO(store.thumbnail(image_id_of(photos[0]))))
+    assert thumb.format == "JPEG" and max(thumb.size) == THUMBNAIL_SIDE and thumb.size == (256, 192)
+
+    text = "a dog catching a frisbee"
+    result = search(pipeline, store, text, top_k=3, batch_size=2)
+    assert result["scored"] == 5 and [hit["rank"] for hit in result["hits"]] == [1, 2, 3]
+    jobs = {image_id_of(p): pipeline.run(InferenceRequest([p], text, ["retrieval_coco"]))["tasks"]["retrieval_coco"]
+            ["scores"][0] for p in photos}
+    expected = sorted(jobs.items(), key=lambda item: -item[1])[:3]
+    assert [hit["image_id"] for hit in result["hits"]] == [image_id for image_id, _ in expected]
+    for hit in result["hits"]:
+        assert abs(hit["score"] - jobs[hit["image_id"]]) <= 2e-6  # equal results: the job's own score
+    assert set(result["timings"]) == {"read_s", "score_s", "total_s"}
+
+    store.remove(result["hits"][0]["image_id"])
+    again = search(pipeline, store, text, top_k=10)
+    assert again["scored"] == 4 and result["hits"][0]["image_id"] not in {h["image_id"] for h in again["hits"]}
+    with pytest.raises(ValueError, match="task must be one of"):
+        search(pipeline, store, text, task="vqa")
+    assert search(pipeline, store_for(redis_url), text)["hits"] == []  # an empty collection
+
+
+def test_the_bulk_path_indexes_a_folder_and_searches_it(redis_url, bundle, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for seed in range(3):
+        (folder / f"p{seed}.jpg").write_bytes(photo(seed + 10))
+    (folder / "notes.txt").write_text("not an image")
+    name = f"bulk-{uuid.uuid4().hex[:6]}"
+    env = dict(os.environ, REDIS_URL=redis_url, MODEL_DIR=str(bundle), DETECTOR_MIN_SIZE="96",
+               DETECTOR_MAX_SIZE="160", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "service.worker.collections"]
+    added = subprocess.run(command + ["add", name, str(folder)], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert added.returncode == 0, added.stderr
+    assert json.loads(added.stdout) == {"added": 3, "images": 3}
+    assert "[3/3] p2.jpg:" in added.stderr  # progress on the way
+    again = subprocess.run(command + ["add", name, str(folder / "p0.jpg")], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert json.loads(again.stdout) == {"added": 0, "images": 3} and "already there" in again.stderr
+    found = subprocess.run(command + ["search", name, "a red bus", "--top-k", "2"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert found.returncode == 0, found.stderr
+    result = json.loads(found.stdout)
+    assert result["scored"] == 3 and len(result["hits"]) == 2
+    info = subprocess.run(command + ["info", name], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert json.loads(info.stdout)["images"] == 3
+    bad = subprocess.run(command + ["info", "Bad/Name"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.startswith("collections: a collection name is") and "Traceback" not in \
+        bad.stderr
