@@ -5,7 +5,8 @@ image (what a `retrieval_coco` job over the same images does), for 1 to 64 image
 Full official ViLBERT config (bert_base_6layer_6conect + task tokens), random weights, 100 detected regions per
 image (101 rows with the global one), a 12-word caption. Per precision: fp32 (oneDNN-packed weights where the CPU
 has them) and bf16 with packed weights where the CPU has native bf16 (AVX512-BF16/AMX), as PRECISION=bf16 serves
-it. Also the largest difference between the two ways' scores (the equal-results contract at full size). Ratios are
+it. Also the largest difference between the two ways' scores (the equal-results contract at full size), and the
+score drift of storing a collection's features in float16 instead of float32 (half the Redis memory). Ratios are
 what to read on a shared machine; each is measured in one process, timings interleaved.
 
     python bench/bench_collection_scoring.py [--images 32] [--batches 1,4,16,64] [--repeats 3] [--json out.json]
@@ -82,9 +83,16 @@ def measure(precision: str, gallery: list[ImageRegions], batches: list[int], rep
                      "saving": round(1 - shared / full, 3)})
     shared_scores = predictor.score_images(CAPTION, gallery, batch_size=max(batches))
     job_scores = np.concatenate([full_forward_scores(predictor, CAPTION, [image]) for image in gallery])
+    # Storage in float16 instead of float32 halves a collection's Redis memory: the drift it costs.
+    half = [ImageRegions(image.boxes, image.features.astype(np.float16).astype(np.float32), image.image_width,
+                         image.image_height) for image in gallery]
+    half_scores = predictor.score_images(CAPTION, half, batch_size=max(batches))
     return {"precision": precision, "packed_weights": predictor.packed_weights, "rows": rows,
             "max_score_difference_vs_jobs": float(np.abs(shared_scores - job_scores).max()),
-            "score_spread": float(job_scores.max() - job_scores.min())}
+            "score_spread": float(job_scores.max() - job_scores.min()),
+            "float16_storage_max_score_drift": float(np.abs(half_scores - shared_scores).max()),
+            "float16_storage_ranking_unchanged": bool((np.argsort(-half_scores, kind="stable")
+                                                       == np.argsort(-shared_scores, kind="stable")).all())}
 
 
 def main() -> None:
