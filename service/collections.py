@@ -157,12 +157,12 @@ class CollectionStore:
         if mine:
             self.connection.hdel(self.pending_key, *mine)
 
-
-def collection_count(connection: Redis) -> int:
-    """How many collections there are (COLLECTION_NAMES_KEY)."""
-    return int(connection.scard(COLLECTION_NAMES_KEY))
-
     def info(self) -> CollectionInfo:
         metas = self.connection.hvals(self.meta_key)
         return CollectionInfo(self.name, int(self.connection.hlen(self.regions_key)),
                               sum(int(json.loads(m)["stored"]) for m in metas))
+
+
+def collection_count(connection: Redis) -> int:
+    """How many collections there are (COLLECTION_NAMES_KEY)."""
+    return int(connection.scard(COLLECTION_NAMES_KEY))
