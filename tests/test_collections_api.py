@@ -277,3 +277,62 @@ def test_collections_end_to_end(stack):
     refused(stack.post(f"{base}/search", fields={"text": "x", "task": "vqa"}), 400, "unknown_task")
     refused(stack.request("GET", f"{base}/images/{ids[0]}/thumbnail"), 404, "unknown_image")
     refused(stack.request("DELETE", base), 404, "unknown_collection")
+
+
+# ------------------------------------------------------------------------------------------ worker side
+
+
+def started_by(connection: Redis, job_id: str, worker: str):
+    """The job as a worker holds it: marked started by `worker` (as BatchWorker.prepare_job_execution does)."""
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    connection.hset(f"rq:job:{job_id}", mapping={"status": "started", "worker_name": worker})
+    job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
+    job.worker_name = worker
+    return job
+
+
+def test_progress_is_written_only_while_the_job_is_ours(web):
+    from service.worker.rq_batch import set_progress
+
+    settings, connection = web
+    job, _ = submit_add(connection, settings, unique(), [png(1)])
+    job = started_by(connection, job.id, "w1")
+    set_progress(connection, job, "indexing", "0/1")
+    job.refresh()
+    assert (job.meta["stage"], job.meta["stage_detail"]) == ("indexing", "0/1")
+    connection.hset(job.key, "status", "failed")  # the reaper failed it (worker_lost)
+    set_progress(connection, job, "indexing", "1/1")
+    job.refresh()
+    assert job.meta["stage_detail"] == "0/1"  # never written for a job that is no longer ours
+
+
+def test_a_failing_add_keeps_what_it_indexed_and_drops_its_pending_entries(web, tiny_bundle):
+    from service.errors import PipelineError
+    from service.web.jobs import submit
+    from service.worker.pipeline import Pipeline
+    from service.worker.rq_batch import run_batch
+
+    settings, connection = web
+    pipeline = Pipeline.from_dir(tiny_bundle, device="cpu", min_size=96, max_size=160)
+    name = unique()
+    good, bad = png(11, (64, 48)), b"GIF89a not really"  # bytes the web tier would refuse reach the worker anyway
+    store = CollectionStore(connection, name)
+    infos = check_uploads([good], settings) * 2
+    request = JobRequest(text="", tasks=[], top_k=0, images=infos, kind="collection_add", collection=name)
+    job = submit(connection, settings, request, [good, bad], job_id=uuid.uuid4().hex)
+    store.register()
+    store.add_pending([image_id_of(good), image_id_of(bad)], job.id, 60)
+    outcome = run_batch(pipeline, connection, [started_by(connection, job.id, "w1")])[job.id]
+    assert isinstance(outcome, PipelineError) and outcome.stage == "indexing" and "image 1" in outcome.message
+    assert store.ids() == [image_id_of(good)] and store.pending() == {}
+
+    search = submit_search(connection, settings, name, {"text": "a red square", "top_k": "5"})
+    result = run_batch(pipeline, connection, [started_by(connection, search.id, "w1")])[search.id]
+    assert result["collection"] == name and result["scored"] == 1 and result["hits"][0]["image_id"] == image_id_of(good)
+    assert started_by(connection, search.id, "w1").meta["stage"] == "searching"
+
+    ok = submit(connection, settings, replace(request, images=infos[:1]), [good], job_id=uuid.uuid4().hex)
+    result = run_batch(pipeline, connection, [started_by(connection, ok.id, "w1")])[ok.id]
+    assert result == {"collection": name, "image_ids": [image_id_of(good)], "added": 0, "images": 1}

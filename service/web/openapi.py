@@ -214,7 +214,9 @@ def openapi_spec(settings: Settings) -> dict:
                 "stage": {"enum": [STAGE_STARTING, *STAGES, *COLLECTION_STAGES], "description": "while started"},
                 "stage_detail": {"type": "string", "description": "while started, when the stage has one"},
                 "result": {"type": "object", "description": "when finished: tasks (one entry per task), images "
-                                                            "(width, height, regions), timings, model"},
+                                                            "(width, height, regions), timings, model; a collection "
+                                                            "add: collection, image_ids, added, images; a search: "
+                                                            "collection, hits, scored, task, timings"},
                 "error": {"type": "object", "properties": {"code": {"type": "string"}, "message": {"type": "string"}}},
                 "created_at": {"type": "string"}, "enqueued_at": {"type": "string"},
                 "started_at": {"type": "string"}, "ended_at": {"type": "string"},
