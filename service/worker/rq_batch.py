@@ -230,6 +230,8 @@ def run_collection_job(pipeline: Pipeline, connection: Redis, job: Job, request:
             added += new
             store.clear_pending(job.id, [image_id])
             set_progress(connection, job, INDEXING, f"{done}/{len(uploads)}")
+        if added:
+            store.register()  # counted again if the collection was deleted while this job ran
         return {"collection": store.name, "image_ids": image_ids, "added": added, "images": store.info().images}
     except BaseException:
         try:
