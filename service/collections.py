@@ -6,7 +6,10 @@ append-only file. Per collection `<name>` (service.contract.COLLECTION_PREFIX + 
 - `:regions`, a hash image id -> the image's regions as a feature record (detector.records: float32 boxes and
   features, never pickle; about 0.8 MB an image at the full model's 100 x 2048);
 - `:meta`, a hash image id -> JSON {"width", "height", "bytes" (the upload's length), "stored" (record bytes)};
-- `:thumbs`, a hash image id -> a JPEG thumbnail, at most 256 px on its long side.
+- `:thumbs`, a hash image id -> a JPEG thumbnail, at most 256 px on its long side;
+- `:pending`, a hash image id -> the id of the add job that will index it (expires after UPLOAD_TTL), so the
+  collection's info counts images not indexed yet.
+The set COLLECTION_NAMES_KEY holds every collection's name (MAX_COLLECTIONS counts it).
 An image id is derived from the image's bytes (sha256), so adding the same bytes again is a no-op.
 This module imports no torch: the web tier will use it too.
 """
@@ -24,7 +27,7 @@ from redis import Redis
 from detector.records import FeatureStoreError, decode_record, encode_record
 from detector.regions import RegionFeatures
 
-from .contract import COLLECTION_PREFIX
+from .contract import COLLECTION_NAMES_KEY, COLLECTION_PREFIX
 from .errors import BadRequest, NotFound
 
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
@@ -60,6 +63,7 @@ class CollectionStore:
         self.name = check_name(name)
         base = COLLECTION_PREFIX + self.name
         self.regions_key, self.meta_key, self.thumbs_key = base + ":regions", base + ":meta", base + ":thumbs"
+        self.pending_key = base + ":pending"
 
     def has(self, image_id: str) -> bool:
         return bool(self.connection.hexists(self.regions_key, image_id))
@@ -109,12 +113,56 @@ class CollectionStore:
         return bool(removed)
 
     def drop(self) -> int:
-        """Delete the whole collection; returns how many images it held."""
+        """Delete the whole collection (pending entries and its name too); returns how many images it held."""
         count = int(self.connection.hlen(self.regions_key))
-        self.connection.delete(self.regions_key, self.meta_key, self.thumbs_key)
+        with self.connection.pipeline() as pipe:
+            pipe.delete(self.regions_key, self.meta_key, self.thumbs_key, self.pending_key)
+            pipe.srem(COLLECTION_NAMES_KEY, self.name)
+            pipe.execute()
         return count
+
+    # ---------------------------------------------------------------------------- names and pending images
+
+    def register(self) -> None:
+        """Count this collection among the collections (MAX_COLLECTIONS)."""
+        self.connection.sadd(COLLECTION_NAMES_KEY, self.name)
+
+    def registered(self) -> bool:
+        return bool(self.connection.sismember(COLLECTION_NAMES_KEY, self.name))
+
+    def forget_if_empty(self) -> bool:
+        """Stop counting a collection with no image and nothing pending (a failed first add, its last image
+        deleted); True when forgotten."""
+        if self.connection.hlen(self.regions_key) or self.connection.hlen(self.pending_key):
+            return False
+        self.connection.srem(COLLECTION_NAMES_KEY, self.name)
+        return True
+
+    def pending(self) -> dict[str, str]:
+        """image id -> the add job that will index it (images uploaded, not indexed yet)."""
+        return {k.decode(): v.decode() for k, v in self.connection.hgetall(self.pending_key).items()}
+
+    def add_pending(self, image_ids: Sequence[str], job_id: str, ttl: int) -> None:
+        if not image_ids:
+            return
+        with self.connection.pipeline() as pipe:
+            pipe.hset(self.pending_key, mapping={image_id: job_id for image_id in image_ids})
+            pipe.expire(self.pending_key, ttl)
+            pipe.execute()
+
+    def clear_pending(self, job_id: str, image_ids: Sequence[str] | None = None) -> None:
+        """Remove the pending entries of one job (all of them, or only `image_ids`); another job's stay."""
+        entries = self.pending()
+        mine = [i for i, owner in entries.items() if owner == job_id and (image_ids is None or i in image_ids)]
+        if mine:
+            self.connection.hdel(self.pending_key, *mine)
 
     def info(self) -> CollectionInfo:
         metas = self.connection.hvals(self.meta_key)
         return CollectionInfo(self.name, int(self.connection.hlen(self.regions_key)),
                               sum(int(json.loads(m)["stored"]) for m in metas))
+
+
+def collection_count(connection: Redis) -> int:
+    """How many collections there are (COLLECTION_NAMES_KEY)."""
+    return int(connection.scard(COLLECTION_NAMES_KEY))

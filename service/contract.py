@@ -19,6 +19,10 @@ from typing import Any, Literal, Mapping, get_args
 
 Inputs = Literal["images", "features"]
 INPUTS: tuple[str, ...] = get_args(Inputs)
+# What a job does: run the tasks on its uploads ("inference"), index its uploads into a collection, or search a
+# collection by its text (service.worker.collections; the collection is named in `collection`).
+Kind = Literal["inference", "collection_add", "collection_search"]
+KINDS: tuple[str, ...] = get_args(Kind)
 
 
 @dataclass
@@ -42,10 +46,14 @@ class JobRequest:
     boxes: list[list[float]] | None = None  # candidate boxes on the first image (pointing tasks)
     images: list[ImageInfo] = field(default_factory=list)  # one per upload, in upload order
     inputs: Inputs = "images"  # "features": the uploads are validated region-feature files (.npz), not images
+    kind: Kind = "inference"
+    collection: str | None = None  # the collection of a collection_add or collection_search job
 
     def __post_init__(self) -> None:
         if self.inputs not in INPUTS:
             raise ValueError(f"inputs must be one of {INPUTS}, got {self.inputs!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,7 +62,8 @@ class JobRequest:
     def from_json(cls, data: Mapping[str, Any]) -> "JobRequest":
         return cls(text=data["text"], tasks=list(data["tasks"]), top_k=int(data.get("top_k", 3)),
                    boxes=data.get("boxes"), images=[ImageInfo(**info) for info in data.get("images", [])],
-                   inputs=data.get("inputs", "images"))
+                   inputs=data.get("inputs", "images"), kind=data.get("kind", "inference"),
+                   collection=data.get("collection"))
 
 
 # ------------------------------------------------------------------------------------------------- Redis keys
@@ -65,7 +74,9 @@ UPLOAD_PREFIX = "vilbert:upload:"  # + job id: hash of upload index -> bytes, ex
 UPLOAD_LEDGER_PREFIX = "vilbert:upload-ledger:"
 ALIVE_PREFIX = "vilbert:worker-alive:"  # + RQ worker name: JSON about a worker with its models loaded
 FEATURE_CACHE_PREFIX = "vilbert:feat:"  # the worker's region-feature cache (service.worker.cache)
-COLLECTION_PREFIX = "vilbert:coll:"  # + name + ":regions" / ":meta" / ":thumbs": a collection (service.collections)
+COLLECTION_PREFIX = "vilbert:coll:"  # + name + ":regions" / ":meta" / ":thumbs" / ":pending": a collection
+# (service.collections); the set of every collection's name (for MAX_COLLECTIONS). No name starts with "_".
+COLLECTION_NAMES_KEY = COLLECTION_PREFIX + "_names"
 
 # The function name the web tier enqueues jobs under. The batch worker never calls it: it computes every job's
 # outcome itself (service.worker.rq_batch); the function raises if anything else ever runs a job.
@@ -112,6 +123,9 @@ DECODE, DETECTOR, VILBERT = "decode", "detector", "vilbert"
 # update), then the pipeline's stages; "failed" is recorded with an error.
 STAGE_QUEUED, STAGE_STARTING, STAGE_FAILED = "queued", "starting", "failed"
 STAGES = (DECODE, DETECTOR, VILBERT, "done")
+# A collection job's stages: "indexing" (stage_detail "done/total" images) and "searching".
+INDEXING, SEARCHING = "indexing", "searching"
+COLLECTION_STAGES = (INDEXING, SEARCHING)
 # Where an error can happen besides the pipeline's stages (an error's `stage`): reading the job's inputs in the
 # worker, and the batch as a whole (an unexpected failure of the batch loop).
 ERROR_AT_LOAD, ERROR_AT_BATCH = "load", "batch"

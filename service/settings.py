@@ -72,6 +72,11 @@ class Settings:
     batch_max_wait_ms: int = 2  # how long a worker waits for partners once it has a job (under load they are
     # already queued when it finishes a batch; the wait only matters for near-simultaneous arrivals)
     worker_metrics_port: int = 0  # the worker's Prometheus /metrics port; 0 = off
+    # Collections (service/web/collections.py, docs/API.md "Collections").
+    max_collection_upload_images: int = 32  # images per add request
+    max_collection_images: int = 10_000  # images per collection (stored and pending)
+    max_collection_bytes: int = 4 << 30  # stored bytes (region records and thumbnails) per collection
+    max_collections: int = 100
 
     @property
     def heartbeat_interval(self) -> float:
@@ -168,6 +173,10 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "batch_max_jobs": ("BATCH_MAX_JOBS", _int(1, 256)),
     "batch_max_wait_ms": ("BATCH_MAX_WAIT_MS", _int(0, 10_000)),
     "worker_metrics_port": ("WORKER_METRICS_PORT", _int(0, 65535)),
+    "max_collection_upload_images": ("MAX_COLLECTION_UPLOAD_IMAGES", _int(1, 1000)),
+    "max_collection_images": ("MAX_COLLECTION_IMAGES", _int(1)),
+    "max_collection_bytes": ("MAX_COLLECTION_BYTES", _int(1024)),
+    "max_collections": ("MAX_COLLECTIONS", _int(1)),
 }
 
 ENV_VARIABLES = {name: env for name, (env, _) in _ENV.items()}

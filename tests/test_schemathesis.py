@@ -10,8 +10,8 @@ docs/TESTING.md has the run time and how to run this file alone.
 Random bytes are never an image, so left alone the run would only ever reach the "not an image" answer of the
 submit operations and the 404 of GET /api/v1/jobs/{job_id}. Two substitutions take it further, without changing
 what the schema says the case is (a binary part stays a binary part, a string id a string id):
-- every other positive submission carries a real 8x6 PNG as its first image part, so the other checks run too
-  (text, tasks, top_k, boxes, image count) and some are queued (202);
+- every other positive submission (of a job, or of images to a collection) carries a real 8x6 PNG as its first
+  image part, so the other checks run too (text, tasks, top_k, boxes, image count) and some are queued (202);
 - every other positive GET of a job asks for a job this run queued, so the Job schema is checked on real jobs.
 
 The checks: not_a_server_error, response_schema_conformance, status_code_conformance, content_type_conformance,
@@ -61,6 +61,10 @@ REQUEST_TIMEOUT = 20  # seconds per request; the service answers each in millise
 INTEGER_TEXT = re.compile(r"\s*[+-]?[0-9]+\s*", re.ASCII)
 SUBMIT = ("POST /", "POST /api/v1/jobs")
 GET_JOB = "GET /api/v1/jobs/{job_id}"
+ADD_IMAGES = "POST /api/v1/collections/{name}/images"
+COLLECTION_OPERATIONS = (ADD_IMAGES, "POST /api/v1/collections/{name}/search", "GET /api/v1/collections/{name}",
+                         "DELETE /api/v1/collections/{name}", "DELETE /api/v1/collections/{name}/images/{image_id}",
+                         "GET /api/v1/collections/{name}/images/{image_id}/thumbnail")
 
 # What the run sent and got back, per operation, for test_the_run_reached_past_input_checking.
 SEEN: dict[str, Counter] = defaultdict(Counter)
@@ -109,7 +113,7 @@ def substitute(case, label: str, seen: Counter) -> None:
     """The two substitutions of the module docstring, on every other positive case of the operation."""
     if not positive(case):
         return
-    if label in SUBMIT and isinstance(case.body, dict):
+    if label in (*SUBMIT, ADD_IMAGES) and isinstance(case.body, dict):
         images = [field for field in ("image", "fileupload") if isinstance(case.body.get(field), list)
                   and case.body[field] and "features" not in case.body]
         if images and seen["positive image submissions"] % 2 == 0:
@@ -201,7 +205,7 @@ def test_every_operation_conforms(case):
         SEEN[f"{case.method.upper()} (undeclared)"][response.status_code] += 1
         return
     seen[response.status_code] += 1
-    if label in SUBMIT and response.status_code == 202:
+    if label in (*SUBMIT, ADD_IMAGES) and response.status_code == 202:
         QUEUED.append(response.json()["id"])
     if label == GET_JOB and response.status_code == 200:
         seen[f"job {response.json()['status']}"] += 1
@@ -216,6 +220,9 @@ def test_the_run_reached_past_input_checking():
         assert seen[202] > 0 and seen[400] > 0, (label, seen)
         assert seen["real image sent"] > 0 and seen["features parts sent"] > 0, (label, seen)
     assert SEEN[GET_JOB][200] > 0 and SEEN[GET_JOB][404] > 0, SEEN[GET_JOB]
+    assert SEEN[ADD_IMAGES][202] > 0 and SEEN[ADD_IMAGES]["real image sent"] > 0, SEEN[ADD_IMAGES]
+    for label in COLLECTION_OPERATIONS:
+        assert SEEN[label][400] > 0, (label, SEEN[label])
     for label in ("GET /", "GET /api/v1/tasks", "GET /healthz", "GET /readyz", "GET /metrics",
                   "GET /api/v1/openapi.json"):
         assert SEEN[label][200] > 0, (label, SEEN[label])

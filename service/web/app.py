@@ -21,6 +21,7 @@ from ..errors import BadRequest, ServiceError
 from ..queue import connect
 from ..settings import Settings, load_settings
 from . import metrics
+from .collections import collections_blueprint
 from .routes import api_blueprint
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     connection: Redis = connect(settings)
     metrics.install(app, connection, settings)  # GET /metrics, request counters
     app.register_blueprint(api_blueprint(settings, registry, connection))
+    app.register_blueprint(collections_blueprint(settings, connection))
     install_error_handlers(app, settings)
 
     @app.after_request

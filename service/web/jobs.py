@@ -27,23 +27,26 @@ PUBLIC_STATUS = {
 }
 
 
-def submit(connection: Redis, settings: Settings, request: JobRequest, uploads: list[bytes]) -> Job:
-    """Store the uploads, then queue the job (in that order, so a worker never sees a job without its uploads)."""
+def submit(connection: Redis, settings: Settings, request: JobRequest, uploads: list[bytes],
+           job_id: str | None = None) -> Job:
+    """Store the uploads, then queue the job (in that order, so a worker never sees a job without its uploads).
+    `job_id`: the id to queue it under (a new one when None)."""
     queue = get_queue(connection, settings)
     if queue.count >= settings.max_queued_jobs:
         raise Unavailable("queue_full", f"{queue.count} jobs are waiting, the limit is {settings.max_queued_jobs}; "
                                         "retry later")
-    job_id = uuid.uuid4().hex
+    job_id = job_id or uuid.uuid4().hex
     size = sum(len(data) for data in uploads)
     admitted, held = admit_uploads(connection, settings, job_id, size)
     if not admitted:
         raise Unavailable("queue_full", f"waiting jobs hold {held} bytes of uploads; this job's {size} bytes would "
                                         f"pass the limit of {settings.max_queued_bytes}; retry later")
     try:
-        with connection.pipeline() as pipe:
-            pipe.hset(upload_key(job_id), mapping={str(i): data for i, data in enumerate(uploads)})
-            pipe.expire(upload_key(job_id), settings.upload_ttl)
-            pipe.execute()
+        if uploads:  # a collection search has none
+            with connection.pipeline() as pipe:
+                pipe.hset(upload_key(job_id), mapping={str(i): data for i, data in enumerate(uploads)})
+                pipe.expire(upload_key(job_id), settings.upload_ttl)
+                pipe.execute()
         return _enqueue(queue, settings, job_id, request, len(uploads))
     except BaseException:
         release_uploads(connection, settings, job_id)
@@ -51,11 +54,13 @@ def submit(connection: Redis, settings: Settings, request: JobRequest, uploads: 
 
 
 def _enqueue(queue: Any, settings: Settings, job_id: str, request: JobRequest, count: int) -> Job:
+    description = f"{','.join(request.tasks)} on {count} image(s)"
+    if request.kind != "inference":
+        description = f"{request.kind} {request.collection}: {count} image(s)"
     return queue.enqueue(
         JOB_FUNCTION, kwargs={"request": request.to_json()}, job_id=job_id, job_timeout=settings.job_timeout,
         result_ttl=settings.result_ttl, failure_ttl=settings.failure_ttl, ttl=settings.upload_ttl,
-        meta={"stage": STAGE_QUEUED, "tasks": request.tasks}, description=f"{','.join(request.tasks)} on "
-        f"{count} image(s)",
+        meta={"stage": STAGE_QUEUED, "tasks": request.tasks}, description=description,
     )
 
 

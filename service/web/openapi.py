@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from ..contract import STAGE_STARTING, STAGES
+from ..contract import COLLECTION_STAGES, STAGE_STARTING, STAGES
 from ..settings import Settings
+from .collections import SEARCH_DEFAULT_TOP_K, SEARCH_MAX_TOP_K, SEARCH_TASKS
 
 
 def _error(description: str, retry_after: bool = False) -> dict:
@@ -65,6 +66,88 @@ def _submit_operation(summary: str, classic: bool, settings: Settings) -> dict:
     }
 
 
+def _param(name: str, description: str) -> dict:
+    return {"name": name, "in": "path", "required": True, "description": description, "schema": {"type": "string"}}
+
+
+NAME_PARAM = _param("name", "the collection: 1 to 63 lower-case letters, digits, '-' and '_', starting with a letter "
+                            "or digit (else 400 invalid_collection)")
+IMAGE_ID_PARAM = _param("image_id", "an image id as the add answered it (32 hex digits)")
+
+
+def _collection_queued(operation_id: str, summary: str, body: dict, bad: str, settings: Settings,
+                       extra: dict | None = None) -> dict:
+    """A collection operation that queues a job (202, Location)."""
+    return {
+        "summary": summary, "operationId": operation_id, "parameters": [NAME_PARAM],
+        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": body}}},
+        "responses": {
+            "202": {"description": "queued", "headers": {"Location": {"required": True, "schema": {"type": "string"},
+                                                                      "description": "the job's URL to poll"}},
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CollectionAccepted"}}},
+                    "links": {"job": {"operationId": "getJob", "parameters": {"job_id": "$response.body#/id"},
+                                      "description": "poll the job"}}},
+            "400": _error(bad),
+            **(extra or {}),
+            "413": _error("request body over the size limit, or an image over the pixel limit"),
+            "503": _error("Redis unavailable or the queue is full", retry_after=True),
+        },
+    }
+
+
+def _collection_paths(settings: Settings) -> dict:
+    add_body = {"type": "object", "required": ["image"], "properties": {"image": {
+        "type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1,
+        "maxItems": settings.max_collection_upload_images,
+        "description": "the images to add (JPEG, PNG, GIF, BMP, TIFF, WEBP), the field repeated"}}}
+    search_body = {"type": "object", "required": ["text"], "properties": {
+        "text": {"type": "string", "minLength": 1, "maxLength": settings.max_text_chars,
+                 "description": "the caption to rank the collection's images by"},
+        "top_k": {"type": "integer", "minimum": 1, "maximum": SEARCH_MAX_TOP_K,
+                  "description": f"hits to return (default {SEARCH_DEFAULT_TOP_K})"},
+        "task": {"enum": list(SEARCH_TASKS), "description": f"the retrieval head (default {SEARCH_TASKS[0]})"}}}
+    return {
+        "/api/v1/collections/{name}": {
+            "get": {"summary": "A collection: image count, images pending (uploaded, not indexed yet), stored bytes",
+                    "operationId": "getCollection", "parameters": [NAME_PARAM],
+                    "responses": {"200": _json("the collection", {"$ref": "#/components/schemas/Collection"}),
+                                  "400": _error("invalid collection name"),
+                                  "404": _error("unknown collection (no image, none pending)")}},
+            "delete": {"summary": "Delete a collection and every image in it", "operationId": "deleteCollection",
+                       "parameters": [NAME_PARAM],
+                       "responses": {"200": _json("deleted; how many images it held", {
+                           "type": "object", "required": ["deleted"],
+                           "properties": {"deleted": {"type": "integer", "minimum": 0}}}),
+                           "400": _error("invalid collection name"),
+                           "404": _error("unknown collection")}},
+        },
+        "/api/v1/collections/{name}/images": {"post": _collection_queued(
+            "addImages", "Add images to a collection (created on first use): a job that indexes them", add_body,
+            "invalid collection name, no image, a file field sent as text, more images than "
+            "MAX_COLLECTION_UPLOAD_IMAGES, not an image", settings,
+            {"409": _error("a limit of the collections reached: MAX_COLLECTIONS, MAX_COLLECTION_IMAGES, "
+                           "MAX_COLLECTION_BYTES")})},
+        "/api/v1/collections/{name}/images/{image_id}": {"delete": {
+            "summary": "Delete one image of a collection", "operationId": "deleteImage",
+            "parameters": [NAME_PARAM, IMAGE_ID_PARAM],
+            "responses": {"200": _json("deleted", {"type": "object", "required": ["deleted"],
+                                                   "properties": {"deleted": {"type": "string"}}}),
+                          "400": _error("invalid collection name"),
+                          "404": _error("no such image in the collection")}}},
+        "/api/v1/collections/{name}/images/{image_id}/thumbnail": {"get": {
+            "summary": "An image's thumbnail (JPEG, at most 256 px on its long side)", "operationId": "getThumbnail",
+            "parameters": [NAME_PARAM, IMAGE_ID_PARAM],
+            "responses": {"200": {"description": "the thumbnail", "content": {
+                "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}},
+                "400": _error("invalid collection name"),
+                "404": _error("no such image in the collection")}}},
+        "/api/v1/collections/{name}/search": {"post": _collection_queued(
+            "searchCollection", "Rank a collection's images by a caption: a job", search_body,
+            "invalid collection name, missing or empty text, bad top_k, unknown task", settings,
+            {"404": _error("unknown or empty collection")})},
+    }
+
+
 def openapi_spec(settings: Settings) -> dict:
     return {
         "openapi": "3.1.0",
@@ -105,6 +188,7 @@ def openapi_spec(settings: Settings) -> dict:
                                 "responses": {"200": _json("ready", {"$ref": "#/components/schemas/Readiness"}),
                                               "503": _json("not ready: Redis unreachable or no live worker",
                                                            {"$ref": "#/components/schemas/Readiness"})}}},
+            **_collection_paths(settings),
         },
         "components": {"schemas": {
             "Error": {"type": "object", "required": ["error"], "properties": {"error": {
@@ -113,15 +197,26 @@ def openapi_spec(settings: Settings) -> dict:
             "Accepted": {"type": "object", "required": ["id", "status", "url"], "properties": {
                 "id": {"type": "string"}, "status": {"const": "queued"}, "url": {"type": "string"},
                 "tasks": {"type": "array", "items": {"type": "string"}}}},
+            "CollectionAccepted": {"type": "object", "required": ["id", "status", "url", "collection"], "properties": {
+                "id": {"type": "string"}, "status": {"const": "queued"}, "url": {"type": "string"},
+                "collection": {"type": "string"},
+                "image_ids": {"type": "array", "items": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+                              "description": "(add) one content-derived id per image, in upload order"}}},
+            "Collection": {"type": "object", "required": ["name", "images", "pending", "bytes"], "properties": {
+                "name": {"type": "string"}, "images": {"type": "integer", "minimum": 0},
+                "pending": {"type": "integer", "minimum": 0, "description": "uploaded, not indexed yet"},
+                "bytes": {"type": "integer", "minimum": 0, "description": "stored: region records and thumbnails"}}},
             "Job": {"type": "object", "required": ["id", "status"], "properties": {
                 "id": {"type": "string"},
                 "status": {"enum": ["queued", "started", "finished", "failed"]},
                 "tasks": {"type": "array", "items": {"type": "string"}},
                 "queue_position": {"type": ["integer", "null"], "description": "jobs ahead of this one (queued)"},
-                "stage": {"enum": [STAGE_STARTING, *STAGES], "description": "while started"},
+                "stage": {"enum": [STAGE_STARTING, *STAGES, *COLLECTION_STAGES], "description": "while started"},
                 "stage_detail": {"type": "string", "description": "while started, when the stage has one"},
                 "result": {"type": "object", "description": "when finished: tasks (one entry per task), images "
-                                                            "(width, height, regions), timings, model"},
+                                                            "(width, height, regions), timings, model; a collection "
+                                                            "add: collection, image_ids, added, images; a search: "
+                                                            "collection, hits, scored, task, timings"},
                 "error": {"type": "object", "properties": {"code": {"type": "string"}, "message": {"type": "string"}}},
                 "created_at": {"type": "string"}, "enqueued_at": {"type": "string"},
                 "started_at": {"type": "string"}, "ended_at": {"type": "string"},

@@ -50,9 +50,10 @@ from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
 from rq.worker import WorkerStatus
 
-from ..contract import (ERROR_AT_BATCH, ERROR_AT_LOAD, INTERNAL_ERROR, STAGE_FAILED, TIMEOUT, UPLOAD_EXPIRED,
-                        JobRequest, error_body, timing_key, upload_key)
-from ..errors import BadRequest, PipelineError
+from ..collections import CollectionStore
+from ..contract import (ERROR_AT_BATCH, ERROR_AT_LOAD, INDEXING, INTERNAL_ERROR, SEARCHING, STAGE_FAILED, TIMEOUT,
+                        UPLOAD_EXPIRED, JobRequest, error_body, timing_key, upload_key)
+from ..errors import BadRequest, PipelineError, ServiceError
 from ..features import parse_features
 from ..queue import release_uploads
 from .context import WorkerContext
@@ -173,12 +174,89 @@ def load_request(connection: Redis, job: Job) -> InferenceRequest:
     return InferenceRequest(uploads, request.text, request.tasks, request.top_k, request.boxes)
 
 
+def load_uploads(connection: Redis, job: Job, request: JobRequest) -> list[bytes]:
+    """The images stored with a collection add job, in upload order (as load_request reads them)."""
+    stored = connection.hgetall(upload_key(job.id))
+    count = len(request.images)
+    if count == 0 or len(stored) != count:
+        raise PipelineError(UPLOAD_EXPIRED, "the uploaded images are gone (expired before the job started); submit "
+                                            "again", ERROR_AT_LOAD)
+    return [stored[str(i).encode()] for i in range(count)]
+
+
+def set_progress(connection: Redis, job: Job, stage: str, detail: str = "") -> None:
+    """A collection job's progress in job.meta, written only while the job is still ours (owned_hset)."""
+    job.meta.update(stage=stage, stage_detail=detail)
+    try:
+        if not owned_hset(connection, job, job.worker_name or "", "meta", job._serialize_meta()):
+            log.warning("job %s: progress not recorded, the job is no longer this worker's", job.id)
+    except RedisError as exc:
+        log.warning("job %s: progress not recorded: redis unavailable (%s)", job.id, exc)
+
+
+def run_collection_job(pipeline: Pipeline, connection: Redis, job: Job, request: JobRequest) -> dict:
+    """One collection job (kind collection_add or collection_search) with the worker's models; a failure is a
+    PipelineError. An add's pending entries (service.collections) are removed as its images are indexed, and all
+    of them when it fails."""
+    from .collections import index_images, search  # torch: only in the worker
+
+    try:
+        store = CollectionStore(connection, request.collection or "")
+    except BadRequest as exc:
+        raise PipelineError.at(ERROR_AT_LOAD, exc) from None
+    if request.kind == "collection_search":
+        set_progress(connection, job, SEARCHING)
+        try:
+            result = search(pipeline, store, request.text, request.top_k, request.tasks[0])
+        except ServiceError as exc:
+            raise PipelineError.at(SEARCHING, exc) from None
+        except ValueError as exc:
+            raise PipelineError("unknown_task", str(exc), SEARCHING) from None
+        return {"collection": store.name, **result}
+    try:
+        uploads = load_uploads(connection, job, request)
+        image_ids, added = [], 0
+        set_progress(connection, job, INDEXING, f"0/{len(uploads)}")
+        for done, data in enumerate(uploads, 1):
+            try:
+                (image_id, new), = index_images(pipeline, store, [data])
+            except ServiceError as exc:
+                raise PipelineError.at(INDEXING, exc, f"image {done - 1}: ") from None
+            except Exception as exc:  # an undecodable image and the like
+                code = getattr(exc, "code", None) or INTERNAL_ERROR
+                raise PipelineError(code, f"image {done - 1}: {getattr(exc, 'message', None) or exc}",
+                                    INDEXING) from None
+            image_ids.append(image_id)
+            added += new
+            store.clear_pending(job.id, [image_id])
+            set_progress(connection, job, INDEXING, f"{done}/{len(uploads)}")
+        if added:
+            store.register()  # counted again if the collection was deleted while this job ran
+        return {"collection": store.name, "image_ids": image_ids, "added": added, "images": store.info().images}
+    except BaseException:
+        try:
+            store.clear_pending(job.id)
+            store.forget_if_empty()
+        except RedisError:
+            pass
+        raise
+
+
 def run_batch(pipeline: Pipeline, connection: Redis, batch: list[Job]) -> dict[str, Any]:
-    """job id -> result dict, or the exception that fails that job (its reason saved in job.meta["error"])."""
+    """job id -> result dict, or the exception that fails that job (its reason saved in job.meta["error"]).
+    Inference jobs run together (Pipeline.run_many); collection jobs after them, one at a time."""
     outcomes: dict[str, Any] = {}
     requests, live = [], []
+    collection_jobs: list[tuple[Job, JobRequest]] = []
     for job in batch:
         try:
+            try:
+                kind = job.kwargs["request"].get("kind", "inference")
+            except (KeyError, AttributeError, TypeError):
+                kind = "inference"  # load_request reports what is wrong with it
+            if kind != "inference":
+                collection_jobs.append((job, JobRequest.from_json(job.kwargs["request"])))
+                continue
             try:
                 request = load_request(connection, job)
             except RedisError:  # Redis restarting: wait for it once rather than fail the job at once
@@ -218,6 +296,14 @@ def run_batch(pipeline: Pipeline, connection: Redis, batch: list[Job]) -> dict[s
             timings[timing_key("run")] = run_s
             result["batch_size"] = len(batch)  # jobs this worker took together
             outcomes[job.id] = result
+    for job, request in collection_jobs:
+        try:
+            outcomes[job.id] = run_collection_job(pipeline, connection, job, request)
+        except PipelineError as exc:
+            outcomes[job.id] = exc
+        except Exception as exc:  # Redis gone, a damaged record: this job fails, not the batch
+            log.exception("job %s: collection job failed", job.id)
+            outcomes[job.id] = PipelineError(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", ERROR_AT_BATCH)
     return outcomes
 
 

@@ -1,0 +1,197 @@
+"""The HTTP API of collections (issue 14): add images, look a collection up, search it by caption, delete.
+
+Adding and searching are jobs on the same queue as inference jobs (JobRequest.kind "collection_add" /
+"collection_search"); the batch worker runs them one at a time with its models (service.worker.rq_batch). The
+plain functions below do the checks and the Redis work; `collections_blueprint`'s routes only parse the request
+and answer JSON.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Mapping, Sequence
+
+from flask import Blueprint, Response, jsonify, request, url_for
+from redis import Redis
+from rq.job import Job
+
+from ..collections import IMAGE_ID, CollectionStore, collection_count, image_id_of
+from ..contract import ImageInfo, JobRequest
+from ..errors import BadRequest, NotFound, ServiceError
+from ..settings import Settings
+from .inputs import check_image, parse_text, parse_top_k
+from .jobs import submit
+
+SEARCH_TASKS = ("retrieval_coco", "retrieval_flickr30k")  # as service.worker.collections (which imports torch)
+SEARCH_DEFAULT_TOP_K = 10
+SEARCH_MAX_TOP_K = 100
+IMAGE_FIELD = "image"
+
+
+class Conflict(ServiceError):
+    """A request the collection's state refuses (a limit reached)."""
+
+    status = 409
+
+
+# ------------------------------------------------------------------------------------------------ adding
+
+
+def check_uploads(images: Sequence[bytes], settings: Settings) -> list[ImageInfo]:
+    """The images of one add request: at least one, at most MAX_COLLECTION_UPLOAD_IMAGES, each an image we
+    accept (headers only: check_image)."""
+    if not images:
+        raise BadRequest("missing_image", f"at least one image file is required (form field '{IMAGE_FIELD}')")
+    if len(images) > settings.max_collection_upload_images:
+        raise BadRequest("too_many_uploads", f"{len(images)} images sent, the limit per request is "
+                                             f"{settings.max_collection_upload_images}")
+    infos = []
+    for index, data in enumerate(images):
+        try:
+            infos.append(check_image(data, settings.max_image_pixels))
+        except BadRequest as exc:
+            raise BadRequest(exc.code, f"image {index}: {exc.message}", status=exc.status) from None
+    return infos
+
+
+def check_room(store: CollectionStore, settings: Settings, image_ids: Sequence[str]) -> list[str]:
+    """The ids among `image_ids` that would be new (neither stored nor pending), once the collection's limits
+    allow them: MAX_COLLECTIONS for a new collection, MAX_COLLECTION_BYTES, MAX_COLLECTION_IMAGES."""
+    if not store.registered() and collection_count(store.connection) >= settings.max_collections:
+        raise Conflict("too_many_collections", f"there are {settings.max_collections} collections, the limit; "
+                                               "delete one first")
+    info = store.info()
+    if info.bytes >= settings.max_collection_bytes:
+        raise Conflict("collection_too_large", f"collection {store.name} stores {info.bytes} bytes, the limit is "
+                                               f"{settings.max_collection_bytes}")
+    stored = set(store.ids())
+    pending = set(store.pending()) - stored
+    new = [i for i in dict.fromkeys(image_ids) if i not in stored and i not in pending]
+    total = len(stored) + len(pending) + len(new)
+    if total > settings.max_collection_images:
+        raise Conflict("collection_full", f"collection {store.name} would hold {total} images, the limit is "
+                                          f"{settings.max_collection_images}")
+    return new
+
+
+def submit_add(connection: Redis, settings: Settings, name: str, images: Sequence[bytes]) -> tuple[Job, list[str]]:
+    """Check and queue an add job; returns it and the image ids, one per image in upload order."""
+    store = CollectionStore(connection, name)
+    infos = check_uploads(images, settings)
+    image_ids = [image_id_of(data) for data in images]
+    new = check_room(store, settings, image_ids)
+    job_id = uuid.uuid4().hex
+    store.register()
+    store.add_pending(new, job_id, settings.upload_ttl)  # before queueing: the worker clears them when done
+    request_ = JobRequest(text="", tasks=[], top_k=0, images=infos, kind="collection_add", collection=store.name)
+    try:
+        job = submit(connection, settings, request_, list(images), job_id=job_id)
+    except BaseException:
+        store.clear_pending(job_id)
+        store.forget_if_empty()
+        raise
+    return job, image_ids
+
+
+# ----------------------------------------------------------------------------------------- info, deleting
+
+
+def collection_info(connection: Redis, name: str) -> dict:
+    """{"name", "images", "pending", "bytes"}; a collection with no image and nothing pending is unknown."""
+    store = CollectionStore(connection, name)
+    info = store.info()
+    stored = set(store.ids())
+    pending = len(set(store.pending()) - stored)
+    if not info.images and not pending:
+        raise NotFound("unknown_collection", f"no collection {name} (or it has no image)")
+    return {"name": store.name, "images": info.images, "pending": pending, "bytes": info.bytes}
+
+
+def thumbnail(connection: Redis, name: str, image_id: str) -> bytes:
+    return CollectionStore(connection, name).thumbnail(image_id)
+
+
+def delete_image(connection: Redis, name: str, image_id: str) -> dict:
+    store = CollectionStore(connection, name)
+    if not IMAGE_ID.fullmatch(image_id) or not store.remove(image_id):
+        raise NotFound("unknown_image", f"no image {image_id!r} in collection {store.name}")
+    store.forget_if_empty()
+    return {"deleted": image_id}
+
+
+def delete_collection(connection: Redis, name: str) -> dict:
+    store = CollectionStore(connection, name)
+    if not store.connection.hlen(store.regions_key) and not store.pending():
+        store.drop()  # a registered but empty collection is forgotten too
+        raise NotFound("unknown_collection", f"no collection {name} (or it has no image)")
+    return {"deleted": store.drop()}
+
+
+# ---------------------------------------------------------------------------------------------- searching
+
+
+def parse_search(form: Mapping[str, str], settings: Settings) -> tuple[str, int, str]:
+    """(text, top_k, task) of a search: text required, top_k 1..SEARCH_MAX_TOP_K (default 10), task one of
+    SEARCH_TASKS (default retrieval_coco)."""
+    text = parse_text(form.get("text"), settings.max_text_chars)
+    raw_top_k = form.get("top_k")
+    top_k = SEARCH_DEFAULT_TOP_K if raw_top_k is None or not raw_top_k.strip() else \
+        parse_top_k(raw_top_k, SEARCH_MAX_TOP_K)
+    task = (form.get("task") or "").strip() or SEARCH_TASKS[0]
+    if task not in SEARCH_TASKS:
+        raise BadRequest("unknown_task", f"task must be one of {', '.join(SEARCH_TASKS)}, got {task[:40]!r}")
+    return text, top_k, task
+
+
+def submit_search(connection: Redis, settings: Settings, name: str, form: Mapping[str, str]) -> Job:
+    store = CollectionStore(connection, name)
+    text, top_k, task = parse_search(form, settings)
+    if not connection.hlen(store.regions_key):
+        raise NotFound("unknown_collection", f"no collection {name} (or it has no indexed image)")
+    request_ = JobRequest(text=text, tasks=[task], top_k=top_k, kind="collection_search", collection=store.name)
+    return submit(connection, settings, request_, [])
+
+
+# -------------------------------------------------------------------------------------------------- routes
+
+
+def collections_blueprint(settings: Settings, connection: Redis) -> Blueprint:
+    api = Blueprint("collections", __name__)
+
+    def accepted(job: Job, name: str, **extra) -> tuple[Response, int, dict]:
+        location = url_for("api.get_job", job_id=job.id)
+        body = {"id": job.id, "status": "queued", "url": location, "collection": name, **extra}
+        return jsonify(body), 202, {"Location": location}
+
+    @api.post("/api/v1/collections/<name>/images")
+    def add_images(name: str):
+        CollectionStore(connection, name)  # the name first
+        if IMAGE_FIELD in request.form:
+            raise BadRequest("not_a_file", f"the form field '{IMAGE_FIELD}' must be a file upload "
+                                           f"(curl --form {IMAGE_FIELD}=@path), not a text value")
+        images = [data for upload in request.files.getlist(IMAGE_FIELD)
+                  if (data := upload.read()) or upload.filename]
+        job, image_ids = submit_add(connection, settings, name, images)
+        return accepted(job, name, image_ids=image_ids)
+
+    @api.get("/api/v1/collections/<name>")
+    def get_collection(name: str):
+        return jsonify(collection_info(connection, name))
+
+    @api.get("/api/v1/collections/<name>/images/<image_id>/thumbnail")
+    def get_thumbnail(name: str, image_id: str):
+        return Response(thumbnail(connection, name, image_id), mimetype="image/jpeg")
+
+    @api.delete("/api/v1/collections/<name>/images/<image_id>")
+    def remove_image(name: str, image_id: str):
+        return jsonify(delete_image(connection, name, image_id))
+
+    @api.delete("/api/v1/collections/<name>")
+    def remove_collection(name: str):
+        return jsonify(delete_collection(connection, name))
+
+    @api.post("/api/v1/collections/<name>/search")
+    def search_collection(name: str):
+        return accepted(submit_search(connection, settings, name, request.form), name)
+
+    return api
