@@ -73,7 +73,7 @@ class Settings:
     # already queued when it finishes a batch; the wait only matters for near-simultaneous arrivals)
     worker_metrics_port: int = 0  # the worker's Prometheus /metrics port; 0 = off
     # Collections (service/web/collections.py, docs/API.md "Collections").
-    max_collection_upload_images: int = 32  # images per add request
+    max_collection_upload_images: int = 16  # per add request: one job, within JOB_TIMEOUT even on a CPU (~13 s each)
     max_collection_images: int = 10_000  # images per collection (stored and pending)
     max_collection_bytes: int = 4 << 30  # stored bytes (region records and thumbnails) per collection
     max_collections: int = 100
