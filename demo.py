@@ -6,6 +6,8 @@
     python demo.py left.jpg right.jpg "there are two dogs" --tasks nlvr2,retrieval_coco
     python demo.py photo.jpg "the red car" --tasks refcoco --draw boxes.png
     python demo.py photo.jpg "which one is the cup?" --tasks visual7w --boxes "[[10,10,80,90],[100,20,160,120]]"
+    python demo.py --collection holiday --add ~/Pictures/holiday     # index a folder (or files) into a collection
+    python demo.py --collection holiday --search "a dog catching a frisbee" --top-k 5
 
 Options: --url (default $VILBERT_URL or http://127.0.0.1:5000), --tasks, --top-k, --timeout. Exits 1 when the
 job fails or times out, 2 on bad arguments or when the service cannot be reached.
@@ -22,11 +24,14 @@ import os
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
 
 DEFAULT_TEXT = "what is the person doing?"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".mpo"}
+UPLOAD_CHUNK = 16  # images per add request (the service's MAX_COLLECTION_UPLOAD_IMAGES default)
 SAMPLE_PHOTO = Path(__file__).resolve().parent / "samples" / "astronaut.jpg"
 
 
@@ -63,6 +68,96 @@ def call(url: str, data: bytes | None = None, content_type: str | None = None) -
             return exc.code, json.loads(exc.read())
         except ValueError:
             return exc.code, {"error": {"code": "http_error", "message": str(exc)}}
+
+
+def poll(job_url: str, timeout: float) -> tuple[str | None, dict]:
+    """Poll a job until it ends, with a one-line progress display: (final state, job), or (None, {}) on failure."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while True:
+        status, job = call(job_url)
+        if status != 200:
+            print(f"\ndemo: polling failed ({status}): {job.get('error', job)}", file=sys.stderr)
+            return None, {}
+        state = job["status"]
+        line = state
+        if state == "queued":
+            line += f" ({job.get('queue_position')} ahead)" if job.get("queue_position") is not None else ""
+        elif state == "started":
+            line += f": {job.get('stage', '')} {job.get('stage_detail', '')}".rstrip()
+        if line != last:
+            print(f"\r  job {job['id'][:8]}: {line:<50}", end="", flush=True)
+            last = line
+        if state in ("finished", "failed"):
+            print()
+            return state, job
+        if time.monotonic() > deadline:
+            print(f"\ndemo: no result after {timeout:.0f} s", file=sys.stderr)
+            return None, {}
+        time.sleep(0.3)
+
+
+def image_paths(paths: list[str]) -> list[Path]:
+    """The files given, and the image files directly inside the folders given (sorted)."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            found.extend(sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise SystemExit(f"demo: no such file or folder: {path}")
+    return found
+
+
+def collection(base: str, name: str, add: list[str] | None, search: str | None, top_k: int | None,
+               timeout: float) -> int:
+    """--collection NAME with --add PATH... (index images) or --search TEXT (rank the collection's images)."""
+    url = f"{base}/api/v1/collections/{urllib.parse.quote(name, safe='')}"
+    try:
+        if add:
+            files = image_paths(add)
+            if not files:
+                print("demo: no image files to add", file=sys.stderr)
+                return 2
+            names = {}
+            for start in range(0, len(files), UPLOAD_CHUNK):
+                chunk = files[start:start + UPLOAD_CHUNK]
+                print(f"adding {start + 1}-{start + len(chunk)} of {len(files)} to collection {name!r}")
+                status, body = call(url + "/images", *multipart({}, [(p.name, p.read_bytes()) for p in chunk]))
+                if status != 202:
+                    print(f"demo: refused ({status}): {body.get('error', body)}", file=sys.stderr)
+                    return 1
+                names.update(zip(body["image_ids"], (p.name for p in chunk)))
+                state, job = poll(base + body["url"], timeout)
+                if state != "finished":
+                    error = job.get("error", {})
+                    print(f"indexing failed: {error.get('code')}: {error.get('message')}", file=sys.stderr)
+                    return 1
+            status, info = call(url)
+            print(f"collection {name!r}: {info.get('images')} images, {info.get('bytes')} bytes stored")
+            return 0
+        fields = {"text": search}
+        if top_k:
+            fields["top_k"] = str(top_k)
+        status, body = call(url + "/search", *multipart(fields, []))
+        if status != 202:
+            print(f"demo: refused ({status}): {body.get('error', body)}", file=sys.stderr)
+            return 1
+        state, job = poll(base + body["url"], timeout)
+        if state != "finished":
+            error = job.get("error", {})
+            print(f"search failed: {error.get('code')}: {error.get('message')}", file=sys.stderr)
+            return 1
+        result = job["result"]
+        print(f"{len(result['hits'])} best of {result['scored']} images for {search!r}:")
+        for hit in result["hits"]:
+            print(f"  {hit['rank']:>3}. {hit['image_id']}  score {hit['score']:+.4f}")
+        return 0
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"demo: cannot reach the service at {base}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+        return 2
 
 
 def format_result(result: dict) -> str:
@@ -124,7 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text", help="the text (instead of the last positional argument)")
     parser.add_argument("--draw", type=Path, help="save the first image with the grounding boxes drawn on it")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the result")
+    parser.add_argument("--collection", metavar="NAME", help="work on a collection: with --add or --search")
+    parser.add_argument("--add", nargs="+", metavar="PATH", help="image files or folders to index into --collection")
+    parser.add_argument("--search", metavar="TEXT", help="rank the images of --collection for this caption")
     args = parser.parse_args(argv)
+    if args.collection or args.add or args.search:
+        if not args.collection or bool(args.add) == bool(args.search) or args.inputs:
+            parser.error("use --collection NAME with exactly one of --add PATH... or --search TEXT")
+        return collection(args.url.rstrip("/"), args.collection, args.add, args.search, args.top_k, args.timeout)
     if args.draw:
         try:
             import PIL  # noqa: F401 - checked before the job is submitted, not after it has run
@@ -155,30 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     if status != 202:
         print(f"demo: refused ({status}): {body.get('error', body)}", file=sys.stderr)
         return 1
-    job_url = base + body["url"]
-    deadline = time.monotonic() + args.timeout
-    last = ""
-    while True:
-        status, job = call(job_url)
-        if status != 200:
-            print(f"\ndemo: polling failed ({status}): {job.get('error', job)}", file=sys.stderr)
-            return 1
-        state = job["status"]
-        line = state
-        if state == "queued":
-            line += f" ({job.get('queue_position')} ahead)" if job.get("queue_position") is not None else ""
-        elif state == "started":
-            line += f": {job.get('stage', '')} {job.get('stage_detail', '')}".rstrip()
-        if line != last:
-            print(f"\r  job {job['id'][:8]}: {line:<50}", end="", flush=True)
-            last = line
-        if state in ("finished", "failed"):
-            print()
-            break
-        if time.monotonic() > deadline:
-            print(f"\ndemo: no result after {args.timeout:.0f} s", file=sys.stderr)
-            return 1
-        time.sleep(0.3)
+    state, job = poll(base + body["url"], args.timeout)
+    if state is None:
+        return 1
     if state == "failed":
         error = job.get("error", {})
         print(f"job failed: {error.get('code')}: {error.get('message')}", file=sys.stderr)

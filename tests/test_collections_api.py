@@ -336,3 +336,30 @@ def test_a_failing_add_keeps_what_it_indexed_and_drops_its_pending_entries(web, 
     ok = submit(connection, settings, replace(request, images=infos[:1]), [good], job_id=uuid.uuid4().hex)
     result = run_batch(pipeline, connection, [started_by(connection, ok.id, "w1")])[ok.id]
     assert result == {"collection": name, "image_ids": [image_id_of(good)], "added": 0, "images": 1}
+
+
+def test_demo_py_adds_a_folder_and_searches_it_on_a_bare_python(stack, tmp_path):
+    """`python demo.py --collection NAME --add DIR` then `--search TEXT`, on the standard library alone."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("astronaut", "coffee", "rocket"):
+        (folder / f"{name}.jpg").write_bytes(jpeg(name))
+    (folder / "notes.txt").write_text("not an image")
+    bare = [sys.executable, "-I", "-S", str(root / "demo.py"), "--url", stack.url, "--collection", unique()]
+    added = subprocess.run([*bare, "--add", str(folder)], capture_output=True, text=True, timeout=300)
+    assert added.returncode == 0, added.stderr
+    assert "adding 1-3 of 3" in added.stdout and "3 images" in added.stdout, added.stdout
+    again = subprocess.run([*bare, "--add", str(folder / "coffee.jpg")], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "3 images" in again.stdout, again.stdout + again.stderr
+    found = subprocess.run([*bare, "--search", "a cup of coffee", "--top-k", "2"], capture_output=True, text=True,
+                           timeout=300)
+    assert found.returncode == 0, found.stderr
+    assert "2 best of 3 images for 'a cup of coffee':" in found.stdout
+    assert len(re.findall(r"^\s+[12]\. [0-9a-f]{32}  score [+-]\d\.\d{4}$", found.stdout, re.M)) == 2, found.stdout
+    wrong = subprocess.run([*bare, "--search", "x", "--add", str(folder)], capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 2 and "exactly one of --add" in wrong.stderr
