@@ -9,7 +9,10 @@ it. Also the largest difference between the two ways' scores (the equal-results 
 score drift of storing a collection's features in float16 instead of float32 (half the Redis memory). Ratios are
 what to read on a shared machine; each is measured in one process, timings interleaved.
 
-    python bench/bench_collection_scoring.py [--images 32] [--batches 1,4,16,64] [--repeats 3] [--json out.json]
+    python bench/bench_collection_scoring.py [--images 32] [--batches 1,4,16,64] [--repeats 3] [--device cuda]
+                                             [--json out.json]
+
+On a GPU (`--device cuda`) the precisions are fp32 and bf16 autocast, and timings wait for the GPU to finish.
 """
 
 from __future__ import annotations
@@ -54,30 +57,38 @@ def full_forward_scores(predictor: Predictor, text: str, batch: list[ImageRegion
     return np.array([float(out["vil_logit"]) for out in predictor._run(rows)], np.float32)
 
 
-def interleaved_medians(first, second, repeats: int) -> tuple[float, float]:
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def interleaved_medians(first, second, repeats: int, device: str = "cpu") -> tuple[float, float]:
     """Median seconds of two calls timed alternately (after a warm-up of each), so that a load that comes and
     goes on a shared machine weighs on both alike."""
     first(), second()
     times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
         for fn, out in ((first, times[0]), (second, times[1])):
+            synchronize(device)
             started = time.perf_counter()
             fn()
+            synchronize(device)
             out.append(time.perf_counter() - started)
     return statistics.median(times[0]), statistics.median(times[1])
 
 
-def measure(precision: str, gallery: list[ImageRegions], batches: list[int], repeats: int) -> dict:
+def measure(precision: str, gallery: list[ImageRegions], batches: list[int], repeats: int,
+            device: str = "cpu") -> dict:
     config = ViLBertConfig.from_dict({**ViLBertConfig.from_json_file(CONFIG).to_dict(), "task_specific_tokens": True})
     torch.manual_seed(0)
     model = ViLBertForVLTasks(config).eval()
-    predictor = Predictor(model, Tokenizer(PACKAGED_VOCAB), answers={}, precision=precision)
+    predictor = Predictor(model, Tokenizer(PACKAGED_VOCAB), answers={}, precision=precision, device=device)
     rows = []
     for batch in batches:
         shared, full = interleaved_medians(
             lambda: predictor.score_images(CAPTION, gallery, batch_size=batch),
             lambda: [full_forward_scores(predictor, CAPTION, gallery[i:i + batch]) for i in range(0, len(gallery), batch)],
-            repeats)
+            repeats, device)
         rows.append({"images_per_forward": batch, "shared_text_images_per_s": round(len(gallery) / shared, 2),
                      "full_forward_images_per_s": round(len(gallery) / full, 2),
                      "saving": round(1 - shared / full, 3)})
@@ -100,14 +111,17 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--batches", default="1,4,16,64")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     gallery = images(args.images, 2048)
-    precisions = ["fp32"] + (["bf16"] if native_bf16_linear_available() else [])
-    report = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+    on_gpu = args.device.startswith("cuda")
+    precisions = ["fp32"] + (["bf16"] if on_gpu or native_bf16_linear_available() else [])
+    machine = torch.cuda.get_device_name(args.device) if on_gpu else platform.processor() or platform.machine()
+    report = {"machine": machine, "device": args.device, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "images": args.images,
-              "results": [measure(p, gallery, batches, args.repeats) for p in precisions]}
+              "results": [measure(p, gallery, batches, args.repeats, args.device) for p in precisions]}
     if "bf16" not in precisions:
         report["bf16"] = "skipped: this CPU has no native bf16 instructions (emulated bf16 is slower than fp32)"
     text = json.dumps(report, indent=2)

@@ -48,6 +48,7 @@ class JobRequest:
     inputs: Inputs = "images"  # "features": the uploads are validated region-feature files (.npz), not images
     kind: Kind = "inference"
     collection: str | None = None  # the collection of a collection_add or collection_search job
+    ground: bool = True  # collection_search: give each hit the top refcoco region for the text
 
     def __post_init__(self) -> None:
         if self.inputs not in INPUTS:
@@ -63,7 +64,7 @@ class JobRequest:
         return cls(text=data["text"], tasks=list(data["tasks"]), top_k=int(data.get("top_k", 3)),
                    boxes=data.get("boxes"), images=[ImageInfo(**info) for info in data.get("images", [])],
                    inputs=data.get("inputs", "images"), kind=data.get("kind", "inference"),
-                   collection=data.get("collection"))
+                   collection=data.get("collection"), ground=bool(data.get("ground", True)))
 
 
 # ------------------------------------------------------------------------------------------------- Redis keys

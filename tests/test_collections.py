@@ -103,7 +103,17 @@ def test_index_and_search_rank_by_the_retrieval_score_of_a_normal_job(redis_url,
     assert [hit["image_id"] for hit in result["hits"]] == [image_id for image_id, _ in expected]
     for hit in result["hits"]:
         assert abs(hit["score"] - jobs[hit["image_id"]]) <= 2e-6  # equal results: the job's own score
-    assert set(result["timings"]) == {"read_s", "score_s", "total_s"}
+    assert set(result["timings"]) == {"read_s", "score_s", "ground_s", "total_s"} and result["grounded"]
+    # the grounded box: the top refcoco region of a normal job on that image with the same text
+    by_id = {image_id_of(p): p for p in photos}
+    for hit in result["hits"]:
+        refcoco = pipeline.run(InferenceRequest([by_id[hit["image_id"]]], text, ["refcoco"], top_k=1))
+        best = refcoco["tasks"]["refcoco"]["regions"][0]
+        assert hit["box"] == best["box"] and abs(hit["box_score"] - best["score"]) <= 1e-5
+        assert (hit["width"], hit["height"]) == (320, 240)
+    plain = search(pipeline, store, text, top_k=3, ground=False)
+    assert not plain["grounded"] and all(h["box"] is None and h["box_score"] is None for h in plain["hits"])
+    assert [h["score"] for h in plain["hits"]] == [h["score"] for h in result["hits"]]
 
     store.remove(result["hits"][0]["image_id"])
     again = search(pipeline, store, text, top_k=10)

@@ -129,12 +129,16 @@ def test_add_tracks_pending_images_and_the_limits_refuse_with_their_codes(web):
 
 def test_search_fields_and_unknown_collections(web):
     settings, connection = web
-    assert parse_search({"text": " a dog "}, settings) == ("a dog", 10, "retrieval_coco")
-    assert parse_search({"text": "x", "top_k": "100", "task": "retrieval_flickr30k"}, settings) == \
-        ("x", 100, "retrieval_flickr30k")
+    assert parse_search({"text": " a dog "}, settings) == ("a dog", 10, "retrieval_coco", True)
+    assert parse_search({"text": "x", "top_k": "100", "task": "retrieval_flickr30k", "ground": "off"}, settings) == \
+        ("x", 100, "retrieval_flickr30k", False)
+    for raw, value in (("1", True), ("TRUE", True), (" yes ", True), ("on", True), ("0", False), ("False", False),
+                       ("no", False), ("", True)):
+        assert parse_search({"text": "x", "ground": raw}, settings)[3] is value, raw
     for form, code in (({}, "missing_text"), ({"text": "  "}, "empty_text"), ({"text": "x", "top_k": "0"}, "invalid_top_k"),
                        ({"text": "x", "top_k": "101"}, "invalid_top_k"), ({"text": "x", "top_k": "1_0"}, "invalid_top_k"),
-                       ({"text": "x", "task": "vqa"}, "unknown_task"),
+                       ({"text": "x", "task": "vqa"}, "unknown_task"), ({"text": "x", "ground": "maybe"}, "invalid_flag"),
+                       ({"text": "x", "ground": "true" * 3}, "invalid_flag"), ({"text": "x", "ground": "2"}, "invalid_flag"),
                        ({"text": "x" * (settings.max_text_chars + 1)}, "text_too_long")):
         with pytest.raises(BadRequest) as caught:
             parse_search(form, settings)
@@ -150,8 +154,10 @@ def test_search_fields_and_unknown_collections(web):
     store.add("b" * 32, regions(), b"thumb", 10)
     job = submit_search(connection, settings, name, {"text": "a cat", "top_k": "5"})
     request = JobRequest.from_json(job.kwargs["request"])
-    assert (request.kind, request.collection, request.tasks, request.top_k) == ("collection_search", name,
-                                                                                ["retrieval_coco"], 5)
+    assert (request.kind, request.collection, request.tasks, request.top_k, request.ground) == (
+        "collection_search", name, ["retrieval_coco"], 5, True)
+    job = submit_search(connection, settings, name, {"text": "a cat", "ground": "0"})
+    assert JobRequest.from_json(job.kwargs["request"]).ground is False
     with pytest.raises(NotFound):
         delete_image(connection, name, "../../x")
     assert delete_image(connection, name, "b" * 32) == {"deleted": "b" * 32}
@@ -245,6 +251,11 @@ def test_collections_end_to_end(stack):
     assert [h["image_id"] for h in hits] == sorted(scores, key=lambda i: -scores[i])[:3]
     for hit in hits:
         assert abs(hit["score"] - scores[hit["image_id"]]) <= 2e-6, (hit, scores)
+    # ground (default on): the box of each hit is the top refcoco region of a normal job on that image
+    for hit in hits:
+        normal = stack.wait(stack.submit(text, [photos[ids.index(hit["image_id"])]], tasks="refcoco"), timeout=120)
+        best = normal["result"]["tasks"]["refcoco"]["regions"][0]
+        assert hit["box"] == best["box"] and abs(hit["box_score"] - best["score"]) <= 1e-5, (hit, best)
 
     with urllib.request.urlopen(f"{stack.url}{base}/images/{ids[0]}/thumbnail", timeout=30) as response:
         assert response.headers["Content-Type"] == "image/jpeg"

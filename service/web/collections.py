@@ -130,9 +130,9 @@ def delete_collection(connection: Redis, name: str) -> dict:
 # ---------------------------------------------------------------------------------------------- searching
 
 
-def parse_search(form: Mapping[str, str], settings: Settings) -> tuple[str, int, str]:
-    """(text, top_k, task) of a search: text required, top_k 1..SEARCH_MAX_TOP_K (default 10), task one of
-    SEARCH_TASKS (default retrieval_coco)."""
+def parse_search(form: Mapping[str, str], settings: Settings) -> tuple[str, int, str, bool]:
+    """(text, top_k, task, ground) of a search: text required, top_k 1..SEARCH_MAX_TOP_K (default 10), task one of
+    SEARCH_TASKS (default retrieval_coco), ground a flag (default on)."""
     text = parse_text(form.get("text"), settings.max_text_chars)
     raw_top_k = form.get("top_k")
     top_k = SEARCH_DEFAULT_TOP_K if raw_top_k is None or not raw_top_k.strip() else \
@@ -140,15 +140,29 @@ def parse_search(form: Mapping[str, str], settings: Settings) -> tuple[str, int,
     task = (form.get("task") or "").strip() or SEARCH_TASKS[0]
     if task not in SEARCH_TASKS:
         raise BadRequest("unknown_task", f"task must be one of {', '.join(SEARCH_TASKS)}, got {task[:40]!r}")
-    return text, top_k, task
+    return text, top_k, task, parse_flag(form.get("ground"), "ground", default=True)
+
+
+FLAG_VALUES = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False, "no": False}
+
+
+def parse_flag(raw: str | None, field: str, default: bool) -> bool:
+    """A yes/no form field: 1/true/on/yes or 0/false/off/no (any case); absent or empty is the default."""
+    if raw is None or not raw.strip():
+        return default
+    value = FLAG_VALUES.get(raw.strip().lower()) if len(raw) <= 8 else None
+    if value is None:
+        raise BadRequest("invalid_flag", f"{field} must be one of true/false, 1/0, on/off, yes/no; got {raw[:20]!r}")
+    return value
 
 
 def submit_search(connection: Redis, settings: Settings, name: str, form: Mapping[str, str]) -> Job:
     store = CollectionStore(connection, name)
-    text, top_k, task = parse_search(form, settings)
+    text, top_k, task, ground = parse_search(form, settings)
     if not connection.hlen(store.regions_key):
         raise NotFound("unknown_collection", f"no collection {name} (or it has no indexed image)")
-    request_ = JobRequest(text=text, tasks=[task], top_k=top_k, kind="collection_search", collection=store.name)
+    request_ = JobRequest(text=text, tasks=[task], top_k=top_k, kind="collection_search", collection=store.name,
+                          ground=ground)
     return submit(connection, settings, request_, [])
 
 

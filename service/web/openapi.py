@@ -105,7 +105,9 @@ def _collection_paths(settings: Settings) -> dict:
                  "description": "the caption to rank the collection's images by"},
         "top_k": {"type": "integer", "minimum": 1, "maximum": SEARCH_MAX_TOP_K,
                   "description": f"hits to return (default {SEARCH_DEFAULT_TOP_K})"},
-        "task": {"enum": list(SEARCH_TASKS), "description": f"the retrieval head (default {SEARCH_TASKS[0]})"}}}
+        "task": {"enum": list(SEARCH_TASKS), "description": f"the retrieval head (default {SEARCH_TASKS[0]})"},
+        "ground": {"enum": ["true", "false", "1", "0", "on", "off", "yes", "no"],
+                   "description": "give each hit the top refcoco region for the text (default true)"}}}
     return {
         "/api/v1/collections/{name}": {
             "get": {"summary": "A collection: image count, images pending (uploaded, not indexed yet), stored bytes",
@@ -143,7 +145,7 @@ def _collection_paths(settings: Settings) -> dict:
                 "404": _error("no such image in the collection")}}},
         "/api/v1/collections/{name}/search": {"post": _collection_queued(
             "searchCollection", "Rank a collection's images by a caption: a job", search_body,
-            "invalid collection name, missing or empty text, bad top_k, unknown task", settings,
+            "invalid collection name, missing or empty text, bad top_k, unknown task, bad ground flag", settings,
             {"404": _error("unknown or empty collection")})},
     }
 
@@ -216,7 +218,7 @@ def openapi_spec(settings: Settings) -> dict:
                 "result": {"type": "object", "description": "when finished: tasks (one entry per task), images "
                                                             "(width, height, regions), timings, model; a collection "
                                                             "add: collection, image_ids, added, images; a search: "
-                                                            "collection, hits, scored, task, timings"},
+                                                            "collection, hits, scored, task, grounded, timings"},
                 "error": {"type": "object", "properties": {"code": {"type": "string"}, "message": {"type": "string"}}},
                 "created_at": {"type": "string"}, "enqueued_at": {"type": "string"},
                 "started_at": {"type": "string"}, "ended_at": {"type": "string"},

@@ -25,12 +25,15 @@ from PIL import Image
 
 from detector.images import load_image
 
+from vilbert.predictor import PredictionInputError, PredictRequest
+
 from ..collections import CollectionStore, image_id_of
 from ..errors import BadRequest
 from .pipeline import Pipeline
 
 THUMBNAIL_SIDE = 256
 SEARCH_TASKS = ("retrieval_coco", "retrieval_flickr30k")
+GROUNDING_TASK = "refcoco"
 
 
 def thumbnail(rgb: np.ndarray) -> bytes:
@@ -58,9 +61,11 @@ def index_images(pipeline: Pipeline, store: CollectionStore, images: Sequence[by
 
 
 def search(pipeline: Pipeline, store: CollectionStore, text: str, top_k: int = 10, task: str = "retrieval_coco",
-           batch_size: int = 64) -> dict:
-    """The collection's images ranked by the retrieval logit for `text`: {"hits": [{image_id, score, rank}],
-    "scored", "timings"}. Images are read and scored `batch_size` at a time."""
+           batch_size: int = 64, ground: bool = True) -> dict:
+    """The collection's images ranked by the retrieval logit for `text`:
+    {"hits": [{image_id, rank, score, width, height, box, box_score}], "scored", "task", "grounded", "timings"}.
+    Images are read and scored `batch_size` at a time. With `ground`, each hit's `box` is the top GROUNDING_TASK
+    region for the same text (original-image pixels) and `box_score` its probability; else both are None."""
     if task not in SEARCH_TASKS:
         raise ValueError(f"task must be one of {SEARCH_TASKS}, got {task!r}")
     started = time.perf_counter()
@@ -74,11 +79,33 @@ def search(pipeline: Pipeline, store: CollectionStore, text: str, top_k: int = 1
         scores.append(pipeline.predictor.score_images(text, regions, task, batch_size=batch_size))
     all_scores = np.concatenate(scores) if scores else np.zeros(0, np.float32)
     order = np.argsort(-all_scores, kind="stable")[:top_k]
-    hits = [{"image_id": ids[i], "score": round(float(all_scores[i]), 6), "rank": rank + 1}
-            for rank, i in enumerate(order)]
+    scored = time.perf_counter()
+    top_ids = [ids[i] for i in order]
+    top_regions = store.regions(top_ids)
+    boxes = ground_boxes(pipeline, text, top_regions) if ground else [(None, None)] * len(top_ids)
+    hits = [{"image_id": image_id, "rank": rank + 1, "score": round(float(all_scores[i]), 6),
+             "width": int(regions.image_width), "height": int(regions.image_height), "box": box, "box_score": box_score}
+            for rank, (i, image_id, regions, (box, box_score)) in enumerate(zip(order, top_ids, top_regions, boxes))]
     total = time.perf_counter() - started
-    return {"hits": hits, "scored": len(ids), "task": task,
-            "timings": {"read_s": round(read_s, 4), "score_s": round(total - read_s, 4), "total_s": round(total, 4)}}
+    return {"hits": hits, "scored": len(ids), "task": task, "grounded": ground,
+            "timings": {"read_s": round(read_s, 4), "score_s": round(scored - started - read_s, 4),
+                        "ground_s": round(total - (scored - started), 4), "total_s": round(total, 4)}}
+
+
+def ground_boxes(pipeline: Pipeline, text: str, images: Sequence) -> list[tuple[list[float] | None, float | None]]:
+    """(box, probability) of the top GROUNDING_TASK region for `text` in each image, in one forward over all of
+    them; (None, None) for an image the task cannot answer (no region)."""
+    if not images:
+        return []
+    requests = [PredictRequest(images=[regions], text=text, tasks=[GROUNDING_TASK], top_k=1) for regions in images]
+    out = []
+    for outcome in pipeline.predictor.predict_many(requests):
+        if isinstance(outcome, PredictionInputError) or not outcome[GROUNDING_TASK]["regions"]:
+            out.append((None, None))
+            continue
+        best = outcome[GROUNDING_TASK]["regions"][0]
+        out.append((best["box"], best["score"]))
+    return out
 
 
 def image_files(paths: Sequence[str]) -> list[Path]:
