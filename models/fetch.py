@@ -4,7 +4,8 @@
     python models/fetch.py [--dest DIR]
 
 Fetches ``multi_task_model.bin``, ``detectron_model.pth`` and ``detectron_config.yaml`` from the
-release host, copies the packaged bert-base-uncased ``vocab.txt``, and builds ``vqa_answers.json``
+release host, ``visual_genome_categories.json`` (the detector's class names, for region labels) from the
+same host's ``pythia/data/`` folder, copies the packaged bert-base-uncased ``vocab.txt``, and builds ``vqa_answers.json``
 (3129 answers) and ``gqa_answers.json`` (1533) from the ``trainval_label2ans.pkl`` pickles that
 exist only inside the multi-GB ``datasets.tar.gz``. The archive is streamed and only those two
 members are read (the rest is never written to disk); ``--archive`` or ``--vqa-label2ans`` /
@@ -46,12 +47,17 @@ from typing import BinaryIO, Callable, Iterable, Optional
 if __package__ in (None, ""):  # run as `python models/fetch.py`: make the checkout's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from detector.categories import CATEGORIES_FILE, CategoriesError, CategoryNames  # noqa: E402
 from vilbert_train.safe_pickle import MAX_PICKLE_BYTES, Label2AnsError, load_label2ans  # noqa: E402
 
 DEFAULT_BASE_URL = "https://dl.fbaipublicfiles.com/vilbert-multi-task/"
 BASE_URL_ENV = "VILBERT_WEIGHTS_URL"
 WEIGHT_FILES = ("multi_task_model.bin", "detectron_model.pth", "detectron_config.yaml")
 ARCHIVE_NAME = "datasets.tar.gz"
+# The category file lies beside the release folder on the same host (…/pythia/data/), where the MMF and
+# vilbert-multi-task feature scripts point; relative, so a mirror laid out like the host serves it too.
+CATEGORIES_PATH = "../pythia/data/" + CATEGORIES_FILE
+RELEASED_DETECTOR_CLASSES = 1601  # 1600 Visual Genome object classes + background
 MANIFEST_NAME = "manifest.json"
 VOCAB_NAME = "vocab.txt"
 PACKAGED_VOCAB = Path(__file__).resolve().parent.parent / "vilbert" / "data" / "bert-base-uncased-vocab.txt"
@@ -415,6 +421,7 @@ class Options:
     refresh: bool = False
     skip_answers: bool = False
     quiet: bool = False
+    categories_url: Optional[str] = None  # default: CATEGORIES_PATH on the release host
 
 
 class Fetcher:
@@ -483,6 +490,25 @@ class Fetcher:
         _fsync_dir(path.parent)
         self.manifest.record(name, path, digest, source)
         self.log(f"{name}: installed ({size} bytes, sha256 {digest[:12]}…)")
+
+    def fetch_categories(self) -> None:
+        """The detector's class names: downloaded like the weights, and installed only if they fit the released
+        detector (1600 names), since a wrong list would label every region wrongly."""
+        if self._installed_ok(CATEGORIES_FILE):
+            self.log(f"{CATEGORIES_FILE}: ok")
+            return
+        url = self.opts.categories_url or urllib.parse.urljoin(self.opts.base_url, CATEGORIES_PATH)
+        path = self.opts.dest / CATEGORIES_FILE
+        part = path.with_name(CATEGORIES_FILE + ".part")
+        pinned = self._pinned(CATEGORIES_FILE) or {}
+        self.log(f"{CATEGORIES_FILE}: downloading {url}")
+        size = self.http.download(url, part, CATEGORIES_FILE, expected_size=pinned.get("size"))
+        try:
+            CategoryNames.from_json(part.read_bytes(), RELEASED_DETECTOR_CLASSES, url)
+        except CategoriesError as exc:
+            part.unlink()
+            raise FetchError(f"{exc}; the file was not installed") from None
+        self._install(part, path, CATEGORIES_FILE, url, pinned, size)
 
     def install_vocab(self) -> None:
         if self._installed_ok(VOCAB_NAME):
@@ -554,6 +580,7 @@ class Fetcher:
     def run(self) -> None:
         for name in WEIGHT_FILES:
             self.fetch_file(name)
+        self.fetch_categories()
         self.install_vocab()
         if not self.opts.skip_answers:
             self.install_answers()
@@ -583,6 +610,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="weights directory (default: $MODEL_DIR, else models/weights)")
     parser.add_argument("--base-url", default=None,
                         help=f"release host (default: ${BASE_URL_ENV}, else {DEFAULT_BASE_URL})")
+    parser.add_argument("--categories-url", default=None,
+                        help=f"where {CATEGORIES_FILE} is (default: {CATEGORIES_PATH} relative to the release host)")
     parser.add_argument("--archive", type=Path, help=f"local copy of {ARCHIVE_NAME} to read the answer lists from")
     parser.add_argument("--vqa-label2ans", type=Path, help="local datasets/VQA/cache/trainval_label2ans.pkl")
     parser.add_argument("--gqa-label2ans", type=Path, help="local datasets/gqa/cache/trainval_label2ans.pkl")
@@ -617,7 +646,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             label2ans={k: v for k, v in (("vqa_answers.json", args.vqa_label2ans),
                                          ("gqa_answers.json", args.gqa_label2ans)) if v is not None},
             expect=args.expect, verify=args.verify, refresh=args.refresh, skip_answers=args.skip_answers,
-            quiet=args.quiet)
+            quiet=args.quiet, categories_url=args.categories_url)
         with _lock(dest):
             http = Http(timeout=args.timeout, retries=max(0, args.retries), backoff=max(0.0, args.retry_wait),
                         quiet=args.quiet, log=log)

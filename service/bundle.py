@@ -34,6 +34,7 @@ def write_tiny_bundle(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """A complete random-weight bundle in the official formats: the tiny detector and a tiny ViLBERT whose
     visual input width equals the detector's fc6 width, plus a marker file saying the outputs are meaningless.
     The marker is written last, so a bundle interrupted half-way is not taken for complete."""
+    from detector.categories import CATEGORIES_FILE, synthetic_categories
     from detector.tiny import tiny_detector_config, write_tiny_detector
     from vilbert.tiny import write_tiny_vilbert
 
@@ -42,6 +43,7 @@ def write_tiny_bundle(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     (out_dir / TINY_MARKER).unlink(missing_ok=True)
     write_tiny_detector(out_dir, seed=seed)
     write_tiny_vilbert(out_dir, feature_dim=tiny_detector_config().mlp_head_dim, seed=seed)
+    (out_dir / CATEGORIES_FILE).write_bytes(synthetic_categories(tiny_detector_config().num_classes))
     (out_dir / "README.txt").write_text(TINY_NOTICE + "\n", encoding="utf-8")
     (out_dir / TINY_MARKER).write_text(TINY_NOTICE + "\n", encoding="utf-8")
     return out_dir

@@ -27,6 +27,7 @@ from models.fetch import ANSWER_LISTS, read_tar_members, FetchError
 REPO = Path(__file__).resolve().parent.parent
 FETCH = REPO / "models" / "fetch.py"
 VQA_MEMBER = "datasets/VQA/cache/trainval_label2ans.pkl"
+CATEGORIES = "visual_genome_categories.json"
 GQA_MEMBER = "datasets/gqa/cache/trainval_label2ans.pkl"
 
 
@@ -58,6 +59,7 @@ def release_files(archive_members: dict[str, bytes] | None = None) -> dict[str, 
         "detectron_model.pth": os.urandom(200_000),
         "detectron_config.yaml": b"MODEL:\n  META_ARCHITECTURE: GeneralizedRCNN\n",
         "datasets.tar.gz": make_archive(archive_members),
+        CATEGORIES: json.dumps({"categories": [{"id": i, "name": f"class{i}"} for i in range(1600)]}).encode(),
     }
 
 
@@ -68,6 +70,7 @@ class ReleaseServer:
         self.files = dict(files)
         self.cuts: dict[str, list[int]] = {}  # name -> byte counts at which to drop the next requests
         self.log: list[tuple[str, str | None]] = []  # (name, Range header)
+        self.paths: list[str] = []  # every path asked for
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -80,6 +83,7 @@ class ReleaseServer:
                 name = self.path.rsplit("/", 1)[-1]
                 rng = self.headers.get("Range")
                 server.log.append((name, rng))
+                server.paths.append(self.path)
                 body = server.files.get(name)
                 if body is None:
                     self.send_error(404)
@@ -149,8 +153,10 @@ def test_happy_path_installs_bundle_and_manifest(server, tmp_path):
     proc = run_fetch(dest, base_url=server.url)
     assert proc.returncode == 0, proc.stderr
 
-    for name in ("multi_task_model.bin", "detectron_model.pth", "detectron_config.yaml"):
+    for name in ("multi_task_model.bin", "detectron_model.pth", "detectron_config.yaml", CATEGORIES):
         assert (dest / name).read_bytes() == server.files[name]
+    # the category file comes from the host's pythia/data/ folder, beside the release folder
+    assert f"/pythia/data/{CATEGORIES}" in server.paths
     assert (dest / "vocab.txt").read_bytes() == (REPO / "vilbert/data/bert-base-uncased-vocab.txt").read_bytes()
     vqa = json.loads((dest / "vqa_answers.json").read_text())
     gqa = json.loads((dest / "gqa_answers.json").read_text())
@@ -159,7 +165,7 @@ def test_happy_path_installs_bundle_and_manifest(server, tmp_path):
 
     manifest = json.loads((dest / "manifest.json").read_text())["files"]
     assert set(manifest) == {"multi_task_model.bin", "detectron_model.pth", "detectron_config.yaml", "vocab.txt",
-                             "vqa_answers.json", "gqa_answers.json"}
+                             "vqa_answers.json", "gqa_answers.json", CATEGORIES}
     for name, record in manifest.items():
         data = (dest / name).read_bytes()
         assert record["size"] == len(data) and record["sha256"] == sha(data)
@@ -170,6 +176,20 @@ def test_happy_path_installs_bundle_and_manifest(server, tmp_path):
     proc = run_fetch(dest, base_url=server.url)
     assert proc.returncode == 0, proc.stderr
     assert len(server.log) == before
+
+
+def test_a_category_file_that_does_not_fit_the_detector_is_not_installed(server, tmp_path):
+    server.files[CATEGORIES] = json.dumps({"categories": [{"id": i, "name": "x"} for i in range(1500)]}).encode()
+    proc = run_fetch(tmp_path, base_url=server.url)
+    assert_one_line_error(proc, CATEGORIES, "this detector has 1600 object classes", "not installed")
+    assert not (tmp_path / CATEGORIES).exists() and not list(tmp_path.glob("*.part"))
+    # --categories-url: another place for it (a mirror that keeps it elsewhere)
+    good = json.dumps({"categories": [{"id": i, "name": f"c{i}"} for i in range(1600)]}).encode()
+    server.files["names.json"] = good
+    proc = run_fetch(tmp_path, "--categories-url", server.url + "elsewhere/names.json", base_url=server.url)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / CATEGORIES).read_bytes() == good
+    assert "/vilbert-multi-task/elsewhere/names.json" in server.paths
 
 
 def test_interrupted_download_resumes_within_a_run(server, tmp_path):

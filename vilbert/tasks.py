@@ -24,8 +24,8 @@ PAIR_HEAD = "vil_binary_prediction"
 KIND_ANSWERS = {
     "answer": "top-k answers with probabilities",
     "score": "a match score per image, and a ranking when several images are given",
-    "grounding": "top-k detected regions as pixel boxes with scores",
-    "pointing": "a score for each caller-given candidate box, and the best one",
+    "grounding": "top-k detected regions as pixel boxes with scores and the detector's name for each (label)",
+    "pointing": "a score (and the detector's name, label) for each caller-given candidate box, and the best one",
     "binary": "true or false, with its probability",
     "entailment": "entailment, neutral or contradiction, with the three probabilities",
 }

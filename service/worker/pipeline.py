@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from detector.categories import CATEGORIES_FILE, CategoriesError, CategoryNames
 from detector.extractor import RegionFeatureExtractor
 from detector.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 from detector.regions import RegionFeatures
@@ -76,7 +77,7 @@ def resolve_device(device: str) -> str:
 
 class Pipeline:
     def __init__(self, extractor: RegionFeatureExtractor, predictor: Predictor, max_image_pixels: int = DEFAULT_MAX_PIXELS,
-                 tiny: bool = False, cache: FeatureCache | None = None):
+                 tiny: bool = False, cache: FeatureCache | None = None, names: CategoryNames | None = None):
         if extractor.feature_dim != predictor.feature_dim:
             raise ValueError(
                 f"the detector gives {extractor.feature_dim}-d region features but ViLBERT expects "
@@ -87,6 +88,7 @@ class Pipeline:
         self.max_image_pixels = max_image_pixels
         self.tiny = tiny
         self.cache = cache  # region features in Redis, shared by workers (FEATURE_CACHE_TTL > 0); None: off
+        self.names = names  # the detector's class names (region labels); None: the bundle has no category file
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, device: str = "auto", precision: str = "fp32", min_size: int = 800,
@@ -111,12 +113,13 @@ class Pipeline:
         log.info("loaded detector %s (%s) and ViLBERT (%s%s) from %s on %s in %.1f s", extractor.identity,
                  extractor.precision, predictor.precision, ", oneDNN-packed weights" if predictor.packed_weights else "",
                  model_dir, device, time.perf_counter() - started)
-        return cls(extractor, predictor, max_image_pixels=max_image_pixels, tiny=is_tiny(model_dir))
+        return cls(extractor, predictor, max_image_pixels=max_image_pixels, tiny=is_tiny(model_dir),
+                   names=load_category_names(model_dir, extractor.config.num_classes))
 
     def with_cache(self, cache: FeatureCache | None) -> "Pipeline":
         """The same models with a feature cache. The cache is keyed by the loaded detector's identity, so it can
         only be made after loading; the worker passes the result on instead of changing this pipeline."""
-        return Pipeline(self.extractor, self.predictor, self.max_image_pixels, self.tiny, cache)
+        return Pipeline(self.extractor, self.predictor, self.max_image_pixels, self.tiny, cache, self.names)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Pipeline":
@@ -232,6 +235,7 @@ class Pipeline:
                 results[id(item)] = None
                 continue
             item.timings[timing_key(VILBERT)] = elapsed
+            self._label_regions(outcome, item)
             result = {
                 "text": item.request.text,
                 "tasks": outcome,
@@ -247,6 +251,40 @@ class Pipeline:
                 result = None
             results[id(item)] = result
         return results
+
+    def _label_regions(self, outcome: dict[str, dict], item: _Work) -> None:
+        """Give each region of a grounding or pointing answer its detector class name (`label`): a grounding
+        region's `region` indexes the rows (0: the whole image, which has no label; 1..: the detected boxes in
+        order), a pointing candidate's class is the detector's for that box. None without a category file."""
+        for name, answer in outcome.items():
+            kind = self.predictor.tasks.get(name).kind
+            if kind == "grounding":
+                class_ids = item.regions[0].class_ids
+                for region in answer["regions"]:
+                    index = region["region"] - 1
+                    region["label"] = self.region_label(class_ids[index]) if 0 <= index < len(class_ids) else None
+            elif kind == "pointing":
+                class_ids = item.candidates.class_ids if item.candidates is not None else []
+                for index, candidate in enumerate(answer["candidates"]):
+                    candidate["label"] = self.region_label(class_ids[index]) if index < len(class_ids) else None
+
+    def region_label(self, class_id: int) -> str | None:
+        return self.names.label(int(class_id)) if self.names is not None else None
+
+
+def load_category_names(model_dir: Path, num_classes: int) -> CategoryNames | None:
+    """The bundle's region names, or None (logged) when it has no category file or one that does not fit the
+    detector: answers then carry `label: null` rather than wrong names."""
+    path = Path(model_dir) / CATEGORIES_FILE
+    if not path.is_file():
+        log.warning("%s has no %s: region labels are left out (null); `python models/fetch.py` installs it",
+                    model_dir, CATEGORIES_FILE)
+        return None
+    try:
+        return CategoryNames.from_file(path, num_classes)
+    except (OSError, CategoriesError) as exc:
+        log.error("region labels are left out (null): %s", exc)
+        return None
 
 
 def strict_json(value: object) -> bool:
