@@ -8,7 +8,12 @@ append-only file. Per collection `<name>` (service.contract.COLLECTION_PREFIX + 
 - `:meta`, a hash image id -> JSON {"width", "height", "bytes" (the upload's length), "stored" (record bytes)};
 - `:thumbs`, a hash image id -> a JPEG thumbnail, at most 256 px on its long side;
 - `:pending`, a hash image id -> the id of the add job that will index it (expires after UPLOAD_TTL), so the
-  collection's info counts images not indexed yet.
+  collection's info counts images not indexed yet;
+- the lexical index of the images' region names (detector.categories; words, plural 's' dropped): `:terms`, a
+  hash image id -> JSON {term: count} (that image's document: each region's name contributes its words);
+  `:post:<term>`, a hash image id -> count (the inverted index); `:vocab`, the set of terms; `:length`, a hash
+  image id -> the document's length in terms. A search ranks by BM25 over these before ViLBERT re-ranks the best
+  (service.worker.collections.search, above a configurable collection size).
 The set COLLECTION_NAMES_KEY holds every collection's name (MAX_COLLECTIONS counts it).
 An image id is derived from the image's bytes (sha256), so adding the same bytes again is a no-op.
 This module imports no torch: the web tier will use it too.
@@ -18,12 +23,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
 from redis import Redis
 
+from detector.categories import name_terms
 from detector.records import FeatureStoreError, decode_record, encode_record
 from detector.regions import RegionFeatures
 
@@ -32,6 +40,9 @@ from .errors import BadRequest, NotFound
 
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 IMAGE_ID = re.compile(r"[0-9a-f]{32}")
+# BM25's usual constants: term-frequency saturation and document-length normalisation.
+BM25_K1 = 1.2
+BM25_B = 0.75
 
 
 def check_name(name: str) -> str:
@@ -64,13 +75,18 @@ class CollectionStore:
         base = COLLECTION_PREFIX + self.name
         self.regions_key, self.meta_key, self.thumbs_key = base + ":regions", base + ":meta", base + ":thumbs"
         self.pending_key = base + ":pending"
+        self.terms_key, self.vocab_key, self.length_key = base + ":terms", base + ":vocab", base + ":length"
+        self.postings_prefix = base + ":post:"
 
     def has(self, image_id: str) -> bool:
         return bool(self.connection.hexists(self.regions_key, image_id))
 
-    def add(self, image_id: str, regions: RegionFeatures, thumbnail: bytes, upload_bytes: int) -> bool:
-        """Store one image's regions and thumbnail; False (and nothing written) when the id is already there."""
+    def add(self, image_id: str, regions: RegionFeatures, thumbnail: bytes, upload_bytes: int,
+            labels: Sequence[str | None] | None = None) -> bool:
+        """Store one image's regions and thumbnail, and index its regions' names (`labels`, one per region; None
+        without a category file); False (and nothing written) when the id is already there."""
         record = encode_record(image_id, regions)
+        terms = Counter(term for label in labels or () if label for term in name_terms(label))
         meta = json.dumps({"width": int(regions.image_width), "height": int(regions.image_height),
                            "bytes": int(upload_bytes), "stored": len(record) + len(thumbnail)})
         if not self.connection.hsetnx(self.regions_key, image_id, record):
@@ -78,6 +94,12 @@ class CollectionStore:
         with self.connection.pipeline() as pipe:
             pipe.hset(self.meta_key, image_id, meta)
             pipe.hset(self.thumbs_key, image_id, thumbnail)
+            pipe.hset(self.terms_key, image_id, json.dumps(terms, sort_keys=True))
+            pipe.hset(self.length_key, image_id, sum(terms.values()))
+            for term, count in terms.items():
+                pipe.hset(self.postings_prefix + term, image_id, count)
+            if terms:
+                pipe.sadd(self.vocab_key, *terms)
             pipe.execute()
         return True
 
@@ -105,21 +127,61 @@ class CollectionStore:
         return data
 
     def remove(self, image_id: str) -> bool:
+        terms = json.loads(self.connection.hget(self.terms_key, image_id) or "{}")
         with self.connection.pipeline() as pipe:
             pipe.hdel(self.regions_key, image_id)
             pipe.hdel(self.meta_key, image_id)
             pipe.hdel(self.thumbs_key, image_id)
+            pipe.hdel(self.terms_key, image_id)
+            pipe.hdel(self.length_key, image_id)
+            for term in terms:  # a term whose last image goes stays in :vocab, harmlessly, until the drop
+                pipe.hdel(self.postings_prefix + term, image_id)
             removed = pipe.execute()[0]
         return bool(removed)
 
     def drop(self) -> int:
-        """Delete the whole collection (pending entries and its name too); returns how many images it held."""
+        """Delete the whole collection (pending entries, its index and its name too); returns how many images it
+        held."""
         count = int(self.connection.hlen(self.regions_key))
+        postings = [self.postings_prefix + term.decode() for term in self.connection.smembers(self.vocab_key)]
         with self.connection.pipeline() as pipe:
-            pipe.delete(self.regions_key, self.meta_key, self.thumbs_key, self.pending_key)
+            pipe.delete(self.regions_key, self.meta_key, self.thumbs_key, self.pending_key, self.terms_key,
+                        self.length_key, self.vocab_key)
+            for start in range(0, len(postings), 512):
+                pipe.delete(*postings[start:start + 512])
             pipe.srem(COLLECTION_NAMES_KEY, self.name)
             pipe.execute()
         return count
+
+    # ---------------------------------------------------------------------------------- the lexical stage
+
+    def lexical_ranking(self, text: str) -> list[tuple[str, float]]:
+        """(image id, BM25 score) of every image whose region names share a word with `text`, best first (ties
+        by id). Reads only the postings of the text's words and the lengths of the images they name."""
+        query = sorted(set(name_terms(text)))
+        if not query:
+            return []
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.hlen(self.regions_key)
+            for term in query:
+                pipe.hgetall(self.postings_prefix + term)
+            replies = pipe.execute()
+        images = int(replies[0])
+        postings = [{k.decode(): int(v) for k, v in p.items()} for p in replies[1:] if p]
+        if not images or not postings:
+            return []
+        named = sorted({image_id for posting in postings for image_id in posting})
+        lengths = dict(zip(named, (int(n or 0) for n in self.connection.hmget(self.length_key, named))))
+        total = sum(int(n) for n in self.connection.hvals(self.length_key))
+        average = total / images if total else 1.0
+        scores: dict[str, float] = {}
+        for posting in postings:
+            # IDF with +1 inside the log (Lucene's): never negative, however common the word
+            idf = math.log(1 + (images - len(posting) + 0.5) / (len(posting) + 0.5))
+            for image_id, count in posting.items():
+                norm = BM25_K1 * (1 - BM25_B + BM25_B * lengths.get(image_id, 0) / average)
+                scores[image_id] = scores.get(image_id, 0.0) + idf * count * (BM25_K1 + 1) / (count + norm)
+        return sorted(scores.items(), key=lambda item: (-item[1], item[0]))
 
     # ---------------------------------------------------------------------------- names and pending images
 

@@ -49,6 +49,10 @@ class JobRequest:
     kind: Kind = "inference"
     collection: str | None = None  # the collection of a collection_add or collection_search job
     ground: bool = True  # collection_search: give each hit the top refcoco region for the text
+    # collection_search: the lexical first stage runs above this many images (None: never) and passes on
+    # rerank_top images to ViLBERT (the web tier resolves them from the settings and the request's first_stage)
+    first_stage_above: int | None = None
+    rerank_top: int = 200
 
     def __post_init__(self) -> None:
         if self.inputs not in INPUTS:
@@ -64,7 +68,8 @@ class JobRequest:
         return cls(text=data["text"], tasks=list(data["tasks"]), top_k=int(data.get("top_k", 3)),
                    boxes=data.get("boxes"), images=[ImageInfo(**info) for info in data.get("images", [])],
                    inputs=data.get("inputs", "images"), kind=data.get("kind", "inference"),
-                   collection=data.get("collection"), ground=bool(data.get("ground", True)))
+                   collection=data.get("collection"), ground=bool(data.get("ground", True)),
+                   first_stage_above=data.get("first_stage_above"), rerank_top=int(data.get("rerank_top", 200)))
 
 
 # ------------------------------------------------------------------------------------------------- Redis keys

@@ -77,6 +77,11 @@ class Settings:
     max_collection_images: int = 10_000  # images per collection (stored and pending)
     max_collection_bytes: int = 4 << 30  # stored bytes (region records and thumbnails) per collection
     max_collections: int = 100
+    # A search of a collection with more images than this ranks them by the words of their region names first
+    # (BM25) and scores only the best COLLECTION_RERANK_TOP with ViLBERT (docs/SCALE.md: 1,000 images take about
+    # 70 s on a 2-core CPU in fp32, about 1 s on an H200; raise it on a GPU).
+    collection_first_stage_above: int = 1000
+    collection_rerank_top: int = 200
 
     @property
     def heartbeat_interval(self) -> float:
@@ -177,6 +182,8 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "max_collection_images": ("MAX_COLLECTION_IMAGES", _int(1)),
     "max_collection_bytes": ("MAX_COLLECTION_BYTES", _int(1024)),
     "max_collections": ("MAX_COLLECTIONS", _int(1)),
+    "collection_first_stage_above": ("COLLECTION_FIRST_STAGE_ABOVE", _int(0)),
+    "collection_rerank_top": ("COLLECTION_RERANK_TOP", _int(1, 100_000)),
 }
 
 ENV_VARIABLES = {name: env for name, (env, _) in _ENV.items()}

@@ -18,7 +18,9 @@ from PIL import Image
 from redis import Redis
 
 from detector.regions import RegionFeatures
+from detector.categories import name_terms
 from service.collections import CollectionStore, check_name, image_id_of
+from service.contract import COLLECTION_PREFIX
 from service.errors import BadRequest, NotFound
 from service.worker.collections import THUMBNAIL_SIDE, index_images, search
 from service.worker.pipeline import InferenceRequest, Pipeline
@@ -103,16 +105,19 @@ def test_index_and_search_rank_by_the_retrieval_score_of_a_normal_job(redis_url,
     assert [hit["image_id"] for hit in result["hits"]] == [image_id for image_id, _ in expected]
     for hit in result["hits"]:
         assert abs(hit["score"] - jobs[hit["image_id"]]) <= 2e-6  # equal results: the job's own score
-    assert set(result["timings"]) == {"read_s", "score_s", "ground_s", "total_s"} and result["grounded"]
+    assert set(result["timings"]) == {"first_stage_s", "read_s", "score_s", "ground_s", "total_s"}
+    assert result["grounded"] and result["first_stage"] == {"used": False} and result["images"] == 5
     # the grounded box: the top refcoco region of a normal job on that image with the same text
     by_id = {image_id_of(p): p for p in photos}
     for hit in result["hits"]:
         refcoco = pipeline.run(InferenceRequest([by_id[hit["image_id"]]], text, ["refcoco"], top_k=1))
         best = refcoco["tasks"]["refcoco"]["regions"][0]
         assert hit["box"] == best["box"] and abs(hit["box_score"] - best["score"]) <= 1e-5
+        assert hit["label"] == best["label"]  # the detector's name for that region
         assert (hit["width"], hit["height"]) == (320, 240)
     plain = search(pipeline, store, text, top_k=3, ground=False)
-    assert not plain["grounded"] and all(h["box"] is None and h["box_score"] is None for h in plain["hits"])
+    assert not plain["grounded"] and all(h["box"] is None and h["box_score"] is None and h["label"] is None
+                                         for h in plain["hits"])
     assert [h["score"] for h in plain["hits"]] == [h["score"] for h in result["hits"]]
 
     store.remove(result["hits"][0]["image_id"])
@@ -121,6 +126,71 @@ def test_index_and_search_rank_by_the_retrieval_score_of_a_normal_job(redis_url,
     with pytest.raises(ValueError, match="task must be one of"):
         search(pipeline, store, text, task="vqa")
     assert search(pipeline, store_for(redis_url), text)["hits"] == []  # an empty collection
+
+
+def bm25(query: list[str], docs: dict[str, list[str]]) -> dict[str, float]:
+    """BM25 written out from its definition (k1 1.2, b 0.75, IDF log(1 + (N - df + 0.5) / (df + 0.5))), to hold
+    the store's ranking to."""
+    n, average = len(docs), sum(len(d) for d in docs.values()) / len(docs)
+    out: dict[str, float] = {}
+    for term in set(query):
+        df = sum(term in d for d in docs.values())
+        if not df:
+            continue
+        idf = np.log(1 + (n - df + 0.5) / (df + 0.5))
+        for image_id, doc in docs.items():
+            tf = doc.count(term)
+            if tf:
+                out[image_id] = out.get(image_id, 0.0) + idf * tf * 2.2 / (tf + 1.2 * (0.25 + 0.75 * len(doc) / average))
+    return out
+
+
+def test_the_lexical_index_ranks_by_bm25_and_follows_removals_and_drops(redis_url):
+    store = store_for(redis_url)
+    labels = {"a" * 32: ["dog", "frisbee", "grass", "grass"], "b" * 32: ["dog", "dog", "man", "tennis racket"],
+              "c" * 32: ["man", "shirt", None], "d" * 32: ["sky", "tree", "tree", "tree", "building", "window"],
+              "e" * 32: None}  # None: indexed without a category file
+    for image_id, names in labels.items():
+        store.add(image_id, regions(len(names or [1])), b"t", 1, names)
+    docs = {i: [t for n in (names or []) if n for t in name_terms(n)] for i, names in labels.items()}
+    query = "Two dogs catching a frisbee near a man with a tennis racket"
+    ranking = store.lexical_ranking(query)
+    expected = bm25(name_terms(query), docs)
+    assert [i for i, _ in ranking] == sorted(expected, key=lambda i: (-expected[i], i))
+    assert [i for i, _ in ranking][:2] == ["b" * 32, "a" * 32]
+    for image_id, score in ranking:
+        assert abs(score - expected[image_id]) < 1e-9
+    assert store.lexical_ranking("a cloud") == [] and store.lexical_ranking("!!") == []
+
+    store.remove("b" * 32)  # its postings go with it
+    after = store.lexical_ranking(query)
+    del docs["b" * 32]
+    expected = bm25(name_terms(query), docs)
+    assert [i for i, _ in after] == sorted(expected, key=lambda i: (-expected[i], i)) and "b" * 32 not in dict(after)
+    store.drop()
+    assert not list(store.connection.scan_iter(COLLECTION_PREFIX + store.name + ":*"))  # nothing left behind
+
+
+def test_above_the_threshold_only_the_lexical_best_are_scored_with_the_same_scores(redis_url, pipeline):
+    store = store_for(redis_url)
+    photos = [photo(seed) for seed in range(20, 26)]
+    index_images(pipeline, store, photos)
+    text = "a man and a dog on the grass"
+    exact = search(pipeline, store, text, top_k=6, ground=False)
+    exact_scores = {h["image_id"]: h["score"] for h in exact["hits"]}
+    lexical = [i for i, _ in store.lexical_ranking(text)]
+    assert lexical, "the tiny bundle's synthetic names should match some words of the text"
+    staged = search(pipeline, store, text, top_k=6, ground=False, first_stage_above=5, rerank_top=3)
+    assert staged["first_stage"] == {"used": True, "matched": len(lexical), "reranked": 3}
+    assert staged["images"] == 6 and staged["scored"] == 3 and len(staged["hits"]) == 3
+    fill = [i for i in store.ids() if i not in lexical]
+    chosen = (lexical + fill)[:3]  # the lexical best, other images in id order when fewer match
+    assert {h["image_id"] for h in staged["hits"]} == set(chosen)
+    for hit in staged["hits"]:
+        assert abs(hit["score"] - exact_scores[hit["image_id"]]) <= 2e-6  # ViLBERT's score, unchanged
+    assert search(pipeline, store, text, first_stage_above=6)["first_stage"] == {"used": False}  # not above it
+    nothing = search(pipeline, store, "qwxz", top_k=6, first_stage_above=0, rerank_top=2)
+    assert nothing["first_stage"] == {"used": True, "matched": 0, "reranked": 2} and len(nothing["hits"]) == 2
 
 
 def test_the_bulk_path_indexes_a_folder_and_searches_it(redis_url, bundle, tmp_path):

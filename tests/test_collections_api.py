@@ -129,16 +129,22 @@ def test_add_tracks_pending_images_and_the_limits_refuse_with_their_codes(web):
 
 def test_search_fields_and_unknown_collections(web):
     settings, connection = web
-    assert parse_search({"text": " a dog "}, settings) == ("a dog", 10, "retrieval_coco", True)
+    above = settings.collection_first_stage_above
+    assert parse_search({"text": " a dog "}, settings) == ("a dog", 10, "retrieval_coco", True, above)
     assert parse_search({"text": "x", "top_k": "100", "task": "retrieval_flickr30k", "ground": "off"}, settings) == \
-        ("x", 100, "retrieval_flickr30k", False)
-    for raw, value in (("1", True), ("TRUE", True), (" yes ", True), ("on", True), ("0", False), ("False", False),
-                       ("no", False), ("", True)):
-        assert parse_search({"text": "x", "ground": raw}, settings)[3] is value, raw
+        ("x", 100, "retrieval_flickr30k", False, above)
+    for raw, value in (("1", True), ("true", True), ("yes", True), ("on", True), ("0", False), ("false", False),
+                       ("no", False), ("off", False), ("", True)):
+        assert parse_search({"text": "x", "ground": raw}, settings).ground is value, raw
+    for raw, value in (("auto", above), ("", above), ("on", 0), ("off", None)):
+        assert parse_search({"text": "x", "first_stage": raw}, settings).first_stage_above == value, raw
     for form, code in (({}, "missing_text"), ({"text": "  "}, "empty_text"), ({"text": "x", "top_k": "0"}, "invalid_top_k"),
                        ({"text": "x", "top_k": "101"}, "invalid_top_k"), ({"text": "x", "top_k": "1_0"}, "invalid_top_k"),
                        ({"text": "x", "task": "vqa"}, "unknown_task"), ({"text": "x", "ground": "maybe"}, "invalid_flag"),
                        ({"text": "x", "ground": "true" * 3}, "invalid_flag"), ({"text": "x", "ground": "2"}, "invalid_flag"),
+                       ({"text": "x", "ground": "TRUE"}, "invalid_flag"), ({"text": "x", "ground": " yes"}, "invalid_flag"),
+                       ({"text": "x", "first_stage": "yes"}, "invalid_flag"),
+                       ({"text": "x", "first_stage": "Auto"}, "invalid_flag"),
                        ({"text": "x" * (settings.max_text_chars + 1)}, "text_too_long")):
         with pytest.raises(BadRequest) as caught:
             parse_search(form, settings)
@@ -156,6 +162,8 @@ def test_search_fields_and_unknown_collections(web):
     request = JobRequest.from_json(job.kwargs["request"])
     assert (request.kind, request.collection, request.tasks, request.top_k, request.ground) == (
         "collection_search", name, ["retrieval_coco"], 5, True)
+    assert (request.first_stage_above, request.rerank_top) == (settings.collection_first_stage_above,
+                                                               settings.collection_rerank_top)
     job = submit_search(connection, settings, name, {"text": "a cat", "ground": "0"})
     assert JobRequest.from_json(job.kwargs["request"]).ground is False
     with pytest.raises(NotFound):
@@ -256,6 +264,8 @@ def test_collections_end_to_end(stack):
         normal = stack.wait(stack.submit(text, [photos[ids.index(hit["image_id"])]], tasks="refcoco"), timeout=120)
         best = normal["result"]["tasks"]["refcoco"]["regions"][0]
         assert hit["box"] == best["box"] and abs(hit["box_score"] - best["score"]) <= 1e-5, (hit, best)
+        assert hit["label"] == best["label"] and hit["label"], (hit, best)  # the tiny bundle's synthetic names
+    assert result["result"]["first_stage"] == {"used": False} and result["result"]["images"] == 4
 
     with urllib.request.urlopen(f"{stack.url}{base}/images/{ids[0]}/thumbnail", timeout=30) as response:
         assert response.headers["Content-Type"] == "image/jpeg"

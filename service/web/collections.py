@@ -9,7 +9,7 @@ and answer JSON.
 from __future__ import annotations
 
 import uuid
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 from flask import Blueprint, Response, jsonify, request, url_for
 from redis import Redis
@@ -130,9 +130,18 @@ def delete_collection(connection: Redis, name: str) -> dict:
 # ---------------------------------------------------------------------------------------------- searching
 
 
-def parse_search(form: Mapping[str, str], settings: Settings) -> tuple[str, int, str, bool]:
-    """(text, top_k, task, ground) of a search: text required, top_k 1..SEARCH_MAX_TOP_K (default 10), task one of
-    SEARCH_TASKS (default retrieval_coco), ground a flag (default on)."""
+class SearchFields(NamedTuple):
+    text: str
+    top_k: int
+    task: str
+    ground: bool
+    first_stage_above: int | None  # resolved from the first_stage field and COLLECTION_FIRST_STAGE_ABOVE
+
+
+def parse_search(form: Mapping[str, str], settings: Settings) -> SearchFields:
+    """The fields of a search: text required, top_k 1..SEARCH_MAX_TOP_K (default 10), task one of SEARCH_TASKS
+    (default retrieval_coco), ground a flag (default on), first_stage auto (default: above
+    COLLECTION_FIRST_STAGE_ABOVE images), on (always) or off (never: every image scored by ViLBERT)."""
     text = parse_text(form.get("text"), settings.max_text_chars)
     raw_top_k = form.get("top_k")
     top_k = SEARCH_DEFAULT_TOP_K if raw_top_k is None or not raw_top_k.strip() else \
@@ -140,17 +149,23 @@ def parse_search(form: Mapping[str, str], settings: Settings) -> tuple[str, int,
     task = (form.get("task") or "").strip() or SEARCH_TASKS[0]
     if task not in SEARCH_TASKS:
         raise BadRequest("unknown_task", f"task must be one of {', '.join(SEARCH_TASKS)}, got {task[:40]!r}")
-    return text, top_k, task, parse_flag(form.get("ground"), "ground", default=True)
+    raw_stage = form.get("first_stage") or "auto"
+    if raw_stage not in FIRST_STAGE_VALUES:
+        raise BadRequest("invalid_flag", f"first_stage must be auto, on or off; got {raw_stage[:20]!r}")
+    first_stage_above = FIRST_STAGE_VALUES[raw_stage] if raw_stage != "auto" else settings.collection_first_stage_above
+    return SearchFields(text, top_k, task, parse_flag(form.get("ground"), "ground", default=True), first_stage_above)
 
 
+# Exactly these spellings (the OpenAPI description lists them; anything else is refused, not guessed at).
 FLAG_VALUES = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False, "no": False}
+FIRST_STAGE_VALUES: dict[str, int | None] = {"on": 0, "off": None, "auto": None}  # auto: from the settings
 
 
 def parse_flag(raw: str | None, field: str, default: bool) -> bool:
-    """A yes/no form field: 1/true/on/yes or 0/false/off/no (any case); absent or empty is the default."""
-    if raw is None or not raw.strip():
+    """A yes/no form field: 1/true/on/yes or 0/false/off/no; absent or empty is the default."""
+    if not raw:
         return default
-    value = FLAG_VALUES.get(raw.strip().lower()) if len(raw) <= 8 else None
+    value = FLAG_VALUES.get(raw)
     if value is None:
         raise BadRequest("invalid_flag", f"{field} must be one of true/false, 1/0, on/off, yes/no; got {raw[:20]!r}")
     return value
@@ -158,11 +173,12 @@ def parse_flag(raw: str | None, field: str, default: bool) -> bool:
 
 def submit_search(connection: Redis, settings: Settings, name: str, form: Mapping[str, str]) -> Job:
     store = CollectionStore(connection, name)
-    text, top_k, task, ground = parse_search(form, settings)
+    fields = parse_search(form, settings)
     if not connection.hlen(store.regions_key):
         raise NotFound("unknown_collection", f"no collection {name} (or it has no indexed image)")
-    request_ = JobRequest(text=text, tasks=[task], top_k=top_k, kind="collection_search", collection=store.name,
-                          ground=ground)
+    request_ = JobRequest(text=fields.text, tasks=[fields.task], top_k=fields.top_k, kind="collection_search",
+                          collection=store.name, ground=fields.ground, first_stage_above=fields.first_stage_above,
+                          rerank_top=settings.collection_rerank_top)
     return submit(connection, settings, request_, [])
 
 

@@ -107,7 +107,10 @@ def _collection_paths(settings: Settings) -> dict:
                   "description": f"hits to return (default {SEARCH_DEFAULT_TOP_K})"},
         "task": {"enum": list(SEARCH_TASKS), "description": f"the retrieval head (default {SEARCH_TASKS[0]})"},
         "ground": {"enum": ["true", "false", "1", "0", "on", "off", "yes", "no"],
-                   "description": "give each hit the top refcoco region for the text (default true)"}}}
+                   "description": "give each hit the top refcoco region for the text (default true)"},
+        "first_stage": {"enum": ["auto", "on", "off"],
+                        "description": "rank by region names first and re-rank the best with ViLBERT: auto (default: "
+                                       f"above {settings.collection_first_stage_above} images), on, off"}}}
     return {
         "/api/v1/collections/{name}": {
             "get": {"summary": "A collection: image count, images pending (uploaded, not indexed yet), stored bytes",
@@ -218,7 +221,7 @@ def openapi_spec(settings: Settings) -> dict:
                 "result": {"type": "object", "description": "when finished: tasks (one entry per task), images "
                                                             "(width, height, regions), timings, model; a collection "
                                                             "add: collection, image_ids, added, images; a search: "
-                                                            "collection, hits, scored, task, grounded, timings"},
+                                                            "collection, hits, images, scored, task, grounded, first_stage, timings"},
                 "error": {"type": "object", "properties": {"code": {"type": "string"}, "message": {"type": "string"}}},
                 "created_at": {"type": "string"}, "enqueued_at": {"type": "string"},
                 "started_at": {"type": "string"}, "ended_at": {"type": "string"},

@@ -2,7 +2,7 @@
 API and its job types come later). Also the bulk path: index a folder of images without going through HTTP.
 
     python -m service.worker.collections add NAME IMAGE_OR_DIR...     # detector once per image, regions stored
-    python -m service.worker.collections search NAME "a dog catching a frisbee" [--top-k 10]
+    python -m service.worker.collections search NAME "a dog catching a frisbee" [--top-k 10] [--first-stage on]
     python -m service.worker.collections info NAME
 
 Searching scores every image of the collection with the retrieval head (Predictor.score_images: the text side
@@ -56,20 +56,39 @@ def index_images(pipeline: Pipeline, store: CollectionStore, images: Sequence[by
             continue
         rgb = load_image(data, pipeline.max_image_pixels)
         regions = pipeline.extractor.extract([rgb])[0]
-        out.append((image_id, store.add(image_id, regions, thumbnail(rgb), len(data))))
+        labels = pipeline.names.labels(regions.class_ids) if pipeline.names is not None else None
+        out.append((image_id, store.add(image_id, regions, thumbnail(rgb), len(data), labels)))
     return out
 
 
 def search(pipeline: Pipeline, store: CollectionStore, text: str, top_k: int = 10, task: str = "retrieval_coco",
-           batch_size: int = 64, ground: bool = True) -> dict:
-    """The collection's images ranked by the retrieval logit for `text`:
-    {"hits": [{image_id, rank, score, width, height, box, box_score}], "scored", "task", "grounded", "timings"}.
-    Images are read and scored `batch_size` at a time. With `ground`, each hit's `box` is the top GROUNDING_TASK
-    region for the same text (original-image pixels) and `box_score` its probability; else both are None."""
+           batch_size: int = 64, ground: bool = True, first_stage_above: int | None = None,
+           rerank_top: int = 200) -> dict:
+    """The collection's images ranked by the retrieval logit for `text`: {"hits": [{image_id, rank, score, width,
+    height, box, box_score, label}], "images", "scored", "task", "grounded", "first_stage", "timings"}.
+
+    With more than `first_stage_above` images (None: never), a lexical first stage (BM25 of the text's words over
+    the images' region names, CollectionStore.lexical_ranking) picks the `rerank_top` images that ViLBERT scores;
+    when fewer match, other images (in id order) fill the rest, so a text whose words name no region still gets
+    hits. Otherwise every image is scored. Images are read and scored `batch_size` at a time. With `ground`, each
+    hit's `box` is the top GROUNDING_TASK region for the same text (original-image pixels), `box_score` its
+    probability and `label` the detector's name for it; else all three are None."""
     if task not in SEARCH_TASKS:
         raise ValueError(f"task must be one of {SEARCH_TASKS}, got {task!r}")
     started = time.perf_counter()
     ids = store.ids()
+    first_stage: dict = {"used": False}
+    if first_stage_above is not None and len(ids) > first_stage_above:
+        ranked = store.lexical_ranking(text)
+        chosen = [image_id for image_id, _ in ranked[:rerank_top]]
+        if len(chosen) < rerank_top:
+            taken = set(chosen)
+            chosen += [image_id for image_id in ids if image_id not in taken][:rerank_top - len(chosen)]
+        first_stage = {"used": True, "matched": len(ranked), "reranked": len(chosen)}
+        images, ids = len(ids), chosen
+    else:
+        images = len(ids)
+    lexical = time.perf_counter()
     scores = []
     read_s = 0.0
     for start in range(0, len(ids), batch_size):
@@ -82,29 +101,36 @@ def search(pipeline: Pipeline, store: CollectionStore, text: str, top_k: int = 1
     scored = time.perf_counter()
     top_ids = [ids[i] for i in order]
     top_regions = store.regions(top_ids)
-    boxes = ground_boxes(pipeline, text, top_regions) if ground else [(None, None)] * len(top_ids)
+    grounded = ground_regions(pipeline, text, top_regions) if ground else [(None, None, None)] * len(top_ids)
     hits = [{"image_id": image_id, "rank": rank + 1, "score": round(float(all_scores[i]), 6),
-             "width": int(regions.image_width), "height": int(regions.image_height), "box": box, "box_score": box_score}
-            for rank, (i, image_id, regions, (box, box_score)) in enumerate(zip(order, top_ids, top_regions, boxes))]
+             "width": int(regions.image_width), "height": int(regions.image_height), "box": box, "box_score": box_score,
+             "label": label}
+            for rank, (i, image_id, regions, (box, box_score, label))
+            in enumerate(zip(order, top_ids, top_regions, grounded))]
     total = time.perf_counter() - started
-    return {"hits": hits, "scored": len(ids), "task": task, "grounded": ground,
-            "timings": {"read_s": round(read_s, 4), "score_s": round(scored - started - read_s, 4),
-                        "ground_s": round(total - (scored - started), 4), "total_s": round(total, 4)}}
+    return {"hits": hits, "images": images, "scored": len(ids), "task": task, "grounded": ground,
+            "first_stage": first_stage,
+            "timings": {"first_stage_s": round(lexical - started, 4), "read_s": round(read_s, 4),
+                        "score_s": round(scored - lexical - read_s, 4), "ground_s": round(total - (scored - started), 4),
+                        "total_s": round(total, 4)}}
 
 
-def ground_boxes(pipeline: Pipeline, text: str, images: Sequence) -> list[tuple[list[float] | None, float | None]]:
-    """(box, probability) of the top GROUNDING_TASK region for `text` in each image, in one forward over all of
-    them; (None, None) for an image the task cannot answer (no region)."""
+def ground_regions(pipeline: Pipeline, text: str, images: Sequence) -> list[tuple[list[float] | None, float | None,
+                                                                                  str | None]]:
+    """(box, probability, label) of the top GROUNDING_TASK region for `text` in each image, in one forward over
+    all of them; (None, None, None) for an image the task cannot answer (no region)."""
     if not images:
         return []
     requests = [PredictRequest(images=[regions], text=text, tasks=[GROUNDING_TASK], top_k=1) for regions in images]
     out = []
-    for outcome in pipeline.predictor.predict_many(requests):
+    for regions, outcome in zip(images, pipeline.predictor.predict_many(requests)):
         if isinstance(outcome, PredictionInputError) or not outcome[GROUNDING_TASK]["regions"]:
-            out.append((None, None))
+            out.append((None, None, None))
             continue
         best = outcome[GROUNDING_TASK]["regions"][0]
-        out.append((best["box"], best["score"]))
+        index = best["region"] - 1  # row 0 is the whole image
+        label = pipeline.region_label(regions.class_ids[index]) if 0 <= index < len(regions.class_ids) else None
+        out.append((best["box"], best["score"], label))
     return out
 
 
@@ -137,6 +163,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     find.add_argument("text")
     find.add_argument("--top-k", type=int, default=10)
     find.add_argument("--task", choices=SEARCH_TASKS, default="retrieval_coco")
+    find.add_argument("--first-stage", choices=("auto", "on", "off"), default="auto",
+                      help="rank by region names first, re-rank the best with ViLBERT (auto: above "
+                           "COLLECTION_FIRST_STAGE_ABOVE images)")
+    find.add_argument("--no-ground", action="store_true", help="leave out each hit's grounded box")
     info = commands.add_parser("info", help="image count and stored bytes of a collection")
     info.add_argument("name")
     args = parser.parse_args(argv)
@@ -160,7 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr, flush=True)
         print(json.dumps({"added": added, "images": store.info().images}))
         return 0
-    print(json.dumps(search(pipeline, store, args.text, args.top_k, args.task), indent=2))
+    above = {"auto": settings.collection_first_stage_above, "on": 0, "off": None}[args.first_stage]
+    print(json.dumps(search(pipeline, store, args.text, args.top_k, args.task, ground=not args.no_ground,
+                            first_stage_above=above, rerank_top=settings.collection_rerank_top), indent=2))
     return 0
 
 

@@ -207,7 +207,8 @@ def run_collection_job(pipeline: Pipeline, connection: Redis, job: Job, request:
     if request.kind == "collection_search":
         set_progress(connection, job, SEARCHING)
         try:
-            result = search(pipeline, store, request.text, request.top_k, request.tasks[0], ground=request.ground)
+            result = search(pipeline, store, request.text, request.top_k, request.tasks[0], ground=request.ground,
+                            first_stage_above=request.first_stage_above, rerank_top=request.rerank_top)
         except ServiceError as exc:
             raise PipelineError.at(SEARCHING, exc) from None
         except ValueError as exc:
