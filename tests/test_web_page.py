@@ -573,3 +573,25 @@ def test_collection_drop_and_errors(stack, page, album, tmp_path):
     expect(alert).to_contain_text("empty_text")
     assert _api_error(stack.post(f"{base}/search", fields={"text": "   "}))["message"] in alert.inner_text()
     assert stack.request("DELETE", base)[0] == 200
+
+
+def test_collection_upload_limit_learned_from_the_refusal(stack, page, album):
+    """Without the OpenAPI description (here: its request fails, as behind a proxy that serves only the API's
+    operations), the page assumes the default limit of 16, and the service's too_many_uploads answer teaches it the
+    real one: the refused add is sent again in chunks of that size, and nothing is lost."""
+    name = _collection_name()
+    base = f"/api/v1/collections/{name}"
+    page.route("**/api/v1/openapi.json", lambda route: route.abort())
+    _open_collections(page, stack.url, name)
+    adds = []
+    page.on("response", lambda r: adds.append(r)
+            if r.request.method == "POST" and r.url.endswith(f"{base}/images") else None)
+    page.get_by_label("Images", exact=True).set_input_files([str(p) for p in album[:3]])
+    expect(page.locator("#index-status")).to_have_text(re.compile(r"^Indexed 3 of 3 images: 3 new"),
+                                                       timeout=INDEX_TIMEOUT_MS)
+    assert [r.status for r in adds] == [400, 202, 202]
+    assert adds[0].json()["error"]["code"] == "too_many_uploads"
+    assert [len(r.json()["image_ids"]) for r in adds[1:]] == [2, 1]
+    expect(page.locator("#collection-error")).to_be_hidden()
+    assert stack.get(base)[1]["images"] == 3
+    assert stack.request("DELETE", base)[0] == 200
