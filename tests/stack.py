@@ -38,10 +38,12 @@ HEARTBEAT_TTL = 3
 
 
 class Stack:
-    def __init__(self, root: Path, web: str = "gunicorn", gunicorn_args: tuple[str, ...] = ()):
+    def __init__(self, root: Path, web: str = "gunicorn", gunicorn_args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None):
         """web: "gunicorn" (`gunicorn app:app`, as make serve and the Dockerfile run it) or "app.py" (`python app.py
         --port N`, the seed's classic way). gunicorn_args: extra flags (e.g. `--worker-class sync`), which override
-        gunicorn.conf.py."""
+        gunicorn.conf.py. env: settings for all three processes, over the defaults below (e.g.
+        MAX_COLLECTION_UPLOAD_IMAGES)."""
         self.root = root
         self.bundle = root / "bundle"
         subprocess.run([sys.executable, str(ROOT / "models" / "make_tiny.py"), "--out", str(self.bundle)], check=True,
@@ -56,6 +58,7 @@ class Stack:
             MAX_TEXT_CHARS="300", MAX_IMAGE_PIXELS=str(4_000_000), JOB_TIMEOUT="120", PYTHONUNBUFFERED="1",
             REDIS_TIMEOUT="2", OMP_NUM_THREADS="1",
         )
+        self.env.update(env or {})
         self.settings = load_settings(self.env)
         self.redis = None
         self.worker = None

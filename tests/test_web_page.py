@@ -332,3 +332,267 @@ def test_queue_position_and_a_failed_job(stack, page, photos):
     assert page.locator("#results").is_hidden() and page.locator("#status").inner_text() == ""
     assert page.get_by_role("button", name="Ask").is_enabled()
     assert stack.wait(blocker)["status"] == "finished"
+
+
+# ------------------------------------------------------------------------------------------------ collections
+# The Collections view (#collections) against the same live stack: images added through the page's file input and
+# by a drop, indexed by the real worker, searched, shown as a ranked grid with the API's scores and grounded boxes,
+# deleted. The stack's per-add limit is set low (UPLOAD_LIMIT) so the page must split a folder into several adds.
+
+UPLOAD_LIMIT = 2
+INDEX_TIMEOUT_MS = 240_000  # the detector on a few images, on two busy shared cores
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """tests/conftest.py's stack, with MAX_COLLECTION_UPLOAD_IMAGES=UPLOAD_LIMIT (the page learns it from the
+    OpenAPI description); the other tests of this module do not depend on that limit."""
+    from stack import Stack
+
+    stack = Stack(tmp_path_factory.mktemp("stack"), env={"MAX_COLLECTION_UPLOAD_IMAGES": str(UPLOAD_LIMIT)})
+    yield stack
+    stack.close()
+
+
+@pytest.fixture(scope="module")
+def album(tmp_path_factory) -> list[Path]:
+    """Generated JPEGs of different sizes and shapes: wider and narrower than the 256 px thumbnails, landscape and
+    portrait, so the box scaling from original pixels to the thumbnail is tested."""
+    from PIL import ImageDraw
+
+    folder = tmp_path_factory.mktemp("album")
+    rng = np.random.default_rng(14)
+    paths = []
+    for index, size in enumerate([(320, 200), (180, 300), (256, 256), (400, 120), (150, 100)]):
+        image = Image.new("RGB", size, tuple(int(v) for v in rng.integers(0, 256, 3)))
+        draw = ImageDraw.Draw(image)
+        for _ in range(6):
+            x1, y1 = rng.integers(0, size[0] - 20), rng.integers(0, size[1] - 20)
+            x2, y2 = x1 + rng.integers(10, size[0] // 2), y1 + rng.integers(10, size[1] // 2)
+            shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+            shape([int(x1), int(y1), int(x2), int(y2)], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+        path = folder / f"photo-{index + 1}.jpg"
+        image.save(path, "JPEG", quality=90)
+        paths.append(path)
+    return paths
+
+
+def _collection_name() -> str:
+    import uuid
+
+    return f"page-{uuid.uuid4().hex[:10]}"
+
+
+def _open_collections(page, base: str, name: str | None = None) -> None:
+    page.goto(base + "/#collections")
+    expect(page.get_by_role("heading", name="Collections", exact=True)).to_be_visible()
+    assert page.locator("#job-form").is_hidden()  # the ask view is hidden
+    assert page.get_by_role("link", name="Collections").get_attribute("aria-current") == "page"
+    if name is not None:
+        page.get_by_label("Collection name").fill(name)
+
+
+def _record_progress(page) -> None:
+    """Every value the indexing progress bar takes, so values that pass quickly are still seen."""
+    page.evaluate("""() => {
+        window.__progress = [];
+        const bar = document.getElementById('index-progress');
+        new MutationObserver(() => window.__progress.push([bar.value, bar.max]))
+            .observe(bar, {attributes: true, attributeFilter: ['value', 'max']});
+    }""")
+
+
+def _api_error(response) -> dict:
+    status, body, _ = response
+    assert 400 <= status < 500, (status, body)
+    return body["error"]
+
+
+def test_collection_add_search_delete(stack, page, album):
+    name = _collection_name()
+    base = f"/api/v1/collections/{name}"
+    _open_collections(page, stack.url, name)
+    page.get_by_role("button", name="Open").click()
+    expect(page.locator("#collection-info")).to_contain_text("unknown_collection")  # nothing yet: not an error
+    assert page.locator("#collection-error").is_hidden()
+
+    # Add five images through the file input: the page splits them into adds of at most UPLOAD_LIMIT images.
+    adds = []  # the answers to the page's add requests
+    page.on("response", lambda r: adds.append(r)
+            if r.request.method == "POST" and r.url.endswith(f"{base}/images") else None)
+    _record_progress(page)
+    page.get_by_label("Images", exact=True).set_input_files([str(p) for p in album])
+    status = page.locator("#index-status")
+    expect(status).to_have_text(re.compile(r"^Indexed 5 of 5 images: 5 new"), timeout=INDEX_TIMEOUT_MS)
+    assert [(r.status, len(r.json()["image_ids"])) for r in adds] == [(202, 2), (202, 2), (202, 1)]
+    progress = page.locator("#index-progress")
+    assert (progress.evaluate("bar => [bar.value, bar.max]")) == [5, 5]
+    assert page.get_by_label("Indexing").is_visible()  # the progress bar is labelled
+    seen = page.evaluate("window.__progress")
+    values = [value for value, _ in seen]
+    assert values == sorted(values) and {2, 4, 5} <= set(values), seen  # each add's end is seen, never backwards
+    assert page.locator("#collection-error").is_hidden()
+
+    # The collection's info as the API gives it.
+    status_code, info = stack.get(base)
+    assert status_code == 200 and info["images"] == 5 and info["pending"] == 0
+    for field in ("images", "pending", "bytes"):
+        expect(page.locator(f'#collection-info dd[data-field="{field}"]')).to_have_attribute(
+            "data-value", str(info[field]))
+    assert page.locator('#collection-info dd[data-field="images"]').inner_text() == "5"
+
+    # Search: the grid shows the API's hits in its order, with its scores and boxes.
+    page.get_by_label("Caption", exact=True).fill("a red circle next to a blue square")
+    with page.expect_response(lambda r: r.url.endswith(f"{base}/search") and r.request.method == "POST") as sent:
+        page.get_by_role("button", name="Search").click()
+    job_id = sent.value.json()["id"]
+    expect(page.locator("#search-results")).to_be_visible(timeout=INDEX_TIMEOUT_MS)
+    assert page.evaluate("document.activeElement.id") == "search-heading"
+    result = stack.wait(job_id)["result"]
+    hits = result["hits"]
+    assert len(hits) == 5 and result["grounded"] is True
+    cards = page.locator("#hits > li")
+    expect(cards).to_have_count(len(hits))
+    for card, hit in zip(cards.all(), hits):
+        assert card.get_attribute("data-image-id") == hit["image_id"]
+        assert card.locator(".hit-rank").inner_text() == f"#{hit['rank']}"
+        shown = card.locator(".hit-score").inner_text()
+        assert re.fullmatch(r"score -?\d+\.\d{4}", shown), shown
+        assert float(shown.split()[1]) == pytest.approx(hit["score"], abs=5e-5)
+        thumb = card.locator("img.hit-thumb")
+        expect(thumb).to_have_js_property("complete", True)
+        natural = thumb.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+        # The thumbnail is this hit's image, scaled to at most 256 px on its long side.
+        fit = min(1.0, 256 / max(hit["width"], hit["height"]))
+        assert natural == pytest.approx([hit["width"] * fit, hit["height"] * fit], abs=1), (natural, hit)
+        # The grounded box, from original pixels to the thumbnail as shown (scale: shown width / original width).
+        assert hit["box"] is not None
+        box = card.locator(".overlay .box")
+        expect(box).to_have_count(1)
+        frame, drawn = thumb.bounding_box(), box.bounding_box()
+        scale = frame["width"] / hit["width"]
+        assert frame["height"] / hit["height"] == pytest.approx(scale, rel=0.02)
+        x1, y1, x2, y2 = hit["box"]
+        assert drawn["x"] == pytest.approx(frame["x"] + x1 * scale, abs=2)
+        assert drawn["y"] == pytest.approx(frame["y"] + y1 * scale, abs=2)
+        # (the tiny bundle's random detector can give a box of zero width: drawn, it is its two 2 px borders)
+        assert drawn["width"] == pytest.approx(max((x2 - x1) * scale, 4), abs=3)
+        assert drawn["height"] == pytest.approx(max((y2 - y1) * scale, 4), abs=3)
+        shown_box_score = re.search(r"(\d+(?:\.\d+)?) %", box.inner_text())
+        assert float(shown_box_score.group(1)) == pytest.approx(100 * hit["box_score"], abs=0.051)
+        if hit.get("label"):  # region names (issue 14, item 5), once the API gives them
+            assert hit["label"] in box.inner_text() and hit["label"] in card.locator(".hit-label").inner_text()
+    _screenshot(page, "collection_results")
+
+    # Delete an image from the grid: cancelling the confirmation keeps it, accepting deletes it.
+    victim = hits[1]["image_id"]
+    card = page.locator(f'#hits > li[data-image-id="{victim}"]')
+    deletes = []  # every DELETE the page sends, in order
+    page.on("request", lambda r: deletes.append(r.url) if r.method == "DELETE" else None)
+    page.once("dialog", lambda dialog: dialog.dismiss())
+    card.get_by_role("button", name="Delete").click()
+    messages = []
+    page.once("dialog", lambda dialog: (messages.append(dialog.message), dialog.accept()))
+    card.get_by_role("button", name="Delete").click()
+    expect(card).to_have_count(0)
+    expect(cards).to_have_count(len(hits) - 1)
+    expect(page.locator("#search-status")).to_contain_text(f"Deleted image {victim[:8]}")
+    assert name in messages[0] and victim[:8] in messages[0]
+    expect(page.locator('#collection-info dd[data-field="images"]')).to_have_text("4")
+    assert stack.get(base)[1]["images"] == 4
+    assert deletes == [f"{stack.url}{base}/images/{victim}"]  # one: the cancelled click sent nothing
+    assert _api_error(stack.request("DELETE", f"{base}/images/{victim}"))["code"] == "unknown_image"
+
+    # Delete the whole collection, confirmed.
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Delete this collection").click()
+    expect(page.locator("#collection-info")).to_contain_text(f"Deleted collection “{name}” (4 images)")
+    assert page.locator("#search-results").is_hidden()
+    assert stack.get(base)[0] == 404
+
+
+def test_collection_drop_and_errors(stack, page, album, tmp_path):
+    name = _collection_name()
+    base = f"/api/v1/collections/{name}"
+    _open_collections(page, stack.url, "Holiday 2024!")
+    alert = page.locator("#collection-error")
+    # An invalid name is refused in the page with the API's own message, before any upload.
+    page.get_by_label("Images", exact=True).set_input_files(str(album[0]))
+    expect(alert).to_contain_text("invalid_collection")
+    api = _api_error(stack.post("/api/v1/collections/Holiday!/images", files=[("image", album[0].read_bytes())]))
+    assert api["code"] == "invalid_collection" and api["message"] in alert.inner_text()
+    assert page.get_by_label("Collection name").get_attribute("aria-invalid") == "true"
+
+    # A file that is not an image: the API's 400 message, with the file's name.
+    page.get_by_label("Collection name").fill(name)
+    notes = tmp_path / "notes.jpg"
+    notes.write_text("not a photo, only text")
+    page.get_by_label("Images", exact=True).set_input_files(str(notes))
+    expect(alert).to_contain_text("invalid_image")
+    api = _api_error(stack.post(f"{base}/images", files=[("image", notes.read_bytes())]))
+    assert api["message"] in alert.inner_text() and "notes.jpg" in alert.inner_text()
+    expect(page.locator("#index-status")).to_have_text(re.compile(r"^Stopped: 0 of 1 images indexed"))
+    assert page.get_by_label("Images", exact=True).is_enabled()
+
+    # Searching a collection with nothing indexed: the API's 404.
+    page.get_by_label("Caption", exact=True).fill("a cat")
+    page.get_by_role("button", name="Search").click()
+    expect(alert).to_contain_text("unknown_collection")
+    api = _api_error(stack.post(f"{base}/search", fields={"text": "a cat"}))
+    assert api["message"] in alert.inner_text()
+
+    # A drop of an image file (a DataTransfer as a browser builds it for dropped files) indexes it.
+    import base64
+
+    transfer = page.evaluate_handle("""([name, data]) => {
+        const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], name, {type: 'image/jpeg'}));
+        return transfer;
+    }""", [album[2].name, base64.b64encode(album[2].read_bytes()).decode()])
+    page.locator("#drop-zone").dispatch_event("drop", {"dataTransfer": transfer})
+    expect(page.locator("#index-status")).to_have_text(re.compile(r"^Indexed 1 of 1 images: 1 new"),
+                                                       timeout=INDEX_TIMEOUT_MS)
+    expect(alert).to_be_hidden()
+    assert stack.get(base)[1]["images"] == 1
+    # The folder picker (webkitdirectory): the images in the folder and its subfolders; other files are skipped.
+    folder = tmp_path / "trip"
+    (folder / "day2").mkdir(parents=True)
+    (folder / "a.jpg").write_bytes(album[3].read_bytes())
+    (folder / "day2" / "b.jpg").write_bytes(album[4].read_bytes())
+    (folder / "day2" / "c.jpg").write_bytes(album[2].read_bytes())  # dropped above already: not indexed again
+    (folder / "readme.txt").write_text("not an image")
+    page.get_by_label("A folder").set_input_files(folder)
+    expect(page.locator("#index-status")).to_have_text(
+        "Indexed 3 of 3 images: 2 new, 1 already in the collection; 1 file that is not an image was skipped.",
+        timeout=INDEX_TIMEOUT_MS)
+    assert stack.get(base)[1]["images"] == 3
+    expect(page.locator('#collection-info dd[data-field="images"]')).to_have_text("3")
+    # An empty caption: the API's message again (the page does not invent its own rules).
+    page.get_by_label("Caption", exact=True).fill("   ")
+    page.get_by_role("button", name="Search").click()
+    expect(alert).to_contain_text("empty_text")
+    assert _api_error(stack.post(f"{base}/search", fields={"text": "   "}))["message"] in alert.inner_text()
+    assert stack.request("DELETE", base)[0] == 200
+
+
+def test_collection_upload_limit_learned_from_the_refusal(stack, page, album):
+    """Without the OpenAPI description (here: its request fails, as behind a proxy that serves only the API's
+    operations), the page assumes the default limit of 16, and the service's too_many_uploads answer teaches it the
+    real one: the refused add is sent again in chunks of that size, and nothing is lost."""
+    name = _collection_name()
+    base = f"/api/v1/collections/{name}"
+    page.route("**/api/v1/openapi.json", lambda route: route.abort())
+    _open_collections(page, stack.url, name)
+    adds = []
+    page.on("response", lambda r: adds.append(r)
+            if r.request.method == "POST" and r.url.endswith(f"{base}/images") else None)
+    page.get_by_label("Images", exact=True).set_input_files([str(p) for p in album[:3]])
+    expect(page.locator("#index-status")).to_have_text(re.compile(r"^Indexed 3 of 3 images: 3 new"),
+                                                       timeout=INDEX_TIMEOUT_MS)
+    assert [r.status for r in adds] == [400, 202, 202]
+    assert adds[0].json()["error"]["code"] == "too_many_uploads"
+    assert [len(r.json()["image_ids"]) for r in adds[1:]] == [2, 1]
+    expect(page.locator("#collection-error")).to_be_hidden()
+    assert stack.get(base)[1]["images"] == 3
+    assert stack.request("DELETE", base)[0] == 200
