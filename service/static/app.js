@@ -404,12 +404,14 @@
       card.style.setProperty("--task-colour", colour);
       entries.forEach((entry, index) => {
         const best = kind === "pointing" ? index === result.best : index === 0;
-        const what = kind === "grounding" ? "region " + entry.region : "candidate " + index;
+        const what = (kind === "grounding" ? "region " + entry.region : "candidate " + index) +
+          (entry.label ? " (" + entry.label + ")" : "");
         const row = bar(what + " " + boxText(entry.box), entry.score, best ? "best" : "");
         list.append(row);
         if (context.size) {
           const node = drawBox(context.overlay, entry.box, context.size, colour,
-            name + " " + (kind === "grounding" ? "#" + (index + 1) : what) + " " + percent(entry.score));
+            name + " " + (kind === "grounding" ? "#" + (index + 1) : what) + (entry.label && kind === "grounding"
+              ? " " + entry.label : "") + " " + percent(entry.score));
           node.dataset.task = name;
           if (best) node.classList.add("best");
           linkRowToBox(row, node);
