@@ -112,7 +112,7 @@ def image_paths(paths: list[str]) -> list[Path]:
 
 
 def collection(base: str, name: str, add: list[str] | None, search: str | None, top_k: int | None,
-               timeout: float) -> int:
+               timeout: float, first_stage: str | None = None) -> int:
     """--collection NAME with --add PATH... (index images) or --search TEXT (rank the collection's images)."""
     url = f"{base}/api/v1/collections/{urllib.parse.quote(name, safe='')}"
     try:
@@ -141,6 +141,8 @@ def collection(base: str, name: str, add: list[str] | None, search: str | None, 
         fields = {"text": search}
         if top_k:
             fields["top_k"] = str(top_k)
+        if first_stage:
+            fields["first_stage"] = first_stage
         status, body = call(url + "/search", *multipart(fields, []))
         if status != 202:
             print(f"demo: refused ({status}): {body.get('error', body)}", file=sys.stderr)
@@ -151,9 +153,14 @@ def collection(base: str, name: str, add: list[str] | None, search: str | None, 
             print(f"search failed: {error.get('code')}: {error.get('message')}", file=sys.stderr)
             return 1
         result = job["result"]
-        print(f"{len(result['hits'])} best of {result['scored']} images for {search!r}:")
+        stage = result.get("first_stage", {})
+        how = (f" (first stage: {stage['matched']} images named a word of it, {stage['reranked']} re-ranked)"
+               if stage.get("used") else "")
+        print(f"{len(result['hits'])} best of {result['scored']} images scored{how} for {search!r}:")
         for hit in result["hits"]:
-            print(f"  {hit['rank']:>3}. {hit['image_id']}  score {hit['score']:+.4f}")
+            where = (f"  {hit.get('label') or 'region'} at {hit['box']} ({hit['box_score']:.2f})"
+                     if hit.get("box") else "")
+            print(f"  {hit['rank']:>3}. {hit['image_id']}  score {hit['score']:+.4f}{where}")
         return 0
     except (urllib.error.URLError, OSError) as exc:
         print(f"demo: cannot reach the service at {base}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
@@ -176,11 +183,11 @@ def format_result(result: dict) -> str:
                 lines.append(f"  {item['probability']:8.4f}  {item['answer']}")
         elif "regions" in answer:
             for item in answer["regions"]:
-                lines.append(f"  {item['score']:8.4f}  box {item['box']}")
+                lines.append(f"  {item['score']:8.4f}  box {item['box']}  {item.get('label') or ''}".rstrip())
         elif "candidates" in answer:
             for index, item in enumerate(answer["candidates"]):
                 mark = "  <- best" if index == answer.get("best") else ""
-                lines.append(f"  {item['score']:8.4f}  box {item['box']}{mark}")
+                lines.append(f"  {item['score']:8.4f}  box {item['box']}  {item.get('label') or ''}".rstrip() + mark)
         elif "ranking" in answer:
             for rank, index in enumerate(answer["ranking"], 1):
                 lines.append(f"  #{rank}  image {index}  score {answer['scores'][index]:.4f}  "
@@ -222,11 +229,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--collection", metavar="NAME", help="work on a collection: with --add or --search")
     parser.add_argument("--add", nargs="+", metavar="PATH", help="image files or folders to index into --collection")
     parser.add_argument("--search", metavar="TEXT", help="rank the images of --collection for this caption")
+    parser.add_argument("--first-stage", choices=("auto", "on", "off"),
+                        help="with --search: rank by region names first (on), never (off: every image scored), or "
+                             "above the service's size threshold (auto, the default)")
     args = parser.parse_args(argv)
     if args.collection or args.add or args.search:
         if not args.collection or bool(args.add) == bool(args.search) or args.inputs:
             parser.error("use --collection NAME with exactly one of --add PATH... or --search TEXT")
-        return collection(args.url.rstrip("/"), args.collection, args.add, args.search, args.top_k, args.timeout)
+        return collection(args.url.rstrip("/"), args.collection, args.add, args.search, args.top_k, args.timeout,
+                          args.first_stage)
     if args.draw:
         try:
             import PIL  # noqa: F401 - checked before the job is submitted, not after it has run

@@ -380,7 +380,12 @@ def test_demo_py_adds_a_folder_and_searches_it_on_a_bare_python(stack, tmp_path)
     found = subprocess.run([*bare, "--search", "a cup of coffee", "--top-k", "2"], capture_output=True, text=True,
                            timeout=300)
     assert found.returncode == 0, found.stderr
-    assert "2 best of 3 images for 'a cup of coffee':" in found.stdout
-    assert len(re.findall(r"^\s+[12]\. [0-9a-f]{32}  score [+-]\d\.\d{4}$", found.stdout, re.M)) == 2, found.stdout
+    assert "2 best of 3 images scored for 'a cup of coffee':" in found.stdout
+    hit = r"^\s+[12]\. [0-9a-f]{32}  score [+-]\d\.\d{4}  [a-z ]+ at \[[-0-9., ]+\] \(\d\.\d\d\)$"
+    assert len(re.findall(hit, found.stdout, re.M)) == 2, found.stdout  # with the grounded region and its name
+    staged = subprocess.run([*bare, "--search", "a cup of coffee", "--top-k", "1", "--first-stage", "on"],
+                            capture_output=True, text=True, timeout=300)
+    assert staged.returncode == 0 and re.search(r"\(first stage: \d+ images named a word of it, 3 re-ranked\)",
+                                                staged.stdout), staged.stdout + staged.stderr
     wrong = subprocess.run([*bare, "--search", "x", "--add", str(folder)], capture_output=True, text=True, timeout=60)
     assert wrong.returncode == 2 and "exactly one of --add" in wrong.stderr
