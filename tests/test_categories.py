@@ -1,19 +1,14 @@
 """Region names (issue 14, item 5): the Visual Genome category file, its two layouts, what is refused, and the
-`label` of every grounding region and pointing candidate in a result."""
+words the lexical first stage compares (pure: the mutation check runs these; tests/test_region_labels.py has the
+labels in results)."""
 
 from __future__ import annotations
 
-import io
 import json
-import logging
-import shutil
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from detector.categories import CATEGORIES_FILE, CategoriesError, CategoryNames, name_terms, synthetic_categories
-from service.worker.pipeline import InferenceRequest, Pipeline
+from detector.categories import MAX_FILE_BYTES, CategoriesError, CategoryNames, name_terms, synthetic_categories
 
 
 def released_layout(count: int = 5) -> dict:
@@ -64,52 +59,60 @@ def test_the_synthetic_file_is_in_the_released_layout():
     assert names.num_classes == 1601 and names.label(1) == "man" and all(names.names[1:])
 
 
-def photo(seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    buffer = io.BytesIO()
-    Image.fromarray((rng.random((30, 40, 3)) * 255).astype(np.uint8)).resize((320, 240)).save(buffer, "JPEG")
-    return buffer.getvalue()
+def test_the_refusal_says_what_the_file_has_and_what_the_detector_needs():
+    with pytest.raises(CategoriesError) as caught:
+        CategoryNames.from_json(json.dumps(released_layout(4)).encode(), num_classes=6, source="cats.json")
+    assert str(caught.value) == ("cats.json: 4 categories with ids 0..3; this detector has 5 object classes "
+                                 "(ids 0..4, or 0..5 with a background entry)")
+    with pytest.raises(CategoriesError) as caught:
+        CategoryNames.from_json(b'{"categories": []}', num_classes=6, source="empty.json")
+    assert str(caught.value).startswith("empty.json: 0 categories with ids 0..0;")
+    shifted = {"categories": [{"id": i, "name": "a"} for i in range(1, 6)]}  # 1-based: refused, not shifted
+    with pytest.raises(CategoriesError, match=r": 5 categories with ids 1\.\.5;"):
+        CategoryNames.from_json(json.dumps(shifted).encode(), num_classes=6)
 
 
-@pytest.fixture(scope="module")
-def pipeline(tiny_bundle) -> Pipeline:
-    return Pipeline.from_dir(tiny_bundle, device="cpu", min_size=96, max_size=160)
+def test_every_name_is_checked_and_the_first_bad_one_is_quoted():
+    names = [f"n{i}" for i in range(5)]
+    for bad in ("", "x" * 65, "tab\there"):
+        entries = {"categories": [{"id": i, "name": bad if i == 0 else n} for i, n in enumerate(names)]}
+        with pytest.raises(CategoriesError) as caught:  # the first class's name too
+            CategoryNames.from_json(json.dumps(entries).encode(), num_classes=6, source="f")
+        assert str(caught.value) == f"f: 1 empty, overlong or unprintable name(s), e.g. {bad[:20]!r}"
+    longest = {"categories": [{"id": i, "name": "y" * 64} for i in range(5)]}
+    assert CategoryNames.from_json(json.dumps(longest).encode(), 6).label(1) == "y" * 64
+    with pytest.raises(CategoriesError, match="integer id and a string name"):
+        CategoryNames.from_json(json.dumps({"categories": [{"id": 0, "name": 7}]}).encode(), 6)
+    with pytest.raises(CategoriesError, match="integer id and a string name"):
+        CategoryNames.from_json(json.dumps({"categories": [{"id": True, "name": "a"}]}).encode(), 6)
 
 
-def test_grounding_regions_and_pointing_candidates_carry_the_detector_class_name(pipeline):
-    data = photo(1)
-    result = pipeline.run(InferenceRequest([data], "the dog on the left", ["refcoco"], top_k=20))
-    regions = pipeline.extractor.extract([np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))])[0]
-    labelled = 0
-    for region in result["tasks"]["refcoco"]["regions"]:
-        if region["region"] == 0:
-            assert region["label"] is None  # the whole image is no detected object
-            continue
-        class_id = int(regions.class_ids[region["region"] - 1])
-        assert 1 <= class_id < 1601 and region["label"] == pipeline.names.label(class_id) is not None
-        np.testing.assert_allclose(region["box"], regions.boxes[region["region"] - 1], atol=0.01)
-        labelled += 1
-    assert labelled >= 10
-
-    boxes = [[10, 10, 100, 120], [150, 30, 300, 200], [0, 0, 320, 240]]
-    pointed = pipeline.run(InferenceRequest([data], "which one is the dog?", ["visual7w"], boxes=boxes))
-    rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-    expected = pipeline.extractor.extract_boxes(rgb, np.asarray(boxes, np.float32)).class_ids
-    assert [c["label"] for c in pointed["tasks"]["visual7w"]["candidates"]] == pipeline.names.labels(expected)
+def test_the_size_limit_is_exact():
+    body = json.dumps(released_layout(5)).encode()
+    at_limit = b" " * (MAX_FILE_BYTES - len(body)) + body
+    assert CategoryNames.from_json(at_limit, 6).label(5) == "thing4"
+    with pytest.raises(CategoriesError, match="more than a category file has"):
+        CategoryNames.from_json(b" " + at_limit, 6)
 
 
-def test_without_a_category_file_labels_are_null_and_the_worker_says_why(tiny_bundle, tmp_path, caplog):
-    bundle = tmp_path / "bundle"
-    shutil.copytree(tiny_bundle, bundle)
-    (bundle / CATEGORIES_FILE).unlink()
-    with caplog.at_level(logging.WARNING):
-        pipeline = Pipeline.from_dir(bundle, device="cpu", min_size=96, max_size=160)
-    assert pipeline.names is None and f"has no {CATEGORIES_FILE}" in caplog.text
-    result = pipeline.run(InferenceRequest([photo(2)], "a dog", ["refcoco"], top_k=5))
-    assert [r["label"] for r in result["tasks"]["refcoco"]["regions"]] == [None] * 5
+def test_a_file_is_read_whole_up_to_the_limit(tmp_path):
+    path = tmp_path / "cats.json"
+    body = json.dumps(released_layout(5)).encode()
+    path.write_bytes(b" " * (MAX_FILE_BYTES - len(body)) + body)  # exactly at the limit: read to its last byte
+    assert CategoryNames.from_file(path, 6).labels([1, 5]) == ["thing0", "thing4"]
+    accented = json.dumps({"categories": [{"id": i, "name": "café"} for i in range(5)]}, ensure_ascii=False).encode()
+    path.write_bytes(b" " * (MAX_FILE_BYTES + 1 - len(accented)) + accented)  # one byte over, fewer characters
+    with pytest.raises(CategoriesError) as caught:
+        CategoryNames.from_file(path, 6)
+    assert str(caught.value).startswith(f"{path}: {MAX_FILE_BYTES + 1} bytes, more than")
+    path.write_bytes(b" " * (3 * MAX_FILE_BYTES) + body)  # a huge file: no more than the limit + 1 is read
+    with pytest.raises(CategoriesError) as caught:
+        CategoryNames.from_file(path, 6)
+    assert str(caught.value).startswith(f"{path}: {MAX_FILE_BYTES + 1} bytes, more than")
+    path.write_bytes(json.dumps(released_layout(3)).encode())
+    with pytest.raises(CategoriesError, match=f"^{path}: 3 categories"):  # the path names the file
+        CategoryNames.from_file(str(path), 6)
 
-    (bundle / CATEGORIES_FILE).write_text(json.dumps(released_layout(7)))  # a file for another detector
-    caplog.clear()
-    with caplog.at_level(logging.WARNING):
-        assert Pipeline.from_dir(bundle, device="cpu", min_size=96, max_size=160).names is None
-    assert "this detector has 1600 object classes" in caplog.text
+
+def test_short_words_keep_their_s():
+    assert name_terms("gas is cars bus") == ["gas", "is", "car", "bus"]
