@@ -15,6 +15,8 @@ append-only file. Per collection `<name>` (service.contract.COLLECTION_PREFIX + 
   image id -> the document's length in terms. A search ranks by BM25 over these before ViLBERT re-ranks the best
   (service.worker.collections.search, above a configurable collection size).
 The set COLLECTION_NAMES_KEY holds every collection's name (MAX_COLLECTIONS counts it).
+An add is admitted by one Lua script (ADMIT: the limits checked and the pending entries written atomically), so
+concurrent adds, from any number of web processes, can never take a collection past its limits.
 An image id is derived from the image's bytes (sha256), so adding the same bytes again is a no-op.
 This module imports no torch: the web tier will use it too.
 """
@@ -57,6 +59,54 @@ def check_name(name: str) -> str:
 def image_id_of(data: bytes) -> str:
     """The content-derived id of an image: the first 32 hex digits of the sha256 of its bytes."""
     return hashlib.sha256(data).hexdigest()[:32]
+
+
+# Admit an add to a collection, atomically: the limits are checked and, only if they all allow it, the collection
+# is counted (names set) and the add's new images (neither stored nor pending) are marked pending for its job.
+# Checking and writing in one script is what keeps concurrent adds within the limits: with separate reads and
+# writes, every add of a burst could read the same counts and all be admitted.
+# KEYS: names set, regions, pending, meta. ARGV: name, max collections, max bytes, max images, job id, pending
+# ttl, then the add's image ids. Returns {"ok", images after, new ids...} or {refusal code, the count refused}.
+# Cost: one pass over the collection's metadata (bytes) and pending entries, O(images) inside Redis.
+ADMIT = """
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then
+  local count = redis.call('SCARD', KEYS[1])
+  if count >= tonumber(ARGV[2]) then return {'too_many_collections', count} end
+end
+local stored = 0
+for _, meta in ipairs(redis.call('HVALS', KEYS[4])) do stored = stored + tonumber(cjson.decode(meta)['stored']) end
+if stored >= tonumber(ARGV[3]) then return {'collection_too_large', stored} end
+local images = redis.call('HLEN', KEYS[2])
+for _, id in ipairs(redis.call('HKEYS', KEYS[3])) do
+  if redis.call('HEXISTS', KEYS[2], id) == 0 then images = images + 1 end
+end
+local new, seen = {}, {}
+for i = 7, #ARGV do
+  local id = ARGV[i]
+  if not seen[id] and redis.call('HEXISTS', KEYS[2], id) == 0 and redis.call('HEXISTS', KEYS[3], id) == 0 then
+    new[#new + 1] = id
+  end
+  seen[id] = true
+end
+images = images + #new
+if images > tonumber(ARGV[4]) then return {'collection_full', images} end
+redis.call('SADD', KEYS[1], ARGV[1])
+for _, id in ipairs(new) do redis.call('HSET', KEYS[3], id, ARGV[5]) end
+if #new > 0 then redis.call('EXPIRE', KEYS[3], ARGV[6]) end
+local out = {'ok', images}
+for _, id in ipairs(new) do out[#out + 1] = id end
+return out
+"""
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What ADMIT decided: `refused` is None (admitted) or the refusal's code; `count` is the collection's images
+    after the add when admitted, else the count that refused it (collections, stored bytes or images)."""
+
+    refused: str | None
+    count: int
+    new: list[str]  # the admitted add's images that were neither stored nor pending (now pending for its job)
 
 
 @dataclass(frozen=True)
@@ -203,6 +253,18 @@ class CollectionStore:
     def pending(self) -> dict[str, str]:
         """image id -> the add job that will index it (images uploaded, not indexed yet)."""
         return {k.decode(): v.decode() for k, v in self.connection.hgetall(self.pending_key).items()}
+
+    def admit(self, image_ids: Sequence[str], job_id: str, ttl: int, max_collections: int, max_bytes: int,
+              max_images: int) -> Admission:
+        """Check an add against the limits and, if admitted, count the collection and mark its new images pending
+        for `job_id` (expiring after `ttl` s), all in one atomic step (ADMIT). Refusal codes: too_many_collections
+        (a new collection while there are `max_collections`), collection_too_large (it already stores `max_bytes`
+        or more), collection_full (stored, pending and new images would pass `max_images`)."""
+        keys = (COLLECTION_NAMES_KEY, self.regions_key, self.pending_key, self.meta_key)
+        reply = self.connection.eval(ADMIT, len(keys), *keys, self.name, max_collections, max_bytes, max_images,
+                                     job_id, ttl, *image_ids)
+        code = reply[0].decode()
+        return Admission(None if code == "ok" else code, int(reply[1]), [i.decode() for i in reply[2:]])
 
     def add_pending(self, image_ids: Sequence[str], job_id: str, ttl: int) -> None:
         if not image_ids:
