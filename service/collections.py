@@ -6,7 +6,8 @@ append-only file. Per collection `<name>` (service.contract.COLLECTION_PREFIX + 
 - `:regions`, a hash image id -> the image's regions as a feature record (detector.records: float32 boxes and
   features, never pickle; about 0.8 MB an image at the full model's 100 x 2048);
 - `:meta`, a hash image id -> JSON {"width", "height", "bytes" (the upload's length), "stored" (record bytes)};
-- `:thumbs`, a hash image id -> a JPEG thumbnail, at most 256 px on its long side;
+- `:thumbs`, a hash image id -> a JPEG thumbnail, at most 256 px on its long side (none for an image indexed from
+  a feature store without its image file: the thumbnail route answers 404 no_thumbnail for it);
 - `:pending`, a hash image id -> the id of the add job that will index it (expires after UPLOAD_TTL), so the
   collection's info counts images not indexed yet;
 - the lexical index of the images' region names (detector.categories; words, plural 's' dropped): `:terms`, a
@@ -131,19 +132,24 @@ class CollectionStore:
     def has(self, image_id: str) -> bool:
         return bool(self.connection.hexists(self.regions_key, image_id))
 
-    def add(self, image_id: str, regions: RegionFeatures, thumbnail: bytes, upload_bytes: int,
-            labels: Sequence[str | None] | None = None) -> bool:
-        """Store one image's regions and thumbnail, and index its regions' names (`labels`, one per region; None
-        without a category file); False (and nothing written) when the id is already there."""
+    def add(self, image_id: str, regions: RegionFeatures, thumbnail: bytes | None, upload_bytes: int,
+            labels: Sequence[str | None] | None = None, source: str | None = None) -> bool:
+        """Store one image's regions and thumbnail (None: no thumbnail, e.g. indexed from a feature store without
+        the image), and index its regions' names (`labels`, one per region; None without a category file); False
+        (and nothing written) when the id is already there. `source`: where the regions came from (a feature
+        store's image id), kept in the metadata so an operator can tell images apart."""
         record = encode_record(image_id, regions)
         terms = Counter(term for label in labels or () if label for term in name_terms(label))
-        meta = json.dumps({"width": int(regions.image_width), "height": int(regions.image_height),
-                           "bytes": int(upload_bytes), "stored": len(record) + len(thumbnail)})
+        meta = {"width": int(regions.image_width), "height": int(regions.image_height), "bytes": int(upload_bytes),
+                "stored": len(record) + len(thumbnail or b"")}
+        if source is not None:
+            meta["source"] = source
         if not self.connection.hsetnx(self.regions_key, image_id, record):
             return False
         with self.connection.pipeline() as pipe:
-            pipe.hset(self.meta_key, image_id, meta)
-            pipe.hset(self.thumbs_key, image_id, thumbnail)
+            pipe.hset(self.meta_key, image_id, json.dumps(meta))
+            if thumbnail is not None:
+                pipe.hset(self.thumbs_key, image_id, thumbnail)
             pipe.hset(self.terms_key, image_id, json.dumps(terms, sort_keys=True))
             pipe.hset(self.length_key, image_id, sum(terms.values()))
             for term, count in terms.items():
@@ -171,8 +177,12 @@ class CollectionStore:
         return out
 
     def thumbnail(self, image_id: str) -> bytes:
+        """The image's JPEG thumbnail; NotFound unknown_image, or no_thumbnail for an image indexed without one."""
         data = self.connection.hget(self.thumbs_key, image_id) if IMAGE_ID.fullmatch(image_id or "") else None
         if data is None:
+            if IMAGE_ID.fullmatch(image_id or "") and self.has(image_id):
+                raise NotFound("no_thumbnail", f"image {image_id} of collection {self.name} has no thumbnail: it was "
+                                               "indexed from a feature store without its image file")
             raise NotFound("unknown_image", f"no image {image_id!r} in collection {self.name}")
         return data
 
