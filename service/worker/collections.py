@@ -196,11 +196,12 @@ def index_feature_store(store: CollectionStore, features: "FeatureStore", images
                     rgb = load_image(data, max_image_pixels)
                 except Exception as exc:  # noqa: BLE001 - unreadable: reported, the others go on
                     problem = f"{path.name}: {getattr(exc, 'message', None) or exc}"
-                else:
+                else:  # the size the regions were extracted at tells a wrong file (another image, resized)
                     if (rgb.shape[1], rgb.shape[0]) != (regions.image_width, regions.image_height):
                         problem = (f"{path.name} is {rgb.shape[1]}x{rgb.shape[0]}, the regions were extracted from "
                                    f"a {regions.image_width}x{regions.image_height} image")
-                    thumb, size, image_id = thumbnail(rgb), len(data), image_id_of(data)
+                    else:
+                        thumb, size, image_id = thumbnail(rgb), len(data), image_id_of(data)
         if problem is not None:
             skipped += 1
             report(f"[{number}/{len(keys)}] {key}: skipped, {problem}")
