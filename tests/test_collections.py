@@ -241,18 +241,21 @@ def test_the_bulk_path_indexes_a_feature_store_with_the_folder_paths_scores(redi
     assert extracted.returncode == 0, extracted.stderr
     (folder / "stray.jpg").write_bytes(photo(99))  # a file the store does not know: never indexed
 
-    # The bulk path's environment names no model: it must not need one (no detector, no ViLBERT loaded).
+    # No model is loaded: from the bundle only its region names are read (for the lexical index), and without a
+    # bundle at all (MODEL_DIR names nothing) the store is still indexed.
     env = dict(os.environ, REDIS_URL=redis_url, MODEL_DIR=str(tmp_path / "no-model-here"), OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "service.worker.collections", "add-features"]
     with_images, without = f"feat-{uuid.uuid4().hex[:6]}", f"bare-{uuid.uuid4().hex[:6]}"
-    done = subprocess.run(command + [with_images, str(features), "--images", str(folder)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command + [with_images, str(features), "--images", str(folder)], cwd=ROOT,
+                          env=dict(env, MODEL_DIR=str(bundle)), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"added": 4, "images": 4, "skipped": 0}
     assert f"[4/4] img3: {image_id_of(photos['img3'])} added" in done.stderr  # progress, with the file's own id
+    assert "region names from" in done.stderr
     done = subprocess.run(command + [without, str(features)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and json.loads(done.stdout) == {"added": 4, "images": 4, "skipped": 0}, done.stderr
+    assert "no region names" in done.stderr
     again = subprocess.run(command + [without, str(features)], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=300)
     assert json.loads(again.stdout)["added"] == 0 and again.stderr.count("already there") == 4
@@ -271,6 +274,10 @@ def test_the_bulk_path_indexes_a_feature_store_with_the_folder_paths_scores(redi
     assert caught.value.code == "no_thumbnail" and caught.value.status == 404
     sources = {json.loads(m)["source"] for m in connection.hvals(stores[without].meta_key)}
     assert sources == set(photos)  # each image's store id is kept
+    # the lexical first stage's index: the same region names as the folder path's, none without a category file
+    assert connection.hgetall(stores[with_images].terms_key) == connection.hgetall(folder_path.terms_key)
+    assert any(json.loads(t) for t in connection.hvals(folder_path.terms_key))
+    assert all(json.loads(t) == {} for t in connection.hvals(stores[without].terms_key))
 
     text = "a dog catching a frisbee"
     expected = search(pipeline, folder_path, text, top_k=10, ground=False)["hits"]

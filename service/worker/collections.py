@@ -35,6 +35,7 @@ from ..errors import BadRequest
 from .pipeline import Pipeline
 
 if TYPE_CHECKING:
+    from detector.categories import CategoryNames
     from detector.store import FeatureStore
 
 THUMBNAIL_SIDE = 256
@@ -163,7 +164,8 @@ def store_image_files(folder: str | Path) -> dict[str, Path]:
 
 
 def index_feature_store(store: CollectionStore, features: "FeatureStore", images: dict[str, Path] | None,
-                        max_image_pixels: int, report: Callable[[str], None] = lambda line: None) -> dict:
+                        max_image_pixels: int, report: Callable[[str], None] = lambda line: None,
+                        names: "CategoryNames | None" = None) -> dict:
     """Index every image of a feature store (`python -m detector.extract`) into the collection, without running
     the detector: its stored regions become the collection's. `report` gets one progress line per image.
 
@@ -173,7 +175,8 @@ def index_feature_store(store: CollectionStore, features: "FeatureStore", images
     extracted at, else it is not the same image). Without them (None) an image has no thumbnail (the thumbnail
     route answers 404 no_thumbnail) and its id is derived from its regions (re-running is still a no-op); the
     store's id is kept in the image's metadata as `source`. An image that cannot be indexed (no file, another
-    size, another feature width than the collection's) is skipped and reported.
+    size, another feature width than the collection's) is skipped and reported. names: the detector's class names
+    (the bundle's category file), for the lexical first stage's index as an add indexes them; None: not indexed.
     Returns {"added", "images" (the collection's count after), "skipped"}."""
     keys = sorted(features.keys())
     existing = store.ids()[:1]
@@ -208,7 +211,8 @@ def index_feature_store(store: CollectionStore, features: "FeatureStore", images
             continue
         if images is None:
             image_id = image_id_of(encode_record("", regions))  # from the regions alone, not the store's name
-        new = store.add(image_id, regions, thumb, size, source=key)
+        labels = names.labels(regions.class_ids) if names is not None else None
+        new = store.add(image_id, regions, thumb, size, labels, source=key)
         added += new
         report(f"[{number}/{len(keys)}] {key}: {image_id} {'added' if new else 'already there'}")
     if added:
@@ -254,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(store.info().__dict__))
         return 0
     if args.command == "add-features":
-        return add_features(store, args.store, args.images, settings.max_image_pixels)
+        return add_features(store, args.store, args.images, settings.max_image_pixels, settings.model_dir)
     pipeline = Pipeline.from_settings(settings)
     if args.command == "add":
         files = image_files(args.paths)
@@ -274,9 +278,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def add_features(store: CollectionStore, store_path: str, images_dir: str | None, max_image_pixels: int) -> int:
+def bundle_names(model_dir: str | Path) -> "CategoryNames | None":
+    """The region names of the workers' bundle (its category file, checked against its detector's classes), read
+    without loading a model; None when MODEL_DIR has no detector config or no usable category file."""
+    from detector.config import load_config
+    from detector.tiny import CONFIG_FILE
+
+    from .pipeline import load_category_names
+
+    config = Path(model_dir) / CONFIG_FILE
+    return load_category_names(Path(model_dir), load_config(config).num_classes) if config.is_file() else None
+
+
+def add_features(store: CollectionStore, store_path: str, images_dir: str | None, max_image_pixels: int,
+                 model_dir: str | Path) -> int:
     """The add-features command: progress on stderr, {"added", "images", "skipped"} on stdout; exit status 1 when
-    an image was skipped (as detector.extract's), 2 when the store or the folder is not there."""
+    an image was skipped (as detector.extract's), 2 when the store or the folder is not there. Region names come
+    from the bundle in `model_dir` (MODEL_DIR), if it has them: no model is loaded."""
+    from detector.categories import CATEGORIES_FILE
     from detector.store import FeatureStore
 
     if images_dir is not None and not Path(images_dir).is_dir():
@@ -287,10 +306,14 @@ def add_features(store: CollectionStore, store_path: str, images_dir: str | None
     except FileNotFoundError as exc:
         print(f"collections: {exc}", file=sys.stderr)
         return 2
+    names = bundle_names(model_dir)
+    print(f"collections: region names from {Path(model_dir) / CATEGORIES_FILE}" if names is not None
+          else f"collections: no region names (MODEL_DIR {model_dir} has no usable category file): the images are "
+               "left out of the lexical first stage's index", file=sys.stderr, flush=True)
     with features:
         images = store_image_files(images_dir) if images_dir is not None else None
         result = index_feature_store(store, features, images, max_image_pixels,
-                                     lambda line: print(line, file=sys.stderr, flush=True))
+                                     lambda line: print(line, file=sys.stderr, flush=True), names)
     print(json.dumps(result))
     return 1 if result["skipped"] else 0
 
