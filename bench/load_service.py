@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from service.bundle import write_tiny_bundle  # noqa: E402
-from service.localstack import free_port, redis_server_binary, stop, wait_until  # noqa: E402
+from service.localstack import free_port, start_redis, stop, wait_until  # noqa: E402
 
 TERMINAL = ("finished", "failed")
 POLL = 0.005  # client poll interval of the overhead phase (seconds)
@@ -160,16 +160,10 @@ class BenchStack:
         return open(self.root / f"{name}.log", "ab")
 
     def start_redis(self) -> subprocess.Popen:
-        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
-        process = subprocess.Popen(
-            [redis_server_binary(), "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
-             "--dir", str(self.root), "--daemonize", "no", "--loglevel", "warning", *persistence],
-            stdout=self.log("redis"), stderr=subprocess.STDOUT, start_new_session=True)
-        from redis import Redis
-
-        client = Redis(port=self.redis_port)
-        assert wait_until(lambda: _ping(client), 10)
-        return process
+        # The one helper that starts servers (service/localstack.py); with the append-only file fsynced on every
+        # write here, so that a restart under load loses nothing.
+        return start_redis(self.redis_port, self.root, self.root / "redis.log", appendonly=self.persistent,
+                           appendfsync="always")
 
     def start_worker(self, **env: str) -> subprocess.Popen:
         self.worker = subprocess.Popen([sys.executable, str(ROOT / "worker.py")], cwd=ROOT, env=dict(self.env, **env),
@@ -197,13 +191,6 @@ class BenchStack:
         for process in (self.web, self.worker, self.redis):
             if process is not None:
                 stop(process, 30)
-
-
-def _ping(client) -> bool:
-    try:
-        return bool(client.ping())
-    except Exception:
-        return False
 
 
 # ----------------------------------------------------------------------------------------------------- client

@@ -6,7 +6,8 @@ append-only file. Per collection `<name>` (service.contract.COLLECTION_PREFIX + 
 - `:regions`, a hash image id -> the image's regions as a feature record (detector.records: float32 boxes and
   features, never pickle; about 0.8 MB an image at the full model's 100 x 2048);
 - `:meta`, a hash image id -> JSON {"width", "height", "bytes" (the upload's length), "stored" (record bytes)};
-- `:thumbs`, a hash image id -> a JPEG thumbnail, at most 256 px on its long side;
+- `:thumbs`, a hash image id -> a JPEG thumbnail, at most 256 px on its long side (none for an image indexed from
+  a feature store without its image file: the thumbnail route answers 404 no_thumbnail for it);
 - `:pending`, a hash image id -> the id of the add job that will index it (expires after UPLOAD_TTL), so the
   collection's info counts images not indexed yet;
 - the lexical index of the images' region names (detector.categories; words, plural 's' dropped): `:terms`, a
@@ -15,6 +16,8 @@ append-only file. Per collection `<name>` (service.contract.COLLECTION_PREFIX + 
   image id -> the document's length in terms. A search ranks by BM25 over these before ViLBERT re-ranks the best
   (service.worker.collections.search, above a configurable collection size).
 The set COLLECTION_NAMES_KEY holds every collection's name (MAX_COLLECTIONS counts it).
+An add is admitted by one Lua script (ADMIT: the limits checked and the pending entries written atomically), so
+concurrent adds, from any number of web processes, can never take a collection past its limits.
 An image id is derived from the image's bytes (sha256), so adding the same bytes again is a no-op.
 This module imports no torch: the web tier will use it too.
 """
@@ -59,6 +62,54 @@ def image_id_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
 
+# Admit an add to a collection, atomically: the limits are checked and, only if they all allow it, the collection
+# is counted (names set) and the add's new images (neither stored nor pending) are marked pending for its job.
+# Checking and writing in one script is what keeps concurrent adds within the limits: with separate reads and
+# writes, every add of a burst could read the same counts and all be admitted.
+# KEYS: names set, regions, pending, meta. ARGV: name, max collections, max bytes, max images, job id, pending
+# ttl, then the add's image ids. Returns {"ok", images after, new ids...} or {refusal code, the count refused}.
+# Cost: one pass over the collection's metadata (bytes) and pending entries, O(images) inside Redis.
+ADMIT = """
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then
+  local count = redis.call('SCARD', KEYS[1])
+  if count >= tonumber(ARGV[2]) then return {'too_many_collections', count} end
+end
+local stored = 0
+for _, meta in ipairs(redis.call('HVALS', KEYS[4])) do stored = stored + tonumber(cjson.decode(meta)['stored']) end
+if stored >= tonumber(ARGV[3]) then return {'collection_too_large', stored} end
+local images = redis.call('HLEN', KEYS[2])
+for _, id in ipairs(redis.call('HKEYS', KEYS[3])) do
+  if redis.call('HEXISTS', KEYS[2], id) == 0 then images = images + 1 end
+end
+local new, seen = {}, {}
+for i = 7, #ARGV do
+  local id = ARGV[i]
+  if not seen[id] and redis.call('HEXISTS', KEYS[2], id) == 0 and redis.call('HEXISTS', KEYS[3], id) == 0 then
+    new[#new + 1] = id
+  end
+  seen[id] = true
+end
+images = images + #new
+if images > tonumber(ARGV[4]) then return {'collection_full', images} end
+redis.call('SADD', KEYS[1], ARGV[1])
+for _, id in ipairs(new) do redis.call('HSET', KEYS[3], id, ARGV[5]) end
+if #new > 0 then redis.call('EXPIRE', KEYS[3], ARGV[6]) end
+local out = {'ok', images}
+for _, id in ipairs(new) do out[#out + 1] = id end
+return out
+"""
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What ADMIT decided: `refused` is None (admitted) or the refusal's code; `count` is the collection's images
+    after the add when admitted, else the count that refused it (collections, stored bytes or images)."""
+
+    refused: str | None
+    count: int
+    new: list[str]  # the admitted add's images that were neither stored nor pending (now pending for its job)
+
+
 @dataclass(frozen=True)
 class CollectionInfo:
     name: str
@@ -81,19 +132,24 @@ class CollectionStore:
     def has(self, image_id: str) -> bool:
         return bool(self.connection.hexists(self.regions_key, image_id))
 
-    def add(self, image_id: str, regions: RegionFeatures, thumbnail: bytes, upload_bytes: int,
-            labels: Sequence[str | None] | None = None) -> bool:
-        """Store one image's regions and thumbnail, and index its regions' names (`labels`, one per region; None
-        without a category file); False (and nothing written) when the id is already there."""
+    def add(self, image_id: str, regions: RegionFeatures, thumbnail: bytes | None, upload_bytes: int,
+            labels: Sequence[str | None] | None = None, source: str | None = None) -> bool:
+        """Store one image's regions and thumbnail (None: no thumbnail, e.g. indexed from a feature store without
+        the image), and index its regions' names (`labels`, one per region; None without a category file); False
+        (and nothing written) when the id is already there. `source`: where the regions came from (a feature
+        store's image id), kept in the metadata so an operator can tell images apart."""
         record = encode_record(image_id, regions)
         terms = Counter(term for label in labels or () if label for term in name_terms(label))
-        meta = json.dumps({"width": int(regions.image_width), "height": int(regions.image_height),
-                           "bytes": int(upload_bytes), "stored": len(record) + len(thumbnail)})
+        meta = {"width": int(regions.image_width), "height": int(regions.image_height), "bytes": int(upload_bytes),
+                "stored": len(record) + len(thumbnail or b"")}
+        if source is not None:
+            meta["source"] = source
         if not self.connection.hsetnx(self.regions_key, image_id, record):
             return False
         with self.connection.pipeline() as pipe:
-            pipe.hset(self.meta_key, image_id, meta)
-            pipe.hset(self.thumbs_key, image_id, thumbnail)
+            pipe.hset(self.meta_key, image_id, json.dumps(meta))
+            if thumbnail is not None:
+                pipe.hset(self.thumbs_key, image_id, thumbnail)
             pipe.hset(self.terms_key, image_id, json.dumps(terms, sort_keys=True))
             pipe.hset(self.length_key, image_id, sum(terms.values()))
             for term, count in terms.items():
@@ -121,8 +177,12 @@ class CollectionStore:
         return out
 
     def thumbnail(self, image_id: str) -> bytes:
+        """The image's JPEG thumbnail; NotFound unknown_image, or no_thumbnail for an image indexed without one."""
         data = self.connection.hget(self.thumbs_key, image_id) if IMAGE_ID.fullmatch(image_id or "") else None
         if data is None:
+            if IMAGE_ID.fullmatch(image_id or "") and self.has(image_id):
+                raise NotFound("no_thumbnail", f"image {image_id} of collection {self.name} has no thumbnail: it was "
+                                               "indexed from a feature store without its image file")
             raise NotFound("unknown_image", f"no image {image_id!r} in collection {self.name}")
         return data
 
@@ -203,6 +263,18 @@ class CollectionStore:
     def pending(self) -> dict[str, str]:
         """image id -> the add job that will index it (images uploaded, not indexed yet)."""
         return {k.decode(): v.decode() for k, v in self.connection.hgetall(self.pending_key).items()}
+
+    def admit(self, image_ids: Sequence[str], job_id: str, ttl: int, max_collections: int, max_bytes: int,
+              max_images: int) -> Admission:
+        """Check an add against the limits and, if admitted, count the collection and mark its new images pending
+        for `job_id` (expiring after `ttl` s), all in one atomic step (ADMIT). Refusal codes: too_many_collections
+        (a new collection while there are `max_collections`), collection_too_large (it already stores `max_bytes`
+        or more), collection_full (stored, pending and new images would pass `max_images`)."""
+        keys = (COLLECTION_NAMES_KEY, self.regions_key, self.pending_key, self.meta_key)
+        reply = self.connection.eval(ADMIT, len(keys), *keys, self.name, max_collections, max_bytes, max_images,
+                                     job_id, ttl, *image_ids)
+        code = reply[0].decode()
+        return Admission(None if code == "ok" else code, int(reply[1]), [i.decode() for i in reply[2:]])
 
     def add_pending(self, image_ids: Sequence[str], job_id: str, ttl: int) -> None:
         if not image_ids:

@@ -97,20 +97,27 @@ def redis_server_binary() -> str:
 
 
 def start_redis(port: int, workdir: str | Path, log_file: str | Path | None = None,
-                binary: ServerBinary | None = None) -> subprocess.Popen:
-    """A private Redis-compatible server on 127.0.0.1:port that keeps nothing on disk (no RDB, no AOF).
+                binary: ServerBinary | None = None, appendonly: bool = False,
+                appendfsync: str = "everysec") -> subprocess.Popen:
+    """A private Redis-compatible server on 127.0.0.1:port; by default it keeps nothing on disk (no RDB, no AOF).
 
-    binary: default find_server_binary(). workdir is only its working directory: with saving and the append-only
-    file off it writes nothing there."""
+    binary: default find_server_binary(). workdir is its working directory: with saving and the append-only
+    file off it writes nothing there. appendonly: keep the append-only file in workdir (as Compose runs Redis,
+    `appendfsync` as given), so that a server started again on the same workdir loads what the last one held;
+    RDB snapshots stay off either way (the AOF covers durability, docs/OPERATIONS.md)."""
     binary = binary or find_server_binary()
-    command = [binary.path, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+    persistence = ["--appendonly", "yes", "--appendfsync", appendfsync] if appendonly else ["--appendonly", "no"]
+    command = [binary.path, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *persistence,
                "--dir", str(workdir), "--daemonize", "no", "--loglevel", "warning"]
     output = open(log_file, "ab") if log_file else subprocess.DEVNULL
     process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
-    if not wait_until(lambda: process.poll() is not None or _redis_ping(port), timeout=10) or process.poll() is not None:
+    # Loading an append-only file answers -LOADING to PING until done: only +PONG counts as up.
+    limit = 60 if appendonly else 10
+    if not wait_until(lambda: process.poll() is not None or _redis_ping(port), timeout=limit) or \
+            process.poll() is not None:
         process.kill()
         process.wait(5)
-        raise LocalStackError(f"{binary.name} ({binary.path}) did not answer on 127.0.0.1:{port} within 10 s")
+        raise LocalStackError(f"{binary.name} ({binary.path}) did not answer on 127.0.0.1:{port} within {limit} s")
     return process
 
 

@@ -39,11 +39,13 @@ HEARTBEAT_TTL = 3
 
 class Stack:
     def __init__(self, root: Path, web: str = "gunicorn", gunicorn_args: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, workers: int = 1, appendonly: bool = False):
         """web: "gunicorn" (`gunicorn app:app`, as make serve and the Dockerfile run it) or "app.py" (`python app.py
         --port N`, the seed's classic way). gunicorn_args: extra flags (e.g. `--worker-class sync`), which override
         gunicorn.conf.py. env: settings for all three processes, over the defaults below (e.g.
-        MAX_COLLECTION_UPLOAD_IMAGES)."""
+        MAX_COLLECTION_UPLOAD_IMAGES). workers: `python worker.py` processes on the one queue. appendonly: the
+        server keeps its append-only file in `root`/redis-data (as Compose runs Redis), so restart_redis() brings
+        the data back."""
         self.root = root
         self.bundle = root / "bundle"
         subprocess.run([sys.executable, str(ROOT / "models" / "make_tiny.py"), "--out", str(self.bundle)], check=True,
@@ -60,11 +62,16 @@ class Stack:
         )
         self.env.update(env or {})
         self.settings = load_settings(self.env)
+        self.appendonly = appendonly
+        self.redis_dir = root / "redis-data" if appendonly else root
+        self.redis_dir.mkdir(exist_ok=True)
         self.redis = None
-        self.worker = None
+        self.worker = None  # the last one started
+        self.workers: list[subprocess.Popen] = []
         self.web = None
         self.start_redis()
-        self.start_worker()
+        for _ in range(workers):
+            self.start_worker()
         command = {
             "gunicorn": [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{self.web_port}", "--workers", "2",
                          "--no-control-socket", *gunicorn_args, "app:app"],
@@ -81,12 +88,22 @@ class Stack:
         return path.read_text(errors="replace")[-3000:] if path.exists() else ""
 
     def start_redis(self) -> None:
-        self.redis = start_redis(self.redis_port, self.root, self.root / "redis.log")
+        """The private server on the stack's port (again, after stop(stack.redis)): empty, or with appendonly what
+        its append-only file in redis_dir holds."""
+        self.redis = start_redis(self.redis_port, self.redis_dir, self.root / "redis.log", appendonly=self.appendonly)
+
+    def restart_redis(self) -> None:
+        """Stop the server (SIGTERM: a clean shutdown, which writes out the append-only file) and start it again on
+        the same port and directory."""
+        stop(self.redis)
+        self.start_redis()
 
     def start_worker(self, **overrides: str) -> subprocess.Popen:
+        """One more `python worker.py` (its output appended to worker.log, each line tagged with its pid)."""
         env = dict(self.env, **overrides)
         self.worker = subprocess.Popen([sys.executable, str(ROOT / "worker.py")], cwd=ROOT, env=env,
                                        stdout=self.log("worker"), stderr=subprocess.STDOUT)
+        self.workers.append(self.worker)
         return self.worker
 
     def wait_ready(self, timeout: float) -> bool:
@@ -139,7 +156,7 @@ class Stack:
             time.sleep(0.05)
 
     def close(self) -> None:
-        for process in (self.web, self.worker, self.redis):
+        for process in (self.web, *self.workers, self.redis):
             if process is not None:
                 stop(process)
 

@@ -221,3 +221,85 @@ def test_the_bulk_path_indexes_a_folder_and_searches_it(redis_url, bundle, tmp_p
     bad = subprocess.run(command + ["info", "Bad/Name"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.startswith("collections: a collection name is") and "Traceback" not in \
         bad.stderr
+
+
+def test_the_bulk_path_indexes_a_feature_store_with_the_folder_paths_scores(redis_url, bundle, pipeline, tmp_path):
+    """A store written by `python -m detector.extract` (a real process, the tiny bundle's detector at the pipeline's
+    sizes) indexed by `add-features`, with and without the original images: no detector run, and a search gives the
+    scores that the folder path (the detector run by the worker's pipeline on the same files) gives."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photos = {f"img{seed}": photo(seed + 20) for seed in range(4)}
+    for key, data in photos.items():
+        (folder / f"{key}.jpg").write_bytes(data)
+    features = tmp_path / "features.lmdb"
+    extracted = subprocess.run(
+        [sys.executable, "-m", "detector.extract", "--config", str(bundle / "detectron_config.yaml"), "--checkpoint",
+         str(bundle / "detectron_model.pth"), "--out", str(features), "--min-size", "96", "--max-size", "160",
+         str(folder)], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+        timeout=300)
+    assert extracted.returncode == 0, extracted.stderr
+    (folder / "stray.jpg").write_bytes(photo(99))  # a file the store does not know: never indexed
+
+    # No model is loaded: from the bundle only its region names are read (for the lexical index), and without a
+    # bundle at all (MODEL_DIR names nothing) the store is still indexed.
+    env = dict(os.environ, REDIS_URL=redis_url, MODEL_DIR=str(tmp_path / "no-model-here"), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "service.worker.collections", "add-features"]
+    with_images, without = f"feat-{uuid.uuid4().hex[:6]}", f"bare-{uuid.uuid4().hex[:6]}"
+    done = subprocess.run(command + [with_images, str(features), "--images", str(folder)], cwd=ROOT,
+                          env=dict(env, MODEL_DIR=str(bundle)), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"added": 4, "images": 4, "skipped": 0}
+    assert f"[4/4] img3: {image_id_of(photos['img3'])} added" in done.stderr  # progress, with the file's own id
+    assert "region names from" in done.stderr
+    done = subprocess.run(command + [without, str(features)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and json.loads(done.stdout) == {"added": 4, "images": 4, "skipped": 0}, done.stderr
+    assert "no region names" in done.stderr
+    again = subprocess.run(command + [without, str(features)], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert json.loads(again.stdout)["added"] == 0 and again.stderr.count("already there") == 4
+
+    connection = Redis.from_url(redis_url)
+    folder_path = CollectionStore(connection, f"dir-{uuid.uuid4().hex[:6]}")
+    index_images(pipeline, folder_path, list(photos.values()))  # what `add NAME DIR` runs
+    stores = {name: CollectionStore(connection, name) for name in (with_images, without)}
+    assert all(store.registered() for store in stores.values())
+    assert stores[with_images].ids() == folder_path.ids()  # the same ids as adding the files
+    for image_id in folder_path.ids():  # the same thumbnails: made from the same files
+        assert stores[with_images].thumbnail(image_id) == folder_path.thumbnail(image_id)
+    bare_id = stores[without].ids()[0]
+    with pytest.raises(NotFound) as caught:
+        stores[without].thumbnail(bare_id)
+    assert caught.value.code == "no_thumbnail" and caught.value.status == 404
+    sources = {json.loads(m)["source"] for m in connection.hvals(stores[without].meta_key)}
+    assert sources == set(photos)  # each image's store id is kept
+    # the lexical first stage's index: the same region names as the folder path's, none without a category file
+    assert connection.hgetall(stores[with_images].terms_key) == connection.hgetall(folder_path.terms_key)
+    assert any(json.loads(t) for t in connection.hvals(folder_path.terms_key))
+    assert all(json.loads(t) == {} for t in connection.hvals(stores[without].terms_key))
+
+    text = "a dog catching a frisbee"
+    expected = search(pipeline, folder_path, text, top_k=10, ground=False)["hits"]
+    assert len(expected) == 4
+    found = search(pipeline, stores[with_images], text, top_k=10, ground=False)["hits"]
+    assert [h["image_id"] for h in found] == [h["image_id"] for h in expected]
+    for hit, want in zip(found, expected):
+        assert abs(hit["score"] - want["score"]) <= 2e-6, (hit, want)
+    bare = search(pipeline, stores[without], text, top_k=10, ground=False)["hits"]
+    assert max(abs(a["score"] - b["score"]) for a, b in zip(bare, expected)) <= 2e-6
+
+    # a folder that lacks a store's image, or holds another image under its name: skipped and reported, exit 1
+    other = tmp_path / "other"
+    other.mkdir()
+    for key in ("img0", "img1", "img2"):
+        (other / f"{key}.png").write_bytes(photos[key])
+    Image.open(io.BytesIO(photos["img0"])).resize((100, 80)).save(other / "img0.png")
+    partial = subprocess.run(command + [f"part-{uuid.uuid4().hex[:6]}", str(features), "--images", str(other)],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert partial.returncode == 1 and json.loads(partial.stdout) == {"added": 2, "images": 2, "skipped": 2}
+    assert "img3: skipped, no image file with this id" in partial.stderr
+    assert "img0: skipped, img0.png is 100x80, the regions were extracted from a 320x240 image" in partial.stderr
+    missing = subprocess.run(command + [without, str(tmp_path / "nothing")], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert missing.returncode == 2 and "no feature store at" in missing.stderr and "Traceback" not in missing.stderr

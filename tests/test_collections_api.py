@@ -206,6 +206,10 @@ def test_the_app_answers_json_errors_for_every_collection_refusal(web):
     assert code(client.delete(f"{base}/a/images/{'c' * 32}"), 404) == "unknown_image"
     assert client.delete(f"{base}/a").get_json() == {"deleted": 0}  # only pending: dropped
     assert code(client.delete(f"{base}/a"), 404) == "unknown_collection"
+    store = CollectionStore(connection, "a")  # an image indexed from a feature store without its file
+    store.add("d" * 32, regions(), None, 0, source="img0")
+    assert code(client.get(f"{base}/a/images/{'d' * 32}/thumbnail"), 404) == "no_thumbnail"
+    assert client.get(f"{base}/a").get_json()["images"] == 1
 
 
 # ------------------------------------------------------------------------------------------ end to end, live

@@ -15,7 +15,7 @@ from flask import Blueprint, Response, jsonify, request, url_for
 from redis import Redis
 from rq.job import Job
 
-from ..collections import IMAGE_ID, CollectionStore, collection_count, image_id_of
+from ..collections import IMAGE_ID, CollectionStore, image_id_of
 from ..contract import ImageInfo, JobRequest
 from ..errors import BadRequest, NotFound, ServiceError
 from ..settings import Settings
@@ -54,24 +54,25 @@ def check_uploads(images: Sequence[bytes], settings: Settings) -> list[ImageInfo
     return infos
 
 
-def check_room(store: CollectionStore, settings: Settings, image_ids: Sequence[str]) -> list[str]:
-    """The ids among `image_ids` that would be new (neither stored nor pending), once the collection's limits
-    allow them: MAX_COLLECTIONS for a new collection, MAX_COLLECTION_BYTES, MAX_COLLECTION_IMAGES."""
-    if not store.registered() and collection_count(store.connection) >= settings.max_collections:
+def admit(store: CollectionStore, settings: Settings, image_ids: Sequence[str], job_id: str) -> list[str]:
+    """Admit an add of `image_ids` for the job `job_id` once the collection's limits allow it: MAX_COLLECTIONS for a
+    new collection, MAX_COLLECTION_BYTES, MAX_COLLECTION_IMAGES (stored, pending and new). Returns the ids that are
+    new (neither stored nor pending), now pending for the job, and the collection counted. Checked and written in
+    one atomic step in Redis (CollectionStore.admit), so concurrent adds cannot pass the limits together."""
+    admission = store.admit(image_ids, job_id, settings.upload_ttl, settings.max_collections,
+                            settings.max_collection_bytes, settings.max_collection_images)
+    if admission.refused == "too_many_collections":
         raise Conflict("too_many_collections", f"there are {settings.max_collections} collections, the limit; "
                                                "delete one first")
-    info = store.info()
-    if info.bytes >= settings.max_collection_bytes:
-        raise Conflict("collection_too_large", f"collection {store.name} stores {info.bytes} bytes, the limit is "
-                                               f"{settings.max_collection_bytes}")
-    stored = set(store.ids())
-    pending = set(store.pending()) - stored
-    new = [i for i in dict.fromkeys(image_ids) if i not in stored and i not in pending]
-    total = len(stored) + len(pending) + len(new)
-    if total > settings.max_collection_images:
-        raise Conflict("collection_full", f"collection {store.name} would hold {total} images, the limit is "
-                                          f"{settings.max_collection_images}")
-    return new
+    if admission.refused == "collection_too_large":
+        raise Conflict("collection_too_large", f"collection {store.name} stores {admission.count} bytes, the limit "
+                                               f"is {settings.max_collection_bytes}")
+    if admission.refused == "collection_full":
+        raise Conflict("collection_full", f"collection {store.name} would hold {admission.count} images, the limit "
+                                          f"is {settings.max_collection_images}")
+    if admission.refused is not None:
+        raise RuntimeError(f"unknown admission answer {admission.refused!r}")
+    return admission.new
 
 
 def submit_add(connection: Redis, settings: Settings, name: str, images: Sequence[bytes]) -> tuple[Job, list[str]]:
@@ -79,10 +80,8 @@ def submit_add(connection: Redis, settings: Settings, name: str, images: Sequenc
     store = CollectionStore(connection, name)
     infos = check_uploads(images, settings)
     image_ids = [image_id_of(data) for data in images]
-    new = check_room(store, settings, image_ids)
     job_id = uuid.uuid4().hex
-    store.register()
-    store.add_pending(new, job_id, settings.upload_ttl)  # before queueing: the worker clears them when done
+    admit(store, settings, image_ids, job_id)  # pending before queueing: the worker clears them when done
     request_ = JobRequest(text="", tasks=[], top_k=0, images=infos, kind="collection_add", collection=store.name)
     try:
         job = submit(connection, settings, request_, list(images), job_id=job_id)

@@ -145,7 +145,8 @@ def _collection_paths(settings: Settings) -> dict:
             "responses": {"200": {"description": "the thumbnail", "content": {
                 "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}},
                 "400": _error("invalid collection name"),
-                "404": _error("no such image in the collection")}}},
+                "404": _error("no such image in the collection (unknown_image), or an image indexed from a feature "
+                              "store without its image file (no_thumbnail)")}}},
         "/api/v1/collections/{name}/search": {"post": _collection_queued(
             "searchCollection", "Rank a collection's images by a caption: a job", search_body,
             "invalid collection name, missing or empty text, bad top_k, unknown task, bad ground flag", settings,

@@ -1,7 +1,9 @@
 """Indexing images into a collection and searching it by caption, with the worker's models (issue 14; the HTTP
-API and its job types come later). Also the bulk path: index a folder of images without going through HTTP.
+API and its job types come later). Also the bulk path: index a folder of images, or a feature store written by
+`python -m detector.extract`, without going through HTTP.
 
     python -m service.worker.collections add NAME IMAGE_OR_DIR...     # detector once per image, regions stored
+    python -m service.worker.collections add-features NAME STORE [--images DIR]   # a detector.extract store
     python -m service.worker.collections search NAME "a dog catching a frisbee" [--top-k 10] [--first-stage on]
     python -m service.worker.collections info NAME
 
@@ -18,18 +20,23 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 from PIL import Image
 
 from detector.images import load_image
+from detector.records import encode_record
 
 from vilbert.predictor import PredictionInputError, PredictRequest
 
 from ..collections import CollectionStore, image_id_of
 from ..errors import BadRequest
 from .pipeline import Pipeline
+
+if TYPE_CHECKING:
+    from detector.categories import CategoryNames
+    from detector.store import FeatureStore
 
 THUMBNAIL_SIDE = 256
 SEARCH_TASKS = ("retrieval_coco", "retrieval_flickr30k")
@@ -149,6 +156,70 @@ def image_files(paths: Sequence[str]) -> list[Path]:
     return files
 
 
+def store_image_files(folder: str | Path) -> dict[str, Path]:
+    """The image files under `folder` by the id detector.extract gives them (file name up to the first dot)."""
+    from detector.extract import collect_images, image_id
+
+    return {image_id(path): path for path in collect_images([str(folder)], None)}
+
+
+def index_feature_store(store: CollectionStore, features: "FeatureStore", images: dict[str, Path] | None,
+                        max_image_pixels: int, report: Callable[[str], None] = lambda line: None,
+                        names: "CategoryNames | None" = None) -> dict:
+    """Index every image of a feature store (`python -m detector.extract`) into the collection, without running
+    the detector: its stored regions become the collection's. `report` gets one progress line per image.
+
+    images: the original files by the store's image ids (store_image_files). With them, an image's collection id
+    is that of its file's bytes, the same id an add of the file over HTTP or by folder gives (so the collection
+    never holds it twice), and its thumbnail is made from the file (whose size must be the one the regions were
+    extracted at, else it is not the same image). Without them (None) an image has no thumbnail (the thumbnail
+    route answers 404 no_thumbnail) and its id is derived from its regions (re-running is still a no-op); the
+    store's id is kept in the image's metadata as `source`. An image that cannot be indexed (no file, another
+    size, another feature width than the collection's) is skipped and reported. names: the detector's class names
+    (the bundle's category file), for the lexical first stage's index as an add indexes them; None: not indexed.
+    Returns {"added", "images" (the collection's count after), "skipped"}."""
+    keys = sorted(features.keys())
+    existing = store.ids()[:1]
+    width = store.regions(existing)[0].features.shape[1] if existing else None
+    added = skipped = 0
+    for number, key in enumerate(keys, 1):
+        regions = features.get(key)
+        problem, thumb, size = None, None, 0
+        if width is None:
+            width = regions.features.shape[1]
+        if regions.features.shape[1] != width:
+            problem = f"features of width {regions.features.shape[1]}, the collection's are {width}"
+        elif images is not None:
+            path = images.get(key)
+            if path is None:
+                problem = "no image file with this id in the --images folder"
+            else:
+                data = path.read_bytes()
+                try:
+                    rgb = load_image(data, max_image_pixels)
+                except Exception as exc:  # noqa: BLE001 - unreadable: reported, the others go on
+                    problem = f"{path.name}: {getattr(exc, 'message', None) or exc}"
+                else:  # the size the regions were extracted at tells a wrong file (another image, resized)
+                    if (rgb.shape[1], rgb.shape[0]) != (regions.image_width, regions.image_height):
+                        problem = (f"{path.name} is {rgb.shape[1]}x{rgb.shape[0]}, the regions were extracted from "
+                                   f"a {regions.image_width}x{regions.image_height} image")
+                    else:
+                        thumb, size, image_id = thumbnail(rgb), len(data), image_id_of(data)
+        if problem is not None:
+            skipped += 1
+            report(f"[{number}/{len(keys)}] {key}: skipped, {problem}")
+            continue
+        if images is None:
+            image_id = image_id_of(encode_record("", regions))  # from the regions alone, not the store's name
+        labels = names.labels(regions.class_ids) if names is not None else None
+        new = store.add(image_id, regions, thumb, size, labels, source=key)
+        added += new
+        report(f"[{number}/{len(keys)}] {key}: {image_id} {'added' if new else 'already there'}")
+    if added:
+        store.register()  # counted among the collections (MAX_COLLECTIONS), as an add job does
+    return {"added": added, "images": store.info().images, "skipped": skipped}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from ..queue import connect
     from ..settings import load_settings
@@ -167,6 +238,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="rank by region names first, re-rank the best with ViLBERT (auto: above "
                            "COLLECTION_FIRST_STAGE_ABOVE images)")
     find.add_argument("--no-ground", action="store_true", help="leave out each hit's grounded box")
+    from_store = commands.add_parser(
+        "add-features", help="index a feature store written by `python -m detector.extract` (no detector run)")
+    from_store.add_argument("name")
+    from_store.add_argument("store", help="the feature store directory (detector.extract --out)")
+    from_store.add_argument("--images", metavar="DIR", help="the original images (file name up to the first dot = "
+                            "the store's image id): thumbnails from them, and the image ids an add of those files "
+                            "gives; without it the images have no thumbnail")
     info = commands.add_parser("info", help="image count and stored bytes of a collection")
     info.add_argument("name")
     args = parser.parse_args(argv)
@@ -179,6 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "info":
         print(json.dumps(store.info().__dict__))
         return 0
+    if args.command == "add-features":
+        return add_features(store, args.store, args.images, settings.max_image_pixels, settings.model_dir)
     pipeline = Pipeline.from_settings(settings)
     if args.command == "add":
         files = image_files(args.paths)
@@ -188,12 +268,54 @@ def main(argv: Sequence[str] | None = None) -> int:
             added += new
             print(f"[{number}/{len(files)}] {path.name}: {image_id} {'added' if new else 'already there'}",
                   file=sys.stderr, flush=True)
+        if added:
+            store.register()  # counted among the collections (MAX_COLLECTIONS), as an add job does
         print(json.dumps({"added": added, "images": store.info().images}))
         return 0
     above = {"auto": settings.collection_first_stage_above, "on": 0, "off": None}[args.first_stage]
     print(json.dumps(search(pipeline, store, args.text, args.top_k, args.task, ground=not args.no_ground,
                             first_stage_above=above, rerank_top=settings.collection_rerank_top), indent=2))
     return 0
+
+
+def bundle_names(model_dir: str | Path) -> "CategoryNames | None":
+    """The region names of the workers' bundle (its category file, checked against its detector's classes), read
+    without loading a model; None when MODEL_DIR has no detector config or no usable category file."""
+    from detector.config import load_config
+    from detector.tiny import CONFIG_FILE
+
+    from .pipeline import load_category_names
+
+    config = Path(model_dir) / CONFIG_FILE
+    return load_category_names(Path(model_dir), load_config(config).num_classes) if config.is_file() else None
+
+
+def add_features(store: CollectionStore, store_path: str, images_dir: str | None, max_image_pixels: int,
+                 model_dir: str | Path) -> int:
+    """The add-features command: progress on stderr, {"added", "images", "skipped"} on stdout; exit status 1 when
+    an image was skipped (as detector.extract's), 2 when the store or the folder is not there. Region names come
+    from the bundle in `model_dir` (MODEL_DIR), if it has them: no model is loaded."""
+    from detector.categories import CATEGORIES_FILE
+    from detector.store import FeatureStore
+
+    if images_dir is not None and not Path(images_dir).is_dir():
+        print(f"collections: no such folder: {images_dir}", file=sys.stderr)
+        return 2
+    try:
+        features = FeatureStore(store_path)
+    except FileNotFoundError as exc:
+        print(f"collections: {exc}", file=sys.stderr)
+        return 2
+    names = bundle_names(model_dir)
+    print(f"collections: region names from {Path(model_dir) / CATEGORIES_FILE}" if names is not None
+          else f"collections: no region names (MODEL_DIR {model_dir} has no usable category file): the images are "
+               "left out of the lexical first stage's index", file=sys.stderr, flush=True)
+    with features:
+        images = store_image_files(images_dir) if images_dir is not None else None
+        result = index_feature_store(store, features, images, max_image_pixels,
+                                     lambda line: print(line, file=sys.stderr, flush=True), names)
+    print(json.dumps(result))
+    return 1 if result["skipped"] else 0
 
 
 if __name__ == "__main__":
