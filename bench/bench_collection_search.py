@@ -8,7 +8,8 @@ as a worker runs it (read from Redis, BM25, ViLBERT scoring, grounding the top 1
 (every image scored) and on (the best COLLECTION_RERANK_TOP re-ranked).
 
     python bench/bench_collection_search.py [--model tiny|full|both] [--tiny-sizes 100,1000,10000]
-                                            [--full-sizes 100,1000] [--rerank-top 200] [--json out.json]
+                                            [--full-sizes 100,1000] [--rerank-top 200] [--device cuda]
+                                            [--json out.json]
 
 `tiny`: the tiny random-weight bundle (models/make_tiny.py). `full`: the official ViLBERT config with random
 weights at full width (2048-d features), fp32 with packed weights on a CPU. Median of --repeats runs per cell.
@@ -49,16 +50,16 @@ NUM_CLASSES = 1601
 REGIONS = 100
 
 
-def searcher(model: str, workdir: Path) -> SimpleNamespace:
+def searcher(model: str, workdir: Path, device: str = "cpu") -> SimpleNamespace:
     """What `search` needs of a pipeline: the predictor and the region names (no detector: images are synthetic)."""
     names = CategoryNames.from_json(synthetic_categories(NUM_CLASSES), NUM_CLASSES)
     if model == "tiny":
-        predictor = Predictor.from_dir(write_tiny_bundle(workdir / "tiny"))
+        predictor = Predictor.from_dir(write_tiny_bundle(workdir / "tiny"), device=device)
     else:
         config = ViLBertConfig.from_dict({**ViLBertConfig.from_json_file(CONFIG).to_dict(),
                                           "task_specific_tokens": True})
         torch.manual_seed(0)
-        predictor = Predictor(ViLBertForVLTasks(config).eval(), Tokenizer(PACKAGED_VOCAB), answers={})
+        predictor = Predictor(ViLBertForVLTasks(config).eval(), Tokenizer(PACKAGED_VOCAB), answers={}, device=device)
     return SimpleNamespace(predictor=predictor, names=names,
                            region_label=lambda class_id: names.label(int(class_id)))
 
@@ -76,8 +77,9 @@ def fill(store: CollectionStore, names: CategoryNames, count: int, feature_dim: 
         store.add(f"{index:032x}", regions, b"", 0, names.labels(class_ids))
 
 
-def measure(model: str, sizes: list[int], rerank_top: int, repeats: int, connection: Redis, workdir: Path) -> dict:
-    pipeline = searcher(model, workdir)
+def measure(model: str, sizes: list[int], rerank_top: int, repeats: int, connection: Redis, workdir: Path,
+            device: str = "cpu") -> dict:
+    pipeline = searcher(model, workdir, device)
     feature_dim = pipeline.predictor.feature_dim
     store = CollectionStore(connection, f"bench-{model}")
     store.drop()
@@ -112,9 +114,12 @@ def main() -> None:
     parser.add_argument("--full-sizes", default="100,1000")
     parser.add_argument("--rerank-top", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    report = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+    machine = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
+               else platform.processor() or platform.machine())
+    report = {"machine": machine, "device": args.device, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "query": QUERY, "results": []}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -126,7 +131,8 @@ def main() -> None:
             for model in models:
                 sizes = [int(n) for n in (args.tiny_sizes if model == "tiny" else args.full_sizes).split(",")]
                 report["results"].append(measure(model, sizes, args.rerank_top,
-                                                 args.repeats if model == "tiny" else 1, connection, workdir))
+                                                 args.repeats if model == "tiny" else 1, connection, workdir,
+                                                 args.device))
         finally:
             stop(server)
     text = json.dumps(report, indent=2)
