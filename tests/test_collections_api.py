@@ -393,3 +393,33 @@ def test_demo_py_adds_a_folder_and_searches_it_on_a_bare_python(stack, tmp_path)
                                                 staged.stdout), staged.stdout + staged.stderr
     wrong = subprocess.run([*bare, "--search", "x", "--add", str(folder)], capture_output=True, text=True, timeout=60)
     assert wrong.returncode == 2 and "exactly one of --add" in wrong.stderr
+
+
+def test_an_add_waits_out_a_redis_outage_and_indexes_every_image(web, tiny_bundle, monkeypatch):
+    """A Redis restart mid-add (caused live in tests/test_collections_live.py's restart, here at one exact moment: the
+    connection error of the first write of the second image) costs a wait, not the job."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from service.web.jobs import submit
+    from service.worker.pipeline import Pipeline
+    from service.worker.rq_batch import run_batch
+
+    settings, connection = web
+    pipeline = Pipeline.from_dir(tiny_bundle, device="cpu", min_size=96, max_size=160)
+    name = unique()
+    images = [png(21, (64, 48)), png(22, (64, 48)), png(23, (64, 48))]
+    request = JobRequest(text="", tasks=[], top_k=0, images=check_uploads(images, settings), kind="collection_add",
+                         collection=name)
+    job = submit(connection, settings, request, images, job_id=uuid.uuid4().hex)
+    real_has, calls = CollectionStore.has, []
+
+    def has_with_an_outage(store, image_id):
+        calls.append(image_id)
+        if len(calls) == 2:  # the second image: Redis is restarting
+            raise RedisConnectionError("Connection refused")
+        return real_has(store, image_id)
+
+    monkeypatch.setattr(CollectionStore, "has", has_with_an_outage)
+    outcome = run_batch(pipeline, connection, [started_by(connection, job.id, "w1")])[job.id]
+    assert outcome == {"collection": name, "image_ids": [image_id_of(i) for i in images], "added": 3, "images": 3}
+    assert calls == [image_id_of(images[0])] + [image_id_of(images[1])] * 2 + [image_id_of(images[2])]

@@ -43,7 +43,7 @@ from typing import Any
 
 from redis import Redis
 from redis.client import Pipeline as RedisPipeline
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError, RedisError, TimeoutError as RedisTimeoutError
 from rq import Queue, SimpleWorker
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -220,7 +220,18 @@ def run_collection_job(pipeline: Pipeline, connection: Redis, job: Job, request:
         set_progress(connection, job, INDEXING, f"0/{len(uploads)}")
         for done, data in enumerate(uploads, 1):
             try:
-                (image_id, new), = index_images(pipeline, store, [data])
+                try:
+                    (image_id, new), = index_images(pipeline, store, [data])
+                except (RedisConnectionError, RedisTimeoutError):
+                    # Redis went away (a restart with its append-only file takes seconds): wait for it and index
+                    # this image again; images already stored are a no-op, so nothing is stored twice.
+                    if not wait_for_redis(connection, REDIS_WAIT_S):
+                        raise
+                    log.warning("job %s: Redis was unavailable while indexing image %d; indexed after it came back",
+                                job.id, done - 1)
+                    (image_id, new), = index_images(pipeline, store, [data])
+            except (RedisConnectionError, RedisTimeoutError):
+                raise  # Redis stayed away: an outage, not a bad image
             except ServiceError as exc:
                 raise PipelineError.at(INDEXING, exc, f"image {done - 1}: ") from None
             except Exception as exc:  # an undecodable image and the like
