@@ -18,11 +18,8 @@ On a GPU (`--device cuda`) the precisions are fp32 and bf16 autocast, and timing
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from timing import emit_report, machine_name, timed  # noqa: E402  (bench/, this script's folder)
 from vilbert.configuration import ViLBertConfig  # noqa: E402
 from vilbert.cpu_inference import native_bf16_linear_available  # noqa: E402
 from vilbert.modeling import ViLBertForVLTasks  # noqa: E402
@@ -57,11 +55,6 @@ def full_forward_scores(predictor: Predictor, text: str, batch: list[ImageRegion
     return np.array([float(out["vil_logit"]) for out in predictor._run(rows)], np.float32)
 
 
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def interleaved_medians(first, second, repeats: int, device: str = "cpu") -> tuple[float, float]:
     """Median seconds of two calls timed alternately (after a warm-up of each), so that a load that comes and
     goes on a shared machine weighs on both alike."""
@@ -69,11 +62,7 @@ def interleaved_medians(first, second, repeats: int, device: str = "cpu") -> tup
     times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
         for fn, out in ((first, times[0]), (second, times[1])):
-            synchronize(device)
-            started = time.perf_counter()
-            fn()
-            synchronize(device)
-            out.append(time.perf_counter() - started)
+            out.append(timed(fn, device)[0])
     return statistics.median(times[0]), statistics.median(times[1])
 
 
@@ -118,16 +107,12 @@ def main() -> None:
     gallery = images(args.images, 2048)
     on_gpu = args.device.startswith("cuda")
     precisions = ["fp32"] + (["bf16"] if on_gpu or native_bf16_linear_available() else [])
-    machine = torch.cuda.get_device_name(args.device) if on_gpu else platform.processor() or platform.machine()
-    report = {"machine": machine, "device": args.device, "threads": torch.get_num_threads(),
+    report = {"machine": machine_name(args.device), "device": args.device, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "images": args.images,
               "results": [measure(p, gallery, batches, args.repeats, args.device) for p in precisions]}
     if "bf16" not in precisions:
         report["bf16"] = "skipped: this CPU has no native bf16 instructions (emulated bf16 is slower than fp32)"
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
+    emit_report(report, args.json)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,6 @@ weights at full width (2048-d features), fp32 with packed weights on a CPU. Medi
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -33,6 +31,7 @@ from redis import Redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from timing import emit_report, machine_name  # noqa: E402  (bench/, this script's folder)
 from detector.categories import CategoryNames, synthetic_categories  # noqa: E402
 from detector.regions import RegionFeatures  # noqa: E402
 from service.bundle import write_tiny_bundle  # noqa: E402
@@ -117,9 +116,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    machine = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
-               else platform.processor() or platform.machine())
-    report = {"machine": machine, "device": args.device, "threads": torch.get_num_threads(),
+    report = {"machine": machine_name(args.device), "device": args.device, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "query": QUERY, "results": []}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -135,10 +132,7 @@ def main() -> None:
                                                  args.device))
         finally:
             stop(server)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
+    emit_report(report, args.json)
 
 
 if __name__ == "__main__":
