@@ -25,15 +25,11 @@ from service.settings import Settings
 from service.web.collections import (Conflict, check_uploads, collection_info, delete_collection, delete_image,
                                      parse_search, submit_add, submit_search)
 
-skimage_data = pytest.importorskip("skimage.data")
+from pictures import sample_jpeg  # noqa: E402
 
 
 def jpeg(name: str, size: int = 192) -> bytes:
-    image = Image.fromarray(getattr(skimage_data, name)())
-    image.thumbnail((size, size))
-    buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
+    return sample_jpeg(name, size)
 
 
 def png(seed: int, size: tuple[int, int] = (16, 12)) -> bytes:

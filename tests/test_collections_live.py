@@ -9,12 +9,10 @@ and gunicorn, everything over HTTP (tests/stack.py).
 
 from __future__ import annotations
 
-import io
 import urllib.request
 import uuid
 
 import pytest
-from PIL import Image
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
@@ -24,7 +22,7 @@ from service.localstack import wait_until
 from service.queue import live_workers
 from stack import Stack
 
-skimage_data = pytest.importorskip("skimage.data")
+from pictures import sample_jpeg  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -35,11 +33,7 @@ PICTURES = ("astronaut", "chelsea", "coffee", "rocket", "cat", "hubble_deep_fiel
 
 
 def jpeg(name: str, size: int = 160) -> bytes:
-    image = Image.fromarray(getattr(skimage_data, name)())
-    image.thumbnail((size, size))
-    buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
+    return sample_jpeg(name, size)
 
 
 @pytest.fixture(scope="module")

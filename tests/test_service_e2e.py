@@ -24,7 +24,7 @@ from PIL import Image
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-skimage_data = pytest.importorskip("skimage.data")
+from pictures import sample_jpeg  # noqa: E402
 
 from service.contract import JobRequest, upload_key  # noqa: E402
 from service.errors import PipelineError, Unavailable  # noqa: E402
@@ -39,11 +39,7 @@ pytestmark = pytest.mark.slow
 
 
 def photo(name: str, size: int = 192) -> bytes:
-    image = Image.fromarray(getattr(skimage_data, name)())
-    image.thumbnail((size, size))
-    buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
+    return sample_jpeg(name, size)
 
 
 ASTRONAUT, CAT, COFFEE, ROCKET = (photo(n) for n in ("astronaut", "chelsea", "coffee", "rocket"))
