@@ -66,18 +66,27 @@
     form.setAttribute("aria-busy", busy ? "true" : "false");
   }
 
-  function showError(code, message) {
-    errorBox.replaceChildren(
+  // An API error ({code, message}) shown in `box`, which takes focus so that screen readers announce it.
+  function showErrorIn(box, code, message) {
+    box.replaceChildren(
       el("strong", { text: "Error" + (code ? " (" + code + ")" : "") + ": " }),
       el("span", { className: "error-message", text: message || "something went wrong" })
     );
-    errorBox.hidden = false;
-    errorBox.focus();
+    box.hidden = false;
+    box.focus();
+  }
+
+  function hideError(box) {
+    box.hidden = true;
+    box.replaceChildren();
+  }
+
+  function showError(code, message) {
+    showErrorIn(errorBox, code, message);
   }
 
   function clearError() {
-    errorBox.hidden = true;
-    errorBox.replaceChildren();
+    hideError(errorBox);
   }
 
   // The API answers errors as {"error": {"code", "message"}}; a proxy in front may answer HTML or nothing.
@@ -502,17 +511,11 @@
   }
 
   function showCollectionError(code, message) {
-    collectionError.replaceChildren(
-      el("strong", { text: "Error" + (code ? " (" + code + ")" : "") + ": " }),
-      el("span", { className: "error-message", text: message || "something went wrong" })
-    );
-    collectionError.hidden = false;
-    collectionError.focus();
+    showErrorIn(collectionError, code, message);
   }
 
   function clearCollectionError() {
-    collectionError.hidden = true;
-    collectionError.replaceChildren();
+    hideError(collectionError);
     $("collection-name").removeAttribute("aria-invalid");
   }
 
