@@ -41,6 +41,7 @@ MODULES: dict[str, tuple[str, ...]] = {
     "vilbert/tasks.py": ("tests/test_tasks.py",),
     "modelkit/boundedjson.py": ("tests/test_boundedjson.py",),
     "detector/categories.py": ("tests/test_categories.py",),
+    "service/lexical.py": ("tests/test_lexical.py",),
 }
 # Copied whole into each scratch copy, so that every import resolves there rather than in the checkout
 # (the packages of pyproject.toml; tests/test_mutation_check.py keeps the two in step).

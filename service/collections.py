@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -40,12 +39,10 @@ from detector.regions import RegionFeatures
 
 from .contract import COLLECTION_NAMES_KEY, COLLECTION_PREFIX
 from .errors import BadRequest, NotFound
+from .lexical import bm25_ranking
 
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 IMAGE_ID = re.compile(r"[0-9a-f]{32}")
-# BM25's usual constants: term-frequency saturation and document-length normalisation.
-BM25_K1 = 1.2
-BM25_B = 0.75
 
 
 def check_name(name: str) -> str:
@@ -233,15 +230,7 @@ class CollectionStore:
         named = sorted({image_id for posting in postings for image_id in posting})
         lengths = dict(zip(named, (int(n or 0) for n in self.connection.hmget(self.length_key, named))))
         total = sum(int(n) for n in self.connection.hvals(self.length_key))
-        average = total / images if total else 1.0
-        scores: dict[str, float] = {}
-        for posting in postings:
-            # IDF with +1 inside the log (Lucene's): never negative, however common the word
-            idf = math.log(1 + (images - len(posting) + 0.5) / (len(posting) + 0.5))
-            for image_id, count in posting.items():
-                norm = BM25_K1 * (1 - BM25_B + BM25_B * lengths.get(image_id, 0) / average)
-                scores[image_id] = scores.get(image_id, 0.0) + idf * count * (BM25_K1 + 1) / (count + norm)
-        return sorted(scores.items(), key=lambda item: (-item[1], item[0]))
+        return bm25_ranking(postings, lengths, images, total)
 
     # ---------------------------------------------------------------------------- names and pending images
 

@@ -21,6 +21,7 @@ from detector.regions import RegionFeatures
 from detector.categories import name_terms
 from service.collections import CollectionStore, check_name, image_id_of
 from service.contract import COLLECTION_PREFIX
+from test_lexical import bm25
 from service.errors import BadRequest, NotFound
 from service.worker.collections import THUMBNAIL_SIDE, index_images, search
 from service.worker.pipeline import InferenceRequest, Pipeline
@@ -126,23 +127,6 @@ def test_index_and_search_rank_by_the_retrieval_score_of_a_normal_job(redis_url,
     with pytest.raises(ValueError, match="task must be one of"):
         search(pipeline, store, text, task="vqa")
     assert search(pipeline, store_for(redis_url), text)["hits"] == []  # an empty collection
-
-
-def bm25(query: list[str], docs: dict[str, list[str]]) -> dict[str, float]:
-    """BM25 written out from its definition (k1 1.2, b 0.75, IDF log(1 + (N - df + 0.5) / (df + 0.5))), to hold
-    the store's ranking to."""
-    n, average = len(docs), sum(len(d) for d in docs.values()) / len(docs)
-    out: dict[str, float] = {}
-    for term in set(query):
-        df = sum(term in d for d in docs.values())
-        if not df:
-            continue
-        idf = np.log(1 + (n - df + 0.5) / (df + 0.5))
-        for image_id, doc in docs.items():
-            tf = doc.count(term)
-            if tf:
-                out[image_id] = out.get(image_id, 0.0) + idf * tf * 2.2 / (tf + 1.2 * (0.25 + 0.75 * len(doc) / average))
-    return out
 
 
 def test_the_lexical_index_ranks_by_bm25_and_follows_removals_and_drops(redis_url):

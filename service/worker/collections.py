@@ -31,6 +31,7 @@ from detector.records import encode_record
 from vilbert.predictor import PredictionInputError, PredictRequest
 
 from ..collections import CollectionStore, image_id_of
+from ..lexical import rerank_candidates
 from ..errors import BadRequest
 from .pipeline import Pipeline
 
@@ -87,10 +88,7 @@ def search(pipeline: Pipeline, store: CollectionStore, text: str, top_k: int = 1
     first_stage: dict = {"used": False}
     if first_stage_above is not None and len(ids) > first_stage_above:
         ranked = store.lexical_ranking(text)
-        chosen = [image_id for image_id, _ in ranked[:rerank_top]]
-        if len(chosen) < rerank_top:
-            taken = set(chosen)
-            chosen += [image_id for image_id in ids if image_id not in taken][:rerank_top - len(chosen)]
+        chosen = rerank_candidates(ranked, ids, rerank_top)
         first_stage = {"used": True, "matched": len(ranked), "reranked": len(chosen)}
         images, ids = len(ids), chosen
     else:
