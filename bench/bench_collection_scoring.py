@@ -6,8 +6,10 @@ Full official ViLBERT config (bert_base_6layer_6conect + task tokens), random we
 image (101 rows with the global one), a 12-word caption. Per precision: fp32 (oneDNN-packed weights where the CPU
 has them) and bf16 with packed weights where the CPU has native bf16 (AVX512-BF16/AMX), as PRECISION=bf16 serves
 it. Also the largest difference between the two ways' scores (the equal-results contract at full size), and the
-score drift of storing a collection's features in float16 instead of float32 (half the Redis memory). Ratios are
-what to read on a shared machine; each is measured in one process, timings interleaved.
+score drift of storing a collection's features in float16 instead of float32 (half the Redis memory), and the
+share of the scoring time spent in the visual embedding, the one step that depends on the image alone (what
+keeping each image's embedding with its regions could save at most, docs/SCALE.md). Ratios are what to read on a
+shared machine; each is measured in one process, timings interleaved.
 
     python bench/bench_collection_scoring.py [--images 32] [--batches 1,4,16,64] [--repeats 3] [--device cuda]
                                              [--json out.json]
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from timing import emit_report, machine_name, timed  # noqa: E402  (bench/, this script's folder)
+from timing import emit_report, machine_name, settle, timed  # noqa: E402  (bench/, this script's folder)
 from vilbert.configuration import ViLBertConfig  # noqa: E402
 from vilbert.cpu_inference import native_bf16_linear_available  # noqa: E402
 from vilbert.modeling import ViLBertForVLTasks  # noqa: E402
@@ -66,6 +69,36 @@ def interleaved_medians(first, second, repeats: int, device: str = "cpu") -> tup
     return statistics.median(times[0]), statistics.median(times[1])
 
 
+def visual_embedding_share(predictor: Predictor, gallery: list[ImageRegions], batch: int, repeats: int,
+                           device: str = "cpu") -> float:
+    """Median share of score_images' time spent in the visual embedding (region features and boxes -> the visual
+    width, BertImageEmbeddings), timed inside the real scoring path by hooks on that module."""
+    module = predictor.model.bert.v_embeddings
+    inside: list[float] = []
+    started: list[float] = []
+
+    def before(_module, _inputs) -> None:
+        settle(device)
+        started.append(time.perf_counter())
+
+    def after(_module, _inputs, _output) -> None:
+        settle(device)
+        inside.append(time.perf_counter() - started.pop())
+
+    handles = [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    try:
+        predictor.score_images(CAPTION, gallery, batch_size=batch)  # warm-up
+        shares = []
+        for _ in range(repeats):
+            inside.clear()
+            total = timed(lambda: predictor.score_images(CAPTION, gallery, batch_size=batch), device)[0]
+            shares.append(sum(inside) / total)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return statistics.median(shares)
+
+
 def measure(precision: str, gallery: list[ImageRegions], batches: list[int], repeats: int,
             device: str = "cpu") -> dict:
     config = ViLBertConfig.from_dict({**ViLBertConfig.from_json_file(CONFIG).to_dict(), "task_specific_tokens": True})
@@ -88,6 +121,8 @@ def measure(precision: str, gallery: list[ImageRegions], batches: list[int], rep
                          image.image_height) for image in gallery]
     half_scores = predictor.score_images(CAPTION, half, batch_size=max(batches))
     return {"precision": precision, "packed_weights": predictor.packed_weights, "rows": rows,
+            "visual_embedding_share": round(visual_embedding_share(predictor, gallery, max(batches), repeats,
+                                                                   device), 4),
             "max_score_difference_vs_jobs": float(np.abs(shared_scores - job_scores).max()),
             "score_spread": float(job_scores.max() - job_scores.min()),
             "float16_storage_max_score_drift": float(np.abs(half_scores - shared_scores).max()),

@@ -27,13 +27,17 @@ def emit_report(report: dict, path: Path | None = None) -> None:
         path.write_text(text)
 
 
+def settle(device: str | torch.device = "cpu") -> None:
+    """Wait until the device has finished the work queued on it (CUDA runs asynchronously; a CPU has nothing to
+    wait for)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def timed(fn: Callable[[], Any], device: str | torch.device = "cpu") -> tuple[float, Any]:
     """(seconds, result) of fn(); on CUDA the device is synchronised before and after."""
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
+    settle(device)
     start = time.perf_counter()
     out = fn()
-    if cuda:
-        torch.cuda.synchronize(device)
+    settle(device)
     return time.perf_counter() - start, out
