@@ -42,11 +42,12 @@ MODULES: dict[str, tuple[str, ...]] = {
     "modelkit/boundedjson.py": ("tests/test_boundedjson.py",),
     "detector/categories.py": ("tests/test_categories.py",),
     "service/lexical.py": ("tests/test_lexical.py",),
+    "service/settings.py": ("tests/test_settings.py",),
 }
 # Copied whole into each scratch copy, so that every import resolves there rather than in the checkout
 # (the packages of pyproject.toml; tests/test_mutation_check.py keeps the two in step).
 PACKAGES = ("modelkit", "vilbert", "detector", "service", "vilbert_train")
-ALSO_COPIED = ("config", "tests", "pyproject.toml")
+ALSO_COPIED = ("config", "tests", "docs", "pyproject.toml")  # docs: tests that hold a table to the code
 
 # mutmut's statuses that mean a test noticed the mutant.
 DETECTED = {"killed", "timeout", "segfault"}
@@ -190,7 +191,7 @@ def prepare_scratch(module: str, tests: tuple[str, ...]) -> Path:
         "[mutmut]\n"
         "source_paths =\n" + "".join(f"    {p}\n" for p in present)
         + f"only_mutate = {module}\n"
-        + "also_copy = config\n"
+        + "also_copy =\n    config\n    docs\n"
         + "pytest_add_cli_args_test_selection =\n" + "".join(f"    {t}\n" for t in tests),
         encoding="utf-8",
     )

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from modelkit.regions import REGIONS_PER_IMAGE
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "weights"
-DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 from modelkit.precision import PRECISIONS  # noqa: E402  (the one table of precision names)
 # Task set for a request that names none: one answer head of each family that reads one image.
 DEFAULT_TASKS = ("vqa", "gqa", "snli_ve", "refcoco", "retrieval_coco")
@@ -88,102 +88,134 @@ class Settings:
         return self.worker_heartbeat_ttl / 3.0
 
 
-def _int(low: int, high: int | None = None) -> Callable[[str], int]:
-    def parse(raw: str) -> int:
+class Parser:
+    """One setting's parser: `parse(raw)` returns the value or raises ValueError saying what is allowed, and
+    `allowed` says it for the docs table and `python -m service.settings`."""
+
+    allowed: str = ""
+
+    def __call__(self, raw: str) -> Any:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class IntRange(Parser):
+    low: int
+    high: int | None = None
+
+    @property
+    def allowed(self) -> str:  # type: ignore[override]
+        return f"{self.low} … {self.high}" if self.high is not None else f">= {self.low}"
+
+    def __call__(self, raw: str) -> int:
         try:
             value = int(raw.strip())
         except ValueError:
             raise ValueError("must be an integer") from None
-        if value < low or (high is not None and value > high):
-            raise ValueError(f"must be between {low} and {high}" if high is not None else f"must be >= {low}")
+        if value < self.low or (self.high is not None and value > self.high):
+            raise ValueError(f"must be between {self.low} and {self.high}" if self.high is not None
+                             else f"must be >= {self.low}")
         return value
-    return parse
 
 
-def _positive_float(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError("must be a number") from None
-    if not value > 0:
-        raise ValueError("must be > 0")
-    return value
+class PositiveFloat(Parser):
+    allowed = "> 0"
+
+    def __call__(self, raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError("must be a number") from None
+        if not value > 0:
+            raise ValueError("must be > 0")
+        return value
 
 
-def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
-    def parse(raw: str) -> str:
+@dataclass(frozen=True)
+class Choice(Parser):
+    options: tuple[str, ...]
+
+    @property
+    def allowed(self) -> str:  # type: ignore[override]
+        return ", ".join(self.options)
+
+    def __call__(self, raw: str) -> str:
         value = raw.strip().lower()
-        if value not in options:
-            raise ValueError(f"must be one of {', '.join(options)}")
+        if value not in self.options:
+            raise ValueError(f"must be one of {self.allowed}")
         return value
-    return parse
 
 
-def _device(raw: str) -> str:
-    value = raw.strip().lower()
-    if not DEVICE_PATTERN.match(value):
-        raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
-    return value
+@dataclass(frozen=True)
+class Matching(Parser):
+    """A string (stripped; lower-cased when `lower`) that `pattern` matches in full; `allowed` is the message."""
+
+    pattern: str
+    allowed: str  # type: ignore[misc]
+    lower: bool = False
+
+    def __call__(self, raw: str) -> str:
+        value = raw.strip().lower() if self.lower else raw.strip()
+        if not re.fullmatch(self.pattern, value):
+            raise ValueError(f"must be {self.allowed}")
+        return value
 
 
-def _redis_url(raw: str) -> str:
-    value = raw.strip()
-    if not value.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError("must start with redis://, rediss:// or unix://")
-    return value
+class RedisUrl(Parser):
+    allowed = "a redis://, rediss:// or unix:// URL"
+
+    def __call__(self, raw: str) -> str:
+        value = raw.strip()
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
 
 
-def _queue_name(raw: str) -> str:
-    value = raw.strip()
-    if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", value):
-        raise ValueError("must be 1-64 letters, digits, '_', '.' or '-'")
-    return value
+class DirectoryPath(Parser):
+    allowed = "a path (~ expanded)"
 
-
-def _path(raw: str) -> Path:
-    if not raw.strip():
-        raise ValueError("must not be empty")
-    return Path(raw.strip()).expanduser()
+    def __call__(self, raw: str) -> Path:  # never empty: load_settings gives an empty variable its default
+        return Path(raw.strip()).expanduser()
 
 
 # field name -> (environment variable, parser)
-_ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
-    "redis_url": ("REDIS_URL", _redis_url),
-    "queue_name": ("QUEUE_NAME", _queue_name),
-    "model_dir": ("MODEL_DIR", _path),
-    "device": ("DEVICE", _device),
-    "precision": ("PRECISION", _choice(PRECISIONS)),
-    "detector_min_size": ("DETECTOR_MIN_SIZE", _int(32, 4000)),
-    "detector_max_size": ("DETECTOR_MAX_SIZE", _int(32, 8000)),
-    "detector_num_regions": ("DETECTOR_NUM_REGIONS", _int(1, REGIONS_PER_IMAGE)),
-    "job_timeout": ("JOB_TIMEOUT", _int(1)),
-    "upload_ttl": ("UPLOAD_TTL", _int(10)),
-    "result_ttl": ("RESULT_TTL", _int(1)),
-    "failure_ttl": ("FAILURE_TTL", _int(1)),
-    "worker_heartbeat_ttl": ("WORKER_HEARTBEAT_TTL", _int(2, 3600)),
-    "max_upload_bytes": ("MAX_UPLOAD_BYTES", _int(1024)),
-    "max_images": ("MAX_IMAGES", _int(1, 64)),
-    "max_text_chars": ("MAX_TEXT_CHARS", _int(1, 100_000)),
-    "max_image_pixels": ("MAX_IMAGE_PIXELS", _int(1024)),
-    "max_top_k": ("MAX_TOP_K", _int(1, 1000)),
-    "max_queued_jobs": ("MAX_QUEUED_JOBS", _int(1)),
-    "max_queued_bytes": ("MAX_QUEUED_BYTES", _int(1024)),
-    "max_decoded_bytes_per_request": ("MAX_DECODED_BYTES_PER_REQUEST", _int(1024)),
-    "max_decoded_bytes_per_batch": ("MAX_DECODED_BYTES_PER_BATCH", _int(1024)),
-    "redis_timeout": ("REDIS_TIMEOUT", _positive_float),
-    "log_level": ("LOG_LEVEL", _choice(("debug", "info", "warning", "error"))),
-    "feature_cache_ttl": ("FEATURE_CACHE_TTL", _int(0)),
-    "feature_cache_max_entries": ("FEATURE_CACHE_MAX_ENTRIES", _int(1)),
-    "feature_cache_max_bytes": ("FEATURE_CACHE_MAX_BYTES", _int(1024)),
-    "batch_max_jobs": ("BATCH_MAX_JOBS", _int(1, 256)),
-    "batch_max_wait_ms": ("BATCH_MAX_WAIT_MS", _int(0, 10_000)),
-    "worker_metrics_port": ("WORKER_METRICS_PORT", _int(0, 65535)),
-    "max_collection_upload_images": ("MAX_COLLECTION_UPLOAD_IMAGES", _int(1, 1000)),
-    "max_collection_images": ("MAX_COLLECTION_IMAGES", _int(1)),
-    "max_collection_bytes": ("MAX_COLLECTION_BYTES", _int(1024)),
-    "max_collections": ("MAX_COLLECTIONS", _int(1)),
-    "collection_first_stage_above": ("COLLECTION_FIRST_STAGE_ABOVE", _int(0)),
-    "collection_rerank_top": ("COLLECTION_RERANK_TOP", _int(1, 100_000)),
+_ENV: dict[str, tuple[str, Parser]] = {
+    "redis_url": ("REDIS_URL", RedisUrl()),
+    "queue_name": ("QUEUE_NAME", Matching(r"[A-Za-z0-9_.-]{1,64}", "1-64 letters, digits, '_', '.' or '-'")),
+    "model_dir": ("MODEL_DIR", DirectoryPath()),
+    "device": ("DEVICE", Matching(r"auto|cpu|cuda|cuda:\d+|mps", "auto, cpu, cuda, cuda:N or mps", lower=True)),
+    "precision": ("PRECISION", Choice(PRECISIONS)),
+    "detector_min_size": ("DETECTOR_MIN_SIZE", IntRange(32, 4000)),
+    "detector_max_size": ("DETECTOR_MAX_SIZE", IntRange(32, 8000)),
+    "detector_num_regions": ("DETECTOR_NUM_REGIONS", IntRange(1, REGIONS_PER_IMAGE)),
+    "job_timeout": ("JOB_TIMEOUT", IntRange(1)),
+    "upload_ttl": ("UPLOAD_TTL", IntRange(10)),
+    "result_ttl": ("RESULT_TTL", IntRange(1)),
+    "failure_ttl": ("FAILURE_TTL", IntRange(1)),
+    "worker_heartbeat_ttl": ("WORKER_HEARTBEAT_TTL", IntRange(2, 3600)),
+    "max_upload_bytes": ("MAX_UPLOAD_BYTES", IntRange(1024)),
+    "max_images": ("MAX_IMAGES", IntRange(1, 64)),
+    "max_text_chars": ("MAX_TEXT_CHARS", IntRange(1, 100_000)),
+    "max_image_pixels": ("MAX_IMAGE_PIXELS", IntRange(1024)),
+    "max_top_k": ("MAX_TOP_K", IntRange(1, 1000)),
+    "max_queued_jobs": ("MAX_QUEUED_JOBS", IntRange(1)),
+    "max_queued_bytes": ("MAX_QUEUED_BYTES", IntRange(1024)),
+    "max_decoded_bytes_per_request": ("MAX_DECODED_BYTES_PER_REQUEST", IntRange(1024)),
+    "max_decoded_bytes_per_batch": ("MAX_DECODED_BYTES_PER_BATCH", IntRange(1024)),
+    "redis_timeout": ("REDIS_TIMEOUT", PositiveFloat()),
+    "log_level": ("LOG_LEVEL", Choice(("debug", "info", "warning", "error"))),
+    "feature_cache_ttl": ("FEATURE_CACHE_TTL", IntRange(0)),
+    "feature_cache_max_entries": ("FEATURE_CACHE_MAX_ENTRIES", IntRange(1)),
+    "feature_cache_max_bytes": ("FEATURE_CACHE_MAX_BYTES", IntRange(1024)),
+    "batch_max_jobs": ("BATCH_MAX_JOBS", IntRange(1, 256)),
+    "batch_max_wait_ms": ("BATCH_MAX_WAIT_MS", IntRange(0, 10_000)),
+    "worker_metrics_port": ("WORKER_METRICS_PORT", IntRange(0, 65535)),
+    "max_collection_upload_images": ("MAX_COLLECTION_UPLOAD_IMAGES", IntRange(1, 1000)),
+    "max_collection_images": ("MAX_COLLECTION_IMAGES", IntRange(1)),
+    "max_collection_bytes": ("MAX_COLLECTION_BYTES", IntRange(1024)),
+    "max_collections": ("MAX_COLLECTIONS", IntRange(1)),
+    "collection_first_stage_above": ("COLLECTION_FIRST_STAGE_ABOVE", IntRange(0)),
+    "collection_rerank_top": ("COLLECTION_RERANK_TOP", IntRange(1, 100_000)),
 }
 
 ENV_VARIABLES = {name: env for name, (env, _) in _ENV.items()}
@@ -213,7 +245,49 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     return settings
 
 
-def describe() -> list[tuple[str, str]]:
-    """(environment variable, default) for every setting, for docs and --help."""
+@dataclass(frozen=True)
+class SettingInfo:
+    """One row of the settings table: the variable, its default as the docs write it, and what it accepts."""
+
+    variable: str
+    default: str
+    allowed: str
+
+
+def describe() -> list[SettingInfo]:
+    """Every setting in field order, for docs/SERVICE.md (tests hold the table to this) and
+    `python -m service.settings`."""
     defaults = Settings()
-    return [(_ENV[f.name][0], str(getattr(defaults, f.name))) for f in fields(Settings)]
+    rows = []
+    for f in fields(Settings):
+        variable, parser = _ENV[f.name]
+        default = getattr(defaults, f.name)
+        if isinstance(default, Path):  # MODEL_DIR's default, inside the checkout: written as the docs do
+            default = default.relative_to(REPO_ROOT).as_posix() + "/"
+        rows.append(SettingInfo(variable, str(default), parser.allowed))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m service.settings`: every setting with its default, what it accepts and the value this
+    environment gives it; exit status 1 (with one line per problem) when the environment is invalid."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m service.settings", description=main.__doc__)
+    parser.parse_args(argv)
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    given = {env: str(getattr(settings, name)) for name, (env, _) in _ENV.items() if os.environ.get(env, "").strip()}
+    rows = [("variable", "default", "allowed", "this environment")]
+    rows += [(row.variable, row.default, row.allowed, given.get(row.variable, "(default)")) for row in describe()]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

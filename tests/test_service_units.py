@@ -1,4 +1,4 @@
-"""Fast tests of the service's plain functions: settings, the OpenAPI description, health checks, serve.py's
+"""Fast tests of the service's plain functions: the OpenAPI description, health checks, serve.py's
 weights decision. No HTTP, no Redis, no models."""
 
 from __future__ import annotations
@@ -8,35 +8,8 @@ import re
 
 import pytest
 
-from service.settings import Settings, SettingsError, load_settings
+from service.settings import Settings
 from test_inputs import png
-
-
-# ----------------------------------------------------------------------------------------------------- settings
-
-
-def test_settings_defaults_and_overrides():
-    assert load_settings({}) == Settings()
-    settings = load_settings({"REDIS_URL": "redis://h:1/2", "DEVICE": "cuda:1", "JOB_TIMEOUT": "60", "PRECISION": "BF16",
-                              "MODEL_DIR": "/m", "LOG_LEVEL": "debug", "MAX_IMAGES": ""})
-    assert (settings.redis_url, settings.device, settings.job_timeout, settings.precision) == ("redis://h:1/2", "cuda:1", 60, "bf16")
-    assert str(settings.model_dir) == "/m" and settings.log_level == "DEBUG" and settings.max_images == Settings().max_images
-
-
-def test_settings_report_every_bad_variable():
-    with pytest.raises(SettingsError) as caught:
-        load_settings({"REDIS_URL": "localhost:6379", "DEVICE": "gpu", "JOB_TIMEOUT": "soon", "MAX_IMAGES": "0",
-                       "PRECISION": "int8", "QUEUE_NAME": "a b", "REDIS_TIMEOUT": "-1"})
-    problems = "\n".join(caught.value.problems)
-    for name in ("REDIS_URL", "DEVICE", "JOB_TIMEOUT", "MAX_IMAGES", "PRECISION", "QUEUE_NAME", "REDIS_TIMEOUT"):
-        assert name in problems
-    assert len(caught.value.problems) == 7
-    assert "JOB_TIMEOUT='soon': must be an integer" in problems
-
-
-def test_settings_cross_checks():
-    with pytest.raises(SettingsError, match="DETECTOR_MAX_SIZE"):
-        load_settings({"DETECTOR_MIN_SIZE": "800", "DETECTOR_MAX_SIZE": "600"})
 
 
 # -------------------------------------------------------------------------------------------------- OpenAPI
@@ -83,16 +56,6 @@ def test_serve_refuses_without_weights_when_asked(tmp_path, capsys):
     assert model_dir is None and not tiny
     err = capsys.readouterr().err
     assert "NO MODEL WEIGHTS" in err and "python models/fetch.py" in err
-
-
-def test_service_doc_lists_every_setting():
-    from pathlib import Path
-
-    from service.settings import ENV_VARIABLES
-
-    doc = (Path(__file__).resolve().parent.parent / "docs" / "SERVICE.md").read_text()
-    for variable in ENV_VARIABLES.values():
-        assert f"`{variable}`" in doc, variable
 
 
 def test_serve_no_tiny_and_worker_without_weights_exit_with_instructions(tmp_path):
