@@ -14,6 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from scaling_drill import Drill, keda_desired  # noqa: E402
+from stack import TIME_SCALE  # noqa: E402
 
 pytestmark = pytest.mark.slow
 TARGET, MIN, MAX = 50, 1, 3
@@ -37,7 +38,7 @@ def drill(tmp_path_factory):
 
 def test_burst_scales_up_and_back_down_and_every_job_finishes_once(drill):
     jobs = 300
-    outcome = drill.run_keda(jobs, TARGET, MIN, MAX, window=2.0)
+    outcome = drill.run_keda(jobs, TARGET, MIN, MAX, window=2.0, timeout=300 * TIME_SCALE)
     # verify() inside run_keda: one result per job, all finished, queue and started registry empty.
     assert outcome.statuses == {"finished": jobs}
     assert sum(outcome.per_worker.values()) == jobs
@@ -52,6 +53,6 @@ def test_burst_scales_up_and_back_down_and_every_job_finishes_once(drill):
 
 
 def test_sigterm_of_a_busy_worker_finishes_its_job(drill):
-    result = drill.run_sigterm_mid_batch(40, workers=2)
+    result = drill.run_sigterm_mid_batch(40, workers=2, timeout=120 * TIME_SCALE)
     assert result["statuses"] == {"finished": 40}
     assert result["per_worker"][result["stopped"]] >= 1
