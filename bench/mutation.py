@@ -43,6 +43,10 @@ MODULES: dict[str, tuple[str, ...]] = {
     "detector/categories.py": ("tests/test_categories.py",),
     "service/lexical.py": ("tests/test_lexical.py",),
     "service/settings.py": ("tests/test_settings.py",),
+    "service/web/jobs.py": ("tests/test_jobs.py",),
+    "service/queue.py": ("tests/test_jobs.py",),
+    "service/contract.py": ("tests/test_contract.py", "tests/test_jobs.py"),
+    "service/errors.py": ("tests/test_contract.py",),
 }
 # Copied whole into each scratch copy, so that every import resolves there rather than in the checkout
 # (the packages of pyproject.toml; tests/test_mutation_check.py keeps the two in step).

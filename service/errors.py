@@ -40,7 +40,7 @@ class Unavailable(ServiceError):
 class PipelineError(ServiceError):
     """A request the pipeline could not answer (undecodable image, bad boxes, …). `stage` says where."""
 
-    def __init__(self, code: str, message: str, stage: str = ""):
+    def __init__(self, code: str, message: str, stage: str):
         super().__init__(code, message, status=422)
         self.stage = stage
 

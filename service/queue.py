@@ -73,6 +73,11 @@ def release_uploads(connection: Redis, settings: Settings, job_id: str) -> None:
     connection.hdel(sizes, job_id)
 
 
+def as_utc(value: datetime) -> datetime:
+    """`value` in UTC. A naive time is read as UTC, as RQ writes its times, whatever the local time zone."""
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
 def started_registry(connection: Redis, settings: Settings) -> StartedJobRegistry:
     return StartedJobRegistry(settings.queue_name, connection=connection, serializer=JSONSerializer)
 
@@ -103,10 +108,9 @@ def fail_if_orphaned(connection: Redis, settings: Settings, job: Job) -> bool:
     # A worker that just reconnected to a restarted Redis may take a job before its next heartbeat: only a job
     # started at least one heartbeat TTL ago, with no live worker, is an orphan.
     if job.started_at is not None:
-        started = job.started_at if job.started_at.tzinfo else job.started_at.replace(tzinfo=timezone.utc)
-        if (datetime.now(timezone.utc) - started).total_seconds() < settings.worker_heartbeat_ttl:
+        if (datetime.now(timezone.utc) - as_utc(job.started_at)).total_seconds() < settings.worker_heartbeat_ttl:
             return False
-    registry = started_registry(connection, settings)
+    registry = job.started_job_registry
     message = (f"the worker {job.worker_name or '?'} stopped (killed, crashed or paused) while running this job; no "
                f"heartbeat for {settings.worker_heartbeat_ttl} s")
     with connection.pipeline() as pipe:

@@ -1,5 +1,6 @@
-"""The seam between the web tier and the worker: the contract module, the import picture of the two sides, the
-RQ version the batch worker's internals target, and the one way a job runs."""
+"""The seam between the web tier and the worker: the import picture of the two sides, the RQ version the batch
+worker's internals target, the one way a job runs and the contract's code for expired uploads. The contract module
+on its own: tests/test_contract.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import rq
 
-from service.contract import JobRequest, ImageInfo, alive_key, upload_key
+from service.contract import ImageInfo, JobRequest, upload_key
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,24 +22,6 @@ def imported_after(statement: str, env: dict | None = None) -> set[str]:
     code = f"import sys, json\n{statement}\nprint(json.dumps(sorted(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, env=env)
     return set(json.loads(out.stdout.strip().splitlines()[-1]))
-
-
-def test_job_request_survives_the_json_round_trip():
-    for request in (
-        JobRequest(text="what is this?", tasks=["vqa", "refcoco"], top_k=5, boxes=[[1.0, 2.0, 3.0, 4.0]],
-                   images=[ImageInfo(width=640, height=480, bytes=1234, decoded_bytes=921600)]),
-        JobRequest(text="two", tasks=["nlvr2"], images=[ImageInfo(2, 3, 4), ImageInfo(5, 6, 7)], inputs="features"),
-    ):
-        wire = json.loads(json.dumps(request.to_json()))  # what RQ's JSONSerializer stores
-        assert JobRequest.from_json(wire) == request
-    assert JobRequest.from_json({"text": "t", "tasks": ["vqa"]}).inputs == "images"
-    with pytest.raises(ValueError, match="inputs"):
-        JobRequest.from_json({"text": "t", "tasks": ["vqa"], "inputs": "pixels"})
-
-
-def test_key_names_keep_their_redis_layout():
-    # Running workers and web processes of different versions share one Redis during a deploy.
-    assert upload_key("ab") == "vilbert:upload:ab" and alive_key("w.1") == "vilbert:worker-alive:w.1"
 
 
 def test_contract_imports_neither_side():

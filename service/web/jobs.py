@@ -4,25 +4,27 @@ from __future__ import annotations
 
 import re
 import uuid
-from datetime import datetime, timezone
 from typing import Any
 
 from redis import Redis
+from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
+from rq.results import Result
 from rq.serializers import JSONSerializer
 
 from ..contract import (CANCELED, INTERNAL_ERROR, JOB_FUNCTION, STAGE_QUEUED, STAGE_STARTING, TIMEOUT, WORKER_LOST,
                         JobRequest, error_body, upload_key)
 from ..errors import NotFound, Unavailable
-from ..queue import admit_uploads, fail_if_orphaned, get_queue, release_uploads
+from ..queue import admit_uploads, as_utc, fail_if_orphaned, get_queue, release_uploads
 from ..settings import Settings
 
 JOB_ID = re.compile(r"[0-9a-f]{32}")
-# RQ status -> the four states clients see.
+# RQ status -> the four states clients see (every status RQ has; tests/test_jobs.py holds the two together).
 PUBLIC_STATUS = {
     JobStatus.QUEUED: "queued", JobStatus.DEFERRED: "queued", JobStatus.SCHEDULED: "queued",
-    JobStatus.CREATED: "queued", JobStatus.STARTED: "started", JobStatus.FINISHED: "finished",
+    JobStatus.CREATED: "queued", JobStatus.READY_TO_ENQUEUE: "queued", JobStatus.RATE_LIMITED: "queued",
+    JobStatus.STARTED: "started", JobStatus.FINISHED: "finished",
     JobStatus.FAILED: "failed", JobStatus.STOPPED: "failed", JobStatus.CANCELED: "failed",
 }
 
@@ -53,13 +55,14 @@ def submit(connection: Redis, settings: Settings, request: JobRequest, uploads: 
         raise
 
 
-def _enqueue(queue: Any, settings: Settings, job_id: str, request: JobRequest, count: int) -> Job:
+def _enqueue(queue: Queue, settings: Settings, job_id: str, request: JobRequest, count: int) -> Job:
     description = f"{','.join(request.tasks)} on {count} image(s)"
     if request.kind != "inference":
         description = f"{request.kind} {request.collection}: {count} image(s)"
+    # The job's timeout is the queue's default (JOB_TIMEOUT, service.queue.get_queue).
     return queue.enqueue(
-        JOB_FUNCTION, kwargs={"request": request.to_json()}, job_id=job_id, job_timeout=settings.job_timeout,
-        result_ttl=settings.result_ttl, failure_ttl=settings.failure_ttl, ttl=settings.upload_ttl,
+        JOB_FUNCTION, kwargs={"request": request.to_json()}, job_id=job_id, result_ttl=settings.result_ttl,
+        failure_ttl=settings.failure_ttl, ttl=settings.upload_ttl,
         meta={"stage": STAGE_QUEUED, "tasks": request.tasks}, description=description,
     )
 
@@ -78,14 +81,13 @@ def job_status(connection: Redis, settings: Settings, job_id: str) -> dict:
     job = fetch_job(connection, job_id)
     status = job.get_status(refresh=False)
     if status == JobStatus.STARTED and fail_if_orphaned(connection, settings, job):
-        job = fetch_job(connection, job_id)
-        status = job.get_status(refresh=False)
-    public = PUBLIC_STATUS.get(status, "failed")
+        job, status = fetch_job(connection, job_id), JobStatus.FAILED  # now with its worker_lost error
+    public = PUBLIC_STATUS[status]
     body: dict[str, Any] = {"id": job.id, "status": public, "tasks": job.meta.get("tasks", [])}
     for name in ("created_at", "enqueued_at", "started_at", "ended_at"):
-        value = getattr(job, name, None)
+        value = getattr(job, name)
         if value is not None:
-            body[name] = _iso(value)
+            body[name] = as_utc(value).isoformat().replace("+00:00", "Z")
     if public == "queued":
         position = job.get_position()
         body["queue_position"] = position
@@ -107,7 +109,8 @@ def failure_reason(job: Job) -> dict:
     error = job.meta.get("error")
     if error:
         return error
-    info = job.exc_info or ""
+    latest = job.latest_result()
+    info = (latest.exc_string or "") if latest is not None and latest.type == Result.Type.FAILED else ""
     if "JobTimeoutException" in info:
         return error_body(TIMEOUT, f"the job ran longer than its timeout of {job.timeout} s")
     if "AbandonedJobError" in info:
@@ -116,9 +119,3 @@ def failure_reason(job: Job) -> dict:
         return error_body(CANCELED, "the job was stopped or canceled")
     last = info.strip().splitlines()[-1] if info.strip() else "unknown error"
     return error_body(INTERNAL_ERROR, last)
-
-
-def _iso(value: datetime) -> str:
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.isoformat().replace("+00:00", "Z")
