@@ -175,9 +175,10 @@ class CollectionStore:
 
     def thumbnail(self, image_id: str) -> bytes:
         """The image's JPEG thumbnail; NotFound unknown_image, or no_thumbnail for an image indexed without one."""
-        data = self.connection.hget(self.thumbs_key, image_id) if IMAGE_ID.fullmatch(image_id or "") else None
+        well_formed = IMAGE_ID.fullmatch(image_id) is not None  # nothing else ever reaches a key name
+        data = self.connection.hget(self.thumbs_key, image_id) if well_formed else None
         if data is None:
-            if IMAGE_ID.fullmatch(image_id or "") and self.has(image_id):
+            if well_formed and self.has(image_id):
                 raise NotFound("no_thumbnail", f"image {image_id} of collection {self.name} has no thumbnail: it was "
                                                "indexed from a feature store without its image file")
             raise NotFound("unknown_image", f"no image {image_id!r} in collection {self.name}")
