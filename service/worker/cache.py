@@ -85,6 +85,10 @@ def detector_key(extractor: RegionFeatureExtractor) -> str:
 _STATS = {"hit": "hits", "miss": "misses", "store": "stores", "eviction": "evictions", "error": "errors"}
 
 
+def _ignore(kind: str, count: int) -> None:
+    """The default metrics hook: no metrics."""
+
+
 @dataclass
 class CacheStats:
     hits: int = 0
@@ -103,7 +107,7 @@ class FeatureCache:
         self._put = connection.register_script(_PUT_SCRIPT)
         self.stats = CacheStats()
         # Metrics hook: on_event(kind, count) with kind in hit, miss, store, eviction, error.
-        self.on_event: Callable[[str, int], None] = on_event or (lambda kind, count: None)
+        self.on_event: Callable[[str, int], None] = on_event or _ignore
 
     def key(self, image: bytes) -> str:
         return f"{PREFIX}{self.detector}:{hashlib.sha256(image).hexdigest()}"
