@@ -94,3 +94,17 @@ def test_a_client_error_found_while_running_a_job_fails_it_at_its_stage():
     assert error.to_dict() == {"code": "invalid_image", "message": "image 2: not an image", "stage": "decode"}
     assert PipelineError.at("load", NotFound("gone", "no such thing")).to_dict() == {
         "code": "gone", "message": "no such thing", "stage": "load"}
+
+
+def test_job_request_kind_and_collection_round_trip():
+    for kind, collection in (("inference", None), ("collection_add", "a"), ("collection_search", "b")):
+        request = JobRequest(text="t", tasks=["retrieval_coco"], kind=kind, collection=collection)
+        back = JobRequest.from_json(request.to_json())
+        assert back == request and (back.kind, back.collection) == (kind, collection)
+    old = JobRequest(text="t", tasks=["vqa"]).to_json()
+    del old["kind"], old["collection"]  # a job queued before kinds existed
+    assert JobRequest.from_json(old).kind == "inference"
+    with pytest.raises(ValueError, match="kind must be one of"):
+        JobRequest(text="t", tasks=[], kind="drop_tables")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        JobRequest.from_json({**old, "kind": "nope"})
