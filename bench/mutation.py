@@ -49,6 +49,7 @@ MODULES: dict[str, tuple[str, ...]] = {
     "service/errors.py": ("tests/test_contract.py",),
     "service/collections.py": ("tests/test_collection_store.py",),
     "service/worker/cache.py": ("tests/test_feature_cache.py",),
+    "service/web/collections.py": ("tests/test_collections_web.py",),
 }
 # Copied whole into each scratch copy, so that every import resolves there rather than in the checkout
 # (the packages of pyproject.toml; tests/test_mutation_check.py keeps the two in step).

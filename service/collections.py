@@ -126,6 +126,10 @@ class CollectionStore:
         self.terms_key, self.vocab_key, self.length_key = base + ":terms", base + ":vocab", base + ":length"
         self.postings_prefix = base + ":post:"
 
+    def image_count(self) -> int:
+        """How many images are stored (indexed); pending ones are not counted."""
+        return int(self.connection.hlen(self.regions_key))
+
     def has(self, image_id: str) -> bool:
         return bool(self.connection.hexists(self.regions_key, image_id))
 
@@ -200,7 +204,7 @@ class CollectionStore:
     def drop(self) -> int:
         """Delete the whole collection (pending entries, its index and its name too); returns how many images it
         held."""
-        count = int(self.connection.hlen(self.regions_key))
+        count = self.image_count()
         postings = [self.postings_prefix + term.decode() for term in self.connection.smembers(self.vocab_key)]
         with self.connection.pipeline() as pipe:
             pipe.delete(self.regions_key, self.meta_key, self.thumbs_key, self.pending_key, self.terms_key,
@@ -245,7 +249,7 @@ class CollectionStore:
     def forget_if_empty(self) -> bool:
         """Stop counting a collection with no image and nothing pending (a failed first add, its last image
         deleted); True when forgotten."""
-        if self.connection.hlen(self.regions_key) or self.connection.hlen(self.pending_key):
+        if self.image_count() or self.connection.hlen(self.pending_key):
             return False
         self.connection.srem(COLLECTION_NAMES_KEY, self.name)
         return True
@@ -283,7 +287,7 @@ class CollectionStore:
 
     def info(self) -> CollectionInfo:
         metas = self.connection.hvals(self.meta_key)
-        return CollectionInfo(self.name, int(self.connection.hlen(self.regions_key)),
+        return CollectionInfo(self.name, self.image_count(),
                               sum(int(json.loads(m)["stored"]) for m in metas))
 
 

@@ -61,17 +61,15 @@ def admit(store: CollectionStore, settings: Settings, image_ids: Sequence[str], 
     one atomic step in Redis (CollectionStore.admit), so concurrent adds cannot pass the limits together."""
     admission = store.admit(image_ids, job_id, settings.upload_ttl, settings.max_collections,
                             settings.max_collection_bytes, settings.max_collection_images)
-    if admission.refused == "too_many_collections":
-        raise Conflict("too_many_collections", f"there are {settings.max_collections} collections, the limit; "
-                                               "delete one first")
-    if admission.refused == "collection_too_large":
-        raise Conflict("collection_too_large", f"collection {store.name} stores {admission.count} bytes, the limit "
-                                               f"is {settings.max_collection_bytes}")
-    if admission.refused == "collection_full":
-        raise Conflict("collection_full", f"collection {store.name} would hold {admission.count} images, the limit "
-                                          f"is {settings.max_collection_images}")
     if admission.refused is not None:
-        raise RuntimeError(f"unknown admission answer {admission.refused!r}")
+        reasons = {  # ADMIT's refusal codes; another code would be a bug (a KeyError: 500)
+            "too_many_collections": f"there are {settings.max_collections} collections, the limit; delete one first",
+            "collection_too_large": f"collection {store.name} stores {admission.count} bytes, the limit is "
+                                    f"{settings.max_collection_bytes}",
+            "collection_full": f"collection {store.name} would hold {admission.count} images, the limit is "
+                               f"{settings.max_collection_images}",
+        }
+        raise Conflict(admission.refused, reasons[admission.refused])
     return admission.new
 
 
@@ -120,7 +118,7 @@ def delete_image(connection: Redis, name: str, image_id: str) -> dict:
 
 def delete_collection(connection: Redis, name: str) -> dict:
     store = CollectionStore(connection, name)
-    if not store.connection.hlen(store.regions_key) and not store.pending():
+    if not store.image_count() and not store.pending():
         store.drop()  # a registered but empty collection is forgotten too
         raise NotFound("unknown_collection", f"no collection {name} (or it has no image)")
     return {"deleted": store.drop()}
@@ -173,7 +171,7 @@ def parse_flag(raw: str | None, field: str, default: bool) -> bool:
 def submit_search(connection: Redis, settings: Settings, name: str, form: Mapping[str, str]) -> Job:
     store = CollectionStore(connection, name)
     fields = parse_search(form, settings)
-    if not connection.hlen(store.regions_key):
+    if not store.image_count():
         raise NotFound("unknown_collection", f"no collection {name} (or it has no indexed image)")
     request_ = JobRequest(text=fields.text, tasks=[fields.task], top_k=fields.top_k, kind="collection_search",
                           collection=store.name, ground=fields.ground, first_stage_above=fields.first_stage_above,
