@@ -50,11 +50,15 @@ MODULES: dict[str, tuple[str, ...]] = {
     "service/collections.py": ("tests/test_collection_store.py",),
     "service/worker/cache.py": ("tests/test_feature_cache.py",),
     "service/web/collections.py": ("tests/test_collections_web.py",),
+    "service/web/routes.py": ("tests/test_web_api.py", "tests/test_web_routes.py", "tests/test_collections_web.py"),
+    "service/web/app.py": ("tests/test_web_api.py", "tests/test_web_routes.py", "tests/test_collections_web.py"),
+    "service/web/metrics.py": ("tests/test_web_api.py",),
 }
 # Copied whole into each scratch copy, so that every import resolves there rather than in the checkout
 # (the packages of pyproject.toml; tests/test_mutation_check.py keeps the two in step).
 PACKAGES = ("modelkit", "vilbert", "detector", "service", "vilbert_train")
-ALSO_COPIED = ("config", "tests", "docs", "pyproject.toml")  # docs: tests that hold a table to the code
+# docs and deploy: tests that hold a table or the proxy's headers to the code
+ALSO_COPIED = ("config", "tests", "docs", "deploy", "pyproject.toml")
 
 # mutmut's statuses that mean a test noticed the mutant.
 DETECTED = {"killed", "timeout", "segfault"}
@@ -198,7 +202,7 @@ def prepare_scratch(module: str, tests: tuple[str, ...]) -> Path:
         "[mutmut]\n"
         "source_paths =\n" + "".join(f"    {p}\n" for p in present)
         + f"only_mutate = {module}\n"
-        + "also_copy =\n    config\n    docs\n"
+        + "also_copy =\n    config\n    docs\n    deploy\n"
         + "pytest_add_cli_args_test_selection =\n" + "".join(f"    {t}\n" for t in tests),
         encoding="utf-8",
     )

@@ -12,7 +12,7 @@ from flask import Flask, Response, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from redis import Redis
 from redis.exceptions import RedisError
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, InternalServerError, RequestEntityTooLarge
 
 from vilbert.tasks import TaskRegistry
 
@@ -140,4 +140,10 @@ def install_error_handlers(app: Flask, settings: Settings) -> None:
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):
         log.exception("unhandled error")
+        return internal_error(exc)
+
+    @app.errorhandler(InternalServerError)
+    def internal_error(exc: Exception):
+        # Also what Flask hands over for an exception it caught outside the view (making the response, e.g. a
+        # non-finite number under strict JSON), having logged it: the same answer as any other bug.
         return jsonify({"error": error_body(INTERNAL_ERROR, "internal error; see the server log")}), 500
