@@ -54,6 +54,8 @@ MODULES: dict[str, tuple[str, ...]] = {
     "service/web/app.py": ("tests/test_web_api.py", "tests/test_web_routes.py", "tests/test_collections_web.py"),
     "service/web/metrics.py": ("tests/test_web_api.py",),
     "service/localstack.py": ("tests/test_localstack.py",),
+    "service/boxes.py": ("tests/test_inputs.py",),
+    "service/bundle.py": ("tests/test_bundle.py",),
 }
 # Copied whole into each scratch copy, so that every import resolves there rather than in the checkout
 # (the packages of pyproject.toml; tests/test_mutation_check.py keeps the two in step).
