@@ -60,7 +60,7 @@ def describe_mismatch(model: torch.nn.Module, state_dict: Mapping[str, torch.Ten
     return describe_key_problems((("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)))
 
 
-def build_model(config: ViLBertConfig, device: str | torch.device = "cpu") -> ViLBertForVLTasks:
+def build_model(config: ViLBertConfig, device: str | torch.device) -> ViLBertForVLTasks:
     """Allocate a model without spending time on random initialisation (its weights are about to be loaded)."""
     with torch.device("meta"):
         model = ViLBertForVLTasks(config)
@@ -86,7 +86,10 @@ def load_model(
     if TASK_EMBEDDINGS_KEY in state_dict and not config.task_specific_tokens:
         logger.info("checkpoint has task embeddings: enabling task_specific_tokens")
         config = ViLBertConfig.from_dict({**config.to_dict(), "task_specific_tokens": True})
-    if TIED_DECODER_KEY not in state_dict and WORD_EMBEDDINGS_KEY in state_dict:
+    if WORD_EMBEDDINGS_KEY in state_dict:
+        # The MLM decoder is tied to the word embeddings (one tensor). A file's own copy of the decoder is the same
+        # values in the released checkpoints; where it differs, or is absent, the word embeddings decide, rather
+        # than whichever of the two keys happened to be loaded last.
         state_dict[TIED_DECODER_KEY] = state_dict[WORD_EMBEDDINGS_KEY]
 
     if strict:
