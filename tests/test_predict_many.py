@@ -42,6 +42,7 @@ def test_batch_equals_each_request_alone_and_a_bad_request_fails_alone(predictor
         PredictRequest([image(4), image(5)], "the left image has two dogs", ["nlvr2", "retrieval_coco"]),
         PredictRequest([image(6)], "x", ["vqa", "no_such_task"]),
         PredictRequest([image(7)], "the red one", ["refcocog"], candidates=[image(8, n=4)]),
+        PredictRequest([image(9)], "which one is the cup?", ["visual7w"], candidates=[image(10, n=3)]),
     ]
     requests[2] = PredictRequest([ImageRegions(np.zeros((3, 4), np.float32), np.zeros((3, 7), np.float32), 9, 9)],
                                  "bad", ["vqa"])
@@ -49,7 +50,8 @@ def test_batch_equals_each_request_alone_and_a_bad_request_fails_alone(predictor
     assert len(outcomes) == len(requests)
     assert isinstance(outcomes[2], PredictionInputError) and outcomes[2].code == "feature_size"
     assert isinstance(outcomes[4], PredictionInputError) and outcomes[4].code == "unknown_task"
-    for index in (0, 1, 3, 5):
+    assert outcomes[4].message.startswith("unknown task 'no_such_task'; known tasks: vqa, ")
+    for index in (0, 1, 3, 5, 6):
         r = requests[index]
         alone = predictor.predict(r.images, r.text, r.tasks, top_k=r.top_k, candidates=r.candidates)
         assert_close(outcomes[index], alone)

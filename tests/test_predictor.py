@@ -10,7 +10,7 @@ import torch
 
 from vilbert import ImageRegions, Predictor, TaskRegistry
 from vilbert.answers import AnswerListError, load_answer_list
-from vilbert.predictor import PredictionInputError, box_locations, region_rows
+from vilbert.predictor import SLOW_CPU_PRECISION, PredictionInputError, PredictRequest, box_locations, region_rows
 from vilbert.tasks import UnknownTaskError
 from vilbert.tiny import write_tiny_vilbert
 
@@ -60,6 +60,17 @@ def test_registry_has_the_twelve_released_tasks():
     assert json.dumps(registry.get("vqa").describe())
 
 
+def test_the_tiny_model_sees_its_inputs(predictor):
+    """Another text or another image must change the tiny model's answers by far more than any test's tolerance,
+    or no test could tell whether a batch gave one request's text or image to another (vilbert/tiny.py)."""
+    image = random_image(17)
+    base = predictor.predict([image], "a dog sleeps", ["snli_ve"])["snli_ve"]["probabilities"]
+    other_text = predictor.predict([image], "two men play chess on a bench in the park", ["snli_ve"])["snli_ve"]
+    other_image = predictor.predict([random_image(18)], "a dog sleeps", ["snli_ve"])["snli_ve"]
+    for other in (other_text["probabilities"], other_image["probabilities"]):
+        assert max(abs(base[label] - other[label]) for label in base) > 1e-3, (base, other)
+
+
 # ---------------------------------------------------------------------------------------------- inputs
 
 
@@ -88,6 +99,45 @@ def test_region_rows_with_candidates_put_them_last_and_merge_the_global_feature(
 def test_box_locations_area():
     loc = box_locations(np.array([[0, 0, 50, 20]]), 100, 40)
     np.testing.assert_allclose(loc, [[0, 0, 0.5, 0.5, 0.25]])
+    assert loc.dtype == np.float32  # from integer (or float64) boxes too
+
+
+def test_every_region_row_has_the_reference_location():
+    image = random_image(2, n=5, width=320, height=240)
+    rows = region_rows(image)
+    expected = [[0, 0, 1, 1, 1]] + [[x1 / 320, y1 / 240, x2 / 320, y2 / 240, (x2 - x1) * (y2 - y1) / (320 * 240)]
+                                    for x1, y1, x2, y2 in image.boxes.tolist()]
+    np.testing.assert_allclose(rows.spatials, expected, rtol=1e-6)
+    np.testing.assert_array_equal(rows.boxes[1:], image.boxes)
+
+
+def test_region_rows_are_float32_whatever_the_input_precision():
+    def float64(regions: ImageRegions) -> ImageRegions:
+        return ImageRegions(regions.boxes.astype(np.float64), regions.features.astype(np.float64),
+                            regions.image_width, regions.image_height)
+
+    rows = region_rows(float64(random_image(3, n=4)), candidates=float64(candidates(4, n=2)))
+    assert rows.features.dtype == rows.spatials.dtype == rows.boxes.dtype == np.float32
+
+
+def test_candidates_take_the_last_rows_and_detected_boxes_give_way():
+    image, cand = random_image(5, n=100), candidates(6, n=4)
+    rows = region_rows(image, candidates=cand)  # 101 rows in all, as the pointing tasks' feature files
+    assert len(rows.features) == 101 and rows.num_candidates == 4
+    np.testing.assert_array_equal(rows.boxes[1:97], image.boxes[:96])
+    np.testing.assert_array_equal(rows.boxes[97:], cand.boxes)
+
+
+@pytest.mark.parametrize("features,boxes", [
+    (np.zeros(4, np.float32), np.zeros((4, 4), np.float32)),  # features of one dimension
+    (np.zeros((2, FEATURES), np.float32), np.zeros((3, 4), np.float32)),  # counts differ
+    (np.zeros((0, FEATURES), np.float32), np.zeros((0, 4), np.float32)),  # none at all
+], ids=["one-dimensional", "counts differ", "empty"])
+def test_unusable_regions_are_refused(features, boxes):
+    with pytest.raises(PredictionInputError) as caught:
+        region_rows(ImageRegions(boxes, features, 10, 10))
+    assert (caught.value.code, str(caught.value)) == (
+        "invalid_regions", "region features and boxes must be non-empty and of equal count")
 
 
 # ---------------------------------------------------------------------------------------------- decoders
@@ -139,6 +189,7 @@ def test_nlvr2_decoder_pairs_two_images(predictor):
         probs = torch.softmax(predictor.model.vil_binary_prediction(pooled.reshape(1, -1))[0], -1)
     assert result["label"] == ["false", "true"][int(probs.argmax())]
     np.testing.assert_allclose([result["probabilities"]["false"], result["probabilities"]["true"]], probs.numpy(), atol=2e-6)
+    assert result["probability"] == result["probabilities"][result["label"]]
     swapped = predictor.predict([right, left], "both images show two dogs", ["nlvr2"])["nlvr2"]
     assert swapped["probabilities"] != result["probabilities"]  # the pair is ordered: left image, right image
     with pytest.raises(PredictionInputError, match="needs 2 images"):
@@ -152,6 +203,8 @@ def test_retrieval_ranks_images_by_score(predictor):
     np.testing.assert_allclose(result["scores"], direct, atol=2e-6)
     assert result["ranking"] == sorted(range(3), key=lambda i: -direct[i])
     assert abs(sum(result["probabilities"]) - 1) < 1e-5
+    same = [random_image(7)] * 5  # equal scores keep the order they were given in
+    assert predictor.predict(same, "a man riding a horse", ["retrieval_coco"])["retrieval_coco"]["ranking"] == [0, 1, 2, 3, 4]
 
 
 def test_grounding_returns_pixel_boxes_of_top_regions(predictor):
@@ -179,12 +232,42 @@ def test_pointing_scores_the_candidates(predictor):
         predictor.predict([image], "x", ["visual7w"], candidates=[candidates(1, n=120)])
 
 
+def test_labels_follow_the_most_probable_class(predictor):
+    seen = {"nlvr2": set(), "snli_ve": set()}
+    for seed in range(20, 26):
+        pair = [random_image(seed), random_image(seed + 100)]
+        for text in ("two dogs", "the left image shows more birds than the right one"):
+            answer = predictor.predict(pair, text, ["nlvr2", "snli_ve"])
+            for name in seen:
+                probabilities = answer[name]["probabilities"]
+                assert list(probabilities) == list(predictor.tasks.get(name).labels)
+                assert answer[name]["label"] == max(probabilities, key=probabilities.get)
+                seen[name].add(answer[name]["label"])
+    # a decoder that always named the first class would fail here
+    assert seen["nlvr2"] != {"false"} and seen["snli_ve"] != {"contradiction"}, seen
+
+
+def assert_rounded(answer, key: str = "") -> None:
+    """Scores and probabilities to 6 decimals, pixel boxes to 2, as docs/API.md says."""
+    if isinstance(answer, dict):
+        for name, value in answer.items():
+            assert_rounded(value, name)
+    elif isinstance(answer, list):
+        for value in answer:
+            assert_rounded(value, key)
+    elif isinstance(answer, float):
+        assert round(answer, 2 if key == "box" else 6) == answer, (key, answer)
+
+
 def test_all_tasks_in_one_call_equal_each_task_alone(predictor):
     images = [random_image(13), random_image(14)]
     cand = [candidates(15), None]
     names = predictor.tasks.names
     together = predictor.predict(images, "is there a dog?", names, top_k=3, candidates=cand)
     assert list(together) == names
+    assert {name: answer["task_id"] for name, answer in together.items()} == {
+        task.name: task.task_id for task in predictor.tasks}
+    assert_rounded(together)
     for name in names:
         alone = predictor.predict(images, "is there a dog?", [name], top_k=3, candidates=cand)[name]
         assert json.dumps(alone, sort_keys=True) == json.dumps(together[name], sort_keys=True) or _close(alone, together[name])
@@ -201,12 +284,63 @@ def _close(a, b, tol=1e-5) -> bool:
 
 
 def test_bad_inputs_are_clear_errors(predictor):
-    with pytest.raises(PredictionInputError, match="feature"):
-        predictor.predict([ImageRegions(np.zeros((2, 4), np.float32), np.zeros((2, 10), np.float32), 10, 10)], "x", ["vqa"])
+    image = random_image(0)
+    no_boxes = ImageRegions(np.zeros((0, 4), np.float32), np.zeros((0, FEATURES), np.float32), 10, 10)
+    cases = [
+        ([image], [], {}, "no_tasks", "no task requested"),
+        ([], ["vqa"], {}, "no_images", "at least one image is required"),
+        ([ImageRegions(np.zeros((2, 4), np.float32), np.zeros((2, 10), np.float32), 10, 10)], ["vqa"], {},
+         "feature_size", "region features have 10 dimensions, the model expects 64"),
+        ([ImageRegions(np.zeros((2, 4), np.float32), np.zeros((1, 2, 10), np.float32), 10, 10)], ["vqa"], {},
+         "feature_size", "region features have 10 dimensions, the model expects 64"),
+        ([ImageRegions(np.zeros((1, 4), np.float32), np.zeros(FEATURES, np.float32), 10, 10)], ["vqa"], {},
+         "invalid_regions", "region features and boxes must be non-empty and of equal count"),
+        ([image], ["nlvr2"], {}, "image_count", "task nlvr2 needs 2 images, got 1"),
+        ([image], ["visual7w"], {}, "missing_candidates", "task visual7w needs candidate boxes"),
+        ([image], ["visual7w"], {"candidates": [no_boxes]}, "missing_candidates", "task visual7w needs candidate boxes"),
+        ([image], ["visual7w"], {"candidates": [candidates(1, n=100)]}, "too_many_candidates",
+         "task visual7w takes at most 99 candidate boxes"),
+    ]
+    for images, tasks, extra, code, message in cases:
+        with pytest.raises(PredictionInputError) as caught:
+            predictor.predict(images, "x", tasks, **extra)
+        assert (caught.value.code, str(caught.value)) == (code, message)
     with pytest.raises(UnknownTaskError):
-        predictor.predict([random_image(0)], "x", ["vqa", "foil"])
-    with pytest.raises(PredictionInputError, match="no task"):
-        predictor.predict([random_image(0)], "x", [])
+        predictor.predict([image], "x", ["vqa", "foil"])
+    for count in (1, 99):  # the bounds themselves are accepted
+        answer = predictor.predict([image], "x", ["visual7w"], candidates=[candidates(2, n=count)])["visual7w"]
+        assert len(answer["candidates"]) == count
+
+
+def test_a_forward_pads_and_masks_text_and_regions(predictor):
+    """`forward` itself pads rows of different text lengths and region counts; each row's heads equal its own
+    forward alone (the served path groups rows by region count, but forward must not rely on that)."""
+    short = predictor._plan([random_image(1, n=10)], "a dog", ["vqa"], None)[1]
+    long = predictor._plan([random_image(2, n=30)], "a dog sleeping on a sofa next to a cat", ["vqa"], None)[1]
+    together = predictor.forward(short + long)
+    for position, row in enumerate(short + long):
+        alone = predictor.forward([row])
+        for head in ("vil_prediction", "vil_logit", "vil_tri_prediction", "pooled_output"):
+            torch.testing.assert_close(getattr(together, head)[position], getattr(alone, head)[0], rtol=0, atol=1e-5)
+
+
+def test_defaults_three_answers(predictor):
+    assert len(predictor.predict([random_image(1)], "what is this?", ["vqa"])["vqa"]["answers"]) == 3
+
+
+def test_one_forward_per_region_count(predictor, monkeypatch):
+    forwards = []
+    run = predictor.forward
+
+    def counting(rows):
+        forwards.append((sorted({len(row.regions.features) for row in rows}), len(rows)))
+        return run(rows)
+
+    monkeypatch.setattr(predictor, "forward", counting)
+    predictor.predict_many([PredictRequest([random_image(1, n=10)], "a", ["vqa", "snli_ve"]),
+                            PredictRequest([random_image(2, n=20)], "b", ["vqa"]),
+                            PredictRequest([random_image(3, n=10)], "c", ["gqa"])])
+    assert sorted(forwards) == [([11], 3), ([21], 1)]  # no region padding inside a forward
 
 
 def test_bf16_stays_close_to_fp32(bundle, predictor):
@@ -227,6 +361,50 @@ def test_bf16_stays_close_to_fp32(bundle, predictor):
         Predictor.from_dir(bundle, precision="int3")
 
 
+def packed_dtypes(predictor: Predictor) -> set[torch.dtype]:
+    from vilbert.cpu_inference import PackedLinear
+
+    return {module.dtype for module in predictor.model.modules() if isinstance(module, PackedLinear)}
+
+
+def test_weights_are_packed_as_the_cpu_allows(bundle):
+    from vilbert.answers import load_bundle_answers
+    from vilbert.checkpoint import load_model
+    from vilbert.configuration import ViLBertConfig
+    from vilbert.cpu_inference import native_bf16_linear_available, onednn_linear_available
+    from vilbert.tokenization import Tokenizer
+
+    model = load_model(bundle / "multi_task_model.bin", ViLBertConfig.from_json_file(bundle / "vilbert_config.json"),
+                       device="cpu")
+    default = Predictor(model, Tokenizer(bundle / "vocab.txt"), load_bundle_answers(bundle))
+    assert (default.device, default.precision) == (torch.device("cpu"), "fp32")
+    assert default.packed_weights is onednn_linear_available()
+    assert packed_dtypes(default) == ({torch.float32} if onednn_linear_available() else set())
+    bf16 = Predictor.from_dir(bundle, precision="bf16")
+    assert bf16.packed_weights is native_bf16_linear_available()
+    assert packed_dtypes(bf16) == ({torch.bfloat16} if native_bf16_linear_available() else set())
+    for precision in ("fp32", "bf16", "fp16"):
+        unpacked = Predictor.from_dir(bundle, precision=precision, pack_cpu_weights=False)
+        assert unpacked.packed_weights is False and packed_dtypes(unpacked) == set()
+
+
+def test_a_bundle_without_config_or_vocab_uses_the_packaged_ones(tmp_path, bundle, monkeypatch):
+    import shutil
+
+    import vilbert.predictor
+    from vilbert.tokenization import PACKAGED_VOCAB
+
+    assert Predictor.from_dir(bundle).tokenizer.vocab_path == bundle / "vocab.txt"
+    bare = tmp_path / "bare"
+    shutil.copytree(bundle, bare, ignore=shutil.ignore_patterns("vilbert_config.json", "vocab.txt"))
+    # The released bundle has no config: the packaged one (full size) applies. Here the tiny one stands in for it.
+    packaged = tmp_path / "packaged.json"
+    shutil.copyfile(bundle / "vilbert_config.json", packaged)
+    monkeypatch.setattr(vilbert.predictor, "PACKAGED_CONFIG", packaged)
+    predictor = Predictor.from_dir(bare)
+    assert predictor.tokenizer.vocab_path == PACKAGED_VOCAB and predictor.feature_dim == FEATURES
+
+
 def test_slow_cpu_precisions_are_warned_about(bundle, caplog):
     from vilbert.cpu_inference import native_bf16_linear_available
 
@@ -234,7 +412,9 @@ def test_slow_cpu_precisions_are_warned_about(bundle, caplog):
         Predictor.from_dir(bundle, precision="fp32")
         assert not caplog.records
         Predictor.from_dir(bundle, precision="fp16")
-        assert "fp16 on this CPU runs slower than fp32" in caplog.text
+        assert [record.getMessage() for record in caplog.records] == [
+            "precision fp16 on this CPU runs slower than fp32 (it lacks native fp16 instructions): "
+            f"{SLOW_CPU_PRECISION['fp16']}. On CPU use PRECISION=fp32, or bf16 where the CPU has AVX512-BF16 or AMX"]
         caplog.clear()
         Predictor.from_dir(bundle, precision="bf16")
         assert ("bf16 on this CPU runs slower" in caplog.text) != native_bf16_linear_available()

@@ -58,7 +58,8 @@ def test_the_text_side_is_computed_once_and_other_texts_score_differently(predic
 
 
 def test_bad_inputs(predictor):
-    assert predictor.score_images("x", []).shape == (0,)
+    nothing = predictor.score_images("x", [])
+    assert nothing.shape == (0,) and nothing.dtype == np.float32
     with pytest.raises(PredictionInputError) as caught:
         predictor.score_images("x", [image(1)], task="vqa")
     assert (caught.value.code, caught.value.message) == (
@@ -66,9 +67,19 @@ def test_bad_inputs(predictor):
     wrong = ImageRegions(np.zeros((3, 4), np.float32), np.zeros((3, 7), np.float32), 9, 9)
     with pytest.raises(PredictionInputError) as caught:
         predictor.score_images("x", [image(1), wrong])
-    assert caught.value.code == "feature_size"
-    with pytest.raises(ValueError, match="batch_size"):
+    assert (caught.value.code, caught.value.message) == (
+        "feature_size", "region features have 7 dimensions, the model expects 64")
+    stacked = ImageRegions(np.zeros((3, 4), np.float32), np.zeros((1, 3, 7), np.float32), 9, 9)
+    with pytest.raises(PredictionInputError) as caught:
+        predictor.score_images("x", [stacked])
+    assert caught.value.message == "region features have 7 dimensions, the model expects 64"
+    flat = ImageRegions(np.zeros((1, 4), np.float32), np.zeros(FEATURES, np.float32), 9, 9)
+    with pytest.raises(PredictionInputError) as caught:
+        predictor.score_images("x", [flat])
+    assert caught.value.code == "invalid_regions"
+    with pytest.raises(ValueError) as caught:
         predictor.score_images("x", [image(1)], batch_size=0)
+    assert str(caught.value) == "batch_size must be at least 1"
 
 
 def test_the_encoder_continues_from_the_text_prefix_exactly():

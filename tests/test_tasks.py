@@ -84,6 +84,15 @@ def test_the_file_is_checked(tmp_path):
         "zero images": (entry(images=0), f"{path}: task vqa: images must be a positive count or '1+'"),
         "text images": (entry(images="2+"), f"{path}: task vqa: images must be a positive count or '1+'"),
         "float images": (entry(images=1.5), f"{path}: task vqa: images must be a positive count or '1+'"),
+        "binary without labels": (entry(kind="binary", head="vil_binary_prediction"),
+                                  f"{path}: task vqa (binary) needs 2 labels, one per class of its head, in the head's "
+                                  "order"),
+        "entailment with two labels": (entry(kind="entailment", head="vil_tri_prediction", labels=["no", "yes"]),
+                                       f"{path}: task vqa (entailment) needs 3 labels, one per class of its head, in "
+                                       "the head's order"),
+        "binary with three labels": (entry(kind="binary", head="vil_binary_prediction", labels=["a", "b", "c"]),
+                                     f"{path}: task vqa (binary) needs 2 labels, one per class of its head, in the "
+                                     "head's order"),
     }
     for case, (bad, message) in cases.items():
         with pytest.raises(ValueError) as caught:
@@ -95,3 +104,6 @@ def test_the_file_is_checked(tmp_path):
     loaded = load(tmp_path, entry(images="1+", labels=["a", "b"]), entry(name="two", images=2))
     assert loaded.get("vqa").labels == ("a", "b") and loaded.get("two").labels is None
     assert isinstance(loaded.get("vqa"), Task) and loaded.get("vqa").max_images is None
+    labelled = load(tmp_path, entry(kind="binary", head="vil_binary_prediction", labels=["no", "yes"]),
+                    entry(name="ve", kind="entailment", head="vil_tri_prediction", labels=["c", "n", "e"]))
+    assert labelled.get("vqa").labels == ("no", "yes") and labelled.get("ve").labels == ("c", "n", "e")

@@ -132,7 +132,7 @@ def test_checkpoints_load_strictly_into_the_service_and_training(work, finished)
 
 def test_stop_and_go_round_robin(work):
     """Two tasks in turn; once validation stops improving a task trains only every 4th iteration."""
-    args = classic(work, "multi", "--tasks", "13-12", "--num_train_epochs", "1", "--num_epoch", "5")
+    args = classic(work, "multi", "--tasks", "13-12", "--num_train_epochs", "1", "--num_epoch", "10")
     assert train_tasks.main(args) == 0
     folder = work / "multi" / "VisualEntailment-NLVR2_train_config-finetune_from_multi_task_model"
     rows = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
@@ -144,7 +144,7 @@ def test_stop_and_go_round_robin(work):
         elif stopped[row["task"]]:
             assert row["iteration"] % 4 == 0, row
             trained_while_stopped += 1
-    assert trained_while_stopped >= 2  # the stop did happen (random-weight scores plateau at once)
+    assert trained_while_stopped >= 2  # the stop did happen (scores on the six-item dev split plateau early)
     iterations = [r["iteration"] for r in rows if r.get("task") == "snli_ve"]
     assert iterations[:3] == [0, 1, 2]  # both tasks train every iteration before any stop
     assert [r["task"] for r in rows if r.get("iteration") == 0] == ["snli_ve", "nlvr2"]  # in the given order

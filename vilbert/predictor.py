@@ -243,7 +243,7 @@ class Predictor:
             offset = len(rows)
             rows.extend(own_rows)
             plans.append((index, selected, {name: [offset + i for i in ids] for name, ids in own_ids.items()}))
-        outputs = self._run(rows) if rows else []
+        outputs = self._run(rows)
         for index, selected, row_ids in plans:
             outcomes[index] = self._answers(selected, outputs, rows, row_ids, requests[index].top_k)
         return outcomes  # type: ignore[return-value]
@@ -275,7 +275,7 @@ class Predictor:
             prefix = self.model.bert.encode_text(input_ids, torch.zeros_like(input_ids), torch.ones_like(input_ids),
                                                  torch.tensor([[chosen.task_id]], device=self.device))
             for start in range(0, len(images), batch_size):
-                rows = [region_rows(image, DETECTED_REGIONS) for image in images[start:start + batch_size]]
+                rows = [region_rows(image) for image in images[start:start + batch_size]]
                 features, spatials, mask = self._visual_batch(rows)
                 scores.append(self.model.retrieval_logits(prefix, features, spatials, mask).float().cpu())
         return torch.cat(scores).numpy()
@@ -379,11 +379,11 @@ class Predictor:
         task_ids = torch.tensor([[row.task.task_id] for row in rows], dtype=torch.long)
         device = self.device
         with torch.inference_mode(), precision_autocast(self.device.type, self.precision):
+            # segment ids: all 0 (the model's default), as the reference demo sends them
             return self.model(
                 input_ids=input_ids.to(device),
                 features=features,
                 spatials=spatials,
-                token_type_ids=torch.zeros_like(input_ids).to(device),
                 attention_mask=attention_mask.to(device),
                 image_attention_mask=image_mask,
                 task_ids=task_ids.to(device),
@@ -405,7 +405,7 @@ class Predictor:
 
     def _decode_entailment(self, task: Task, outs: list[dict[str, torch.Tensor]], rows: list[_Row], top_k: int) -> dict:
         probs = softmax(outs[0]["vil_tri_prediction"]).tolist()
-        labels = task.labels or ("contradiction", "neutral", "entailment")
+        labels = task.labels  # the registry holds them, three for an entailment task
         best = int(np.argmax(probs))
         return dict(label=labels[best], probabilities={l: round(p, 6) for l, p in zip(labels, probs)})
 
@@ -415,7 +415,7 @@ class Predictor:
         with torch.inference_mode(), precision_autocast(self.device.type, self.precision):
             logits = self.model.pair_prediction(torch.stack([o["pooled_output"] for o in outs]))[0]
         probs = softmax(logits).tolist()
-        labels = task.labels or ("false", "true")
+        labels = task.labels  # the registry holds them, two for a binary task
         best = int(np.argmax(probs))
         return dict(label=labels[best], probability=round(probs[best], 6),
                     probabilities={l: round(p, 6) for l, p in zip(labels, probs)})

@@ -17,6 +17,8 @@ DEFAULT_REGISTRY = config_file("tasks.json")
 
 KINDS = ("answer", "score", "grounding", "pointing", "binary", "entailment")
 HEADS = ("vil_prediction", "vil_prediction_gqa", "vil_logit", "vil_binary_prediction", "vil_tri_prediction", "vision_logit")
+# Kinds whose head has fixed classes, which the task's `labels` name in the head's order: the class count.
+LABELLED_KINDS = {"binary": 2, "entailment": 3}
 # The head that reads two rows (2i, 2i+1) at once: the model computes it only when asked (forward's `pairs`).
 PAIR_HEAD = "vil_binary_prediction"
 
@@ -100,6 +102,9 @@ class TaskRegistry:
                 raise ValueError(f"{path}: task {task.name} has unknown kind {task.kind!r}")
             if task.head not in HEADS:
                 raise ValueError(f"{path}: task {task.name} reads unknown head {task.head!r}")
+            if task.kind in LABELLED_KINDS and len(task.labels or ()) != LABELLED_KINDS[task.kind]:
+                raise ValueError(f"{path}: task {task.name} ({task.kind}) needs {LABELLED_KINDS[task.kind]} labels, "
+                                 "one per class of its head, in the head's order")
             if task.images != "1+" and not (isinstance(task.images, int) and task.images >= 1):
                 raise ValueError(f"{path}: task {task.name}: images must be a positive count or '1+'")
             tasks.append(task)
