@@ -149,7 +149,7 @@ class RegionFeatureExtractor:
             image_height=height,
         )
 
-    def extract_boxes(self, image: Any, boxes: np.ndarray) -> RegionFeatures:
+    def extract_boxes(self, image: Any, boxes: np.ndarray | Sequence[Sequence[float]]) -> RegionFeatures:
         """fc6 features of caller-given boxes ([M, 4] x1 y1 x2 y2, original pixels), as the reference's
         extraction from ground-truth boxes does (no selection)."""
         boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)

@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 StageCallback = Callable[[str, str], None]
 
 
+def _no_progress(stage: str, detail: str) -> None:
+    """The StageCallback of a caller that wants no progress reports."""
+
+
 @dataclass
 class InferenceRequest:
     images: Sequence[bytes | np.ndarray]  # encoded image bytes (or RGB arrays, in-process)
@@ -73,6 +77,12 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def detector_precision(precision: str, device: str) -> str:
+    """The detector's precision for a worker's PRECISION: fp32 on CPU, where reduced-precision convolutions have
+    no fast kernels (docs/PERFORMANCE.md), the worker's precision on an accelerator."""
+    return "fp32" if device == "cpu" else precision
 
 
 class Pipeline:
@@ -107,7 +117,7 @@ class Pipeline:
         extractor = RegionFeatureExtractor.from_files(
             model_dir / DETECTOR_CONFIG, model_dir / DETECTOR_CHECKPOINT, device=device, min_size=min_size,
             max_size=max_size, num_regions=num_regions, max_pixels=max_image_pixels,
-            precision="fp32" if precision == "fp32" or device == "cpu" else precision,
+            precision=detector_precision(precision, device),
         )
         predictor = Predictor.from_dir(model_dir, device=device, precision=precision)
         log.info("loaded detector %s (%s) and ViLBERT (%s%s) from %s on %s in %.1f s", extractor.identity,
@@ -150,7 +160,7 @@ class Pipeline:
                  on_stage: StageCallback | None = None) -> list[dict | PipelineError]:
         """One outcome per request, in order: its result, or the PipelineError that stopped it. A failing request
         does not fail the others."""
-        notify = on_stage or (lambda stage, detail: None)
+        notify = on_stage or _no_progress
         work = [_Work(request) for request in requests]
         notify(DECODE, f"{sum(len(r.images) for r in requests)} image(s)")
         for item in work:
@@ -211,28 +221,26 @@ class Pipeline:
             if item.request.boxes and any(self.predictor.tasks.get(n).needs_candidates for n in item.request.tasks
                                           if n in self.predictor.tasks):
                 box_started = time.perf_counter()
-                item.candidates = self.extractor.extract_boxes(item.rgb[0], np.asarray(item.request.boxes, np.float32))
+                item.candidates = self.extractor.extract_boxes(item.rgb[0], item.request.boxes)
                 extra = time.perf_counter() - box_started
             # In a batch each request waited for the whole detector call: report that, not a share of it.
             item.timings[timing_key(DETECTOR)] = shared + extra
 
-    def _predict_all(self, items: list[_Work]) -> dict[int, dict | None]:
-        """ONE ViLBERT batch over every live request (Predictor.predict_many); answers equal per-request calls."""
+    def _predict_all(self, items: list[_Work]) -> dict[int, dict]:
+        """ONE ViLBERT batch over every live request (Predictor.predict_many); answers equal per-request calls.
+        Returns the results by id(item); an item that fails here gets its `error` instead."""
         if not items:
             return {}
         started = time.perf_counter()
-        requests = []
-        for item in items:
-            candidates = [item.candidates] + [None] * (len(item.regions) - 1) if item.candidates is not None else None
-            requests.append(PredictRequest(item.regions, item.request.text, list(item.request.tasks),
-                                           item.request.top_k, candidates))
+        # Candidate boxes lie on the first image, the one pointing tasks read.
+        requests = [PredictRequest(item.regions, item.request.text, list(item.request.tasks), item.request.top_k,
+                                   [item.candidates]) for item in items]
         outcomes = self.predictor.predict_many(requests)
         elapsed = time.perf_counter() - started  # each request waited for the whole batch
-        results: dict[int, dict | None] = {}
+        results: dict[int, dict] = {}
         for item, outcome in zip(items, outcomes):
             if isinstance(outcome, PredictionInputError):
                 item.error = PipelineError(outcome.code, outcome.message, VILBERT)
-                results[id(item)] = None
                 continue
             item.timings[timing_key(VILBERT)] = elapsed
             self._label_regions(outcome, item)
@@ -248,25 +256,25 @@ class Pipeline:
             if not strict_json(result):  # stored and served as strict JSON: NaN has no spelling there
                 item.error = PipelineError(NON_FINITE_OUTPUT, "the model produced a non-finite value (NaN or "
                                                               "infinity) for this input; no answer is given", VILBERT)
-                result = None
+                continue
             results[id(item)] = result
         return results
 
     def _label_regions(self, outcome: dict[str, dict], item: _Work) -> None:
         """Give each region of a grounding or pointing answer its detector class name (`label`): a grounding
         region's `region` indexes the rows (0: the whole image, which has no label; 1..: the detected boxes in
-        order), a pointing candidate's class is the detector's for that box. None without a category file."""
+        order), a pointing candidate's class is the detector's for that box (a pointing answer always has its
+        candidates: without them the request failed). None without a category file."""
         for name, answer in outcome.items():
             kind = self.predictor.tasks.get(name).kind
             if kind == "grounding":
                 class_ids = item.regions[0].class_ids
                 for region in answer["regions"]:
-                    index = region["region"] - 1
-                    region["label"] = self.region_label(class_ids[index]) if 0 <= index < len(class_ids) else None
+                    row = region["region"]
+                    region["label"] = self.region_label(class_ids[row - 1]) if row > 0 else None
             elif kind == "pointing":
-                class_ids = item.candidates.class_ids if item.candidates is not None else []
-                for index, candidate in enumerate(answer["candidates"]):
-                    candidate["label"] = self.region_label(class_ids[index]) if index < len(class_ids) else None
+                for candidate, class_id in zip(answer["candidates"], item.candidates.class_ids):
+                    candidate["label"] = self.region_label(class_id)
 
     def region_label(self, class_id: int) -> str | None:
         return self.names.label(int(class_id)) if self.names is not None else None
