@@ -1,0 +1,285 @@
+"""Fast tests of service/worker/rq_batch.py, the batch loop, in this process: jobs submitted as the web tier does
+(service.web.jobs.submit) to a private Redis, a real BatchWorker on the tiny bundle working them in burst mode, and
+every outcome read back through the web tier's `job_status`. What a batch takes (jobs, bytes, wait), what each job
+gets (its own result or error), the fence around every write, and the request loading the worker does. No worker
+process, so that `bench/mutation.sh` can run it per mutant; tests/test_service_scale.py and test_fencing.py hold the
+same behaviour through real processes."""
+
+from __future__ import annotations
+
+import io
+import logging
+import uuid
+
+import numpy as np
+import pytest
+from PIL import Image
+from redis import Redis
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from service.contract import ERROR_AT_LOAD, UPLOAD_EXPIRED, VILBERT, ImageInfo, JobRequest, upload_key
+from service.errors import PipelineError
+from service.features import to_npz
+from service.queue import get_queue
+from service.settings import Settings, load_settings
+from service.web.jobs import job_status, submit
+from service.worker.context import WorkerContext
+from service.worker.metrics import WorkerMetrics
+from service.worker.pipeline import InferenceRequest, Pipeline
+from service.worker.rq_batch import (BatchJob, BatchWorker, batched_only, decoded_bytes, load_request, owned_hset,
+                                     run_batch)
+
+
+def photo(seed: int, width: int = 160, height: int = 120) -> bytes:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray((rng.random((12, 16, 3)) * 255).astype(np.uint8)).resize((width, height)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def info(data: bytes, width: int = 160, height: int = 120) -> ImageInfo:
+    return ImageInfo(width, height, len(data), width * height * 3)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_bundle) -> Pipeline:
+    return Pipeline.from_dir(tiny_bundle, device="cpu", min_size=64, max_size=96)
+
+
+@pytest.fixture
+def settings(redis_url) -> Settings:
+    """A queue of its own per test."""
+    return load_settings({"REDIS_URL": redis_url, "QUEUE_NAME": f"batch-{uuid.uuid4().hex[:8]}",
+                          "BATCH_MAX_JOBS": "4", "BATCH_MAX_WAIT_MS": "0"})
+
+
+@pytest.fixture
+def connection(redis_url) -> Redis:
+    return Redis.from_url(redis_url)
+
+
+def context_for(settings: Settings, pipeline: Pipeline, connection: Redis) -> WorkerContext:
+    return WorkerContext(settings, pipeline, WorkerMetrics(), connection)
+
+
+def queue_job(connection: Redis, settings: Settings, text: str, tasks: list[str], images: list[bytes], **fields) -> Job:
+    request = JobRequest(text=text, tasks=tasks, images=[info(data) for data in images], **fields)
+    return submit(connection, settings, request, images)
+
+
+def work(settings: Settings, pipeline: Pipeline, connection: Redis) -> BatchWorker:
+    worker = BatchWorker([get_queue(connection, settings)], context_for(settings, pipeline, connection),
+                         name=f"test-{uuid.uuid4().hex[:8]}")
+    worker.work(burst=True, with_scheduler=False)
+    return worker
+
+
+def test_jobs_taken_together_each_get_their_own_result(settings, pipeline, connection):
+    a, b = photo(1), photo(2)
+    jobs = [queue_job(connection, settings, "what is this?", ["vqa"], [a]),
+            queue_job(connection, settings, "two dogs", ["nlvr2"], [a, b]),
+            queue_job(connection, settings, "bad", ["vqa"], [b"not an image"]),
+            queue_job(connection, settings, "a cat", ["gqa"], [b])]
+    work(settings, pipeline, connection)
+    statuses = [job_status(connection, settings, job.id) for job in jobs]
+    assert [s["status"] for s in statuses] == ["finished", "finished", "failed", "finished"]
+    for status in (statuses[0], statuses[1], statuses[3]):
+        assert status["result"]["batch_size"] == 4
+        assert {"queue_wait_s", "run_s"} <= set(status["result"]["timings"])
+    assert statuses[2]["error"]["code"] == "invalid_image"
+    # each result is what the pipeline answers for that request alone
+    alone = pipeline.run(InferenceRequest([a, b], "two dogs", ["nlvr2"]))
+    assert statuses[1]["result"]["tasks"] == alone["tasks"]
+    assert all(connection.exists(upload_key(job.id)) == 0 for job in jobs)  # released once the outcome is written
+
+
+@pytest.mark.parametrize("max_jobs,sizes", [(4, [4, 4, 4, 4, 2, 2]), (1, [1] * 6)])
+def test_a_batch_takes_up_to_batch_max_jobs(redis_url, pipeline, connection, max_jobs, sizes):
+    settings = load_settings({"REDIS_URL": redis_url, "QUEUE_NAME": f"batch-{uuid.uuid4().hex[:8]}",
+                              "BATCH_MAX_JOBS": str(max_jobs), "BATCH_MAX_WAIT_MS": "0"})
+    jobs = [queue_job(connection, settings, f"question {i}?", ["vqa"], [photo(i)]) for i in range(6)]
+    work(settings, pipeline, connection)
+    assert [job_status(connection, settings, job.id)["result"]["batch_size"] for job in jobs] == sizes
+
+
+def test_a_batch_stops_taking_jobs_once_their_images_reach_the_byte_limit(redis_url, pipeline, connection):
+    one = 160 * 120 * 3
+    settings = load_settings({"REDIS_URL": redis_url, "QUEUE_NAME": f"batch-{uuid.uuid4().hex[:8]}",
+                              "BATCH_MAX_JOBS": "8", "BATCH_MAX_WAIT_MS": "0",
+                              "MAX_DECODED_BYTES_PER_BATCH": str(2 * one)})
+    jobs = [queue_job(connection, settings, "a?", ["vqa"], [photo(i)]) for i in range(5)]
+    work(settings, pipeline, connection)
+    # two images reach the limit: the first batch holds two jobs, so does the second, the last one is alone
+    assert [job_status(connection, settings, job.id)["result"]["batch_size"] for job in jobs] == [2, 2, 2, 2, 1]
+
+
+def test_decoded_bytes_as_the_web_tier_priced_them(connection, settings):
+    job = queue_job(connection, settings, "x", ["nlvr2"], [photo(1), photo(2, 320, 240)])
+    job.kwargs["request"]["images"][1]["decoded_bytes"] = 320 * 240 * 3
+    assert decoded_bytes(job) == 160 * 120 * 3 + 320 * 240 * 3
+    for broken in ({}, {"images": [{"decoded_bytes": "many"}]}, {"images": None}, "text"):
+        job.kwargs["request"] = broken
+        assert decoded_bytes(job) == 0
+
+
+def test_a_job_whose_uploads_expired_fails_alone_and_says_so(settings, pipeline, connection):
+    gone = queue_job(connection, settings, "a?", ["vqa"], [photo(1)])
+    kept = queue_job(connection, settings, "b?", ["vqa"], [photo(2)])
+    connection.delete(upload_key(gone.id))
+    with pytest.raises(PipelineError) as caught:
+        load_request(connection, gone)
+    assert (caught.value.code, caught.value.stage) == (UPLOAD_EXPIRED, ERROR_AT_LOAD)
+    assert caught.value.message == "the uploaded images are gone (expired before the job started); submit again"
+    work(settings, pipeline, connection)
+    assert job_status(connection, settings, gone.id)["error"]["code"] == UPLOAD_EXPIRED
+    assert job_status(connection, settings, kept.id)["status"] == "finished"
+
+
+def test_stored_features_are_checked_again_by_the_worker(settings, pipeline, connection):
+    image = photo(3)
+    regions = pipeline.extractor.extract([np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))])[0]
+    data = to_npz(regions)
+    request = JobRequest(text="a dog", tasks=["vqa"], images=[ImageInfo(160, 120, len(data))], inputs="features")
+    job = submit(connection, settings, request, [data])
+    loaded = load_request(connection, job)
+    assert loaded.images == [] and loaded.text == "a dog" and loaded.tasks == ["vqa"]
+    np.testing.assert_array_equal(loaded.features[0].features, regions.features)
+    connection.hset(upload_key(job.id), "0", b"PK\x03\x04 damaged")
+    with pytest.raises(PipelineError) as caught:
+        load_request(connection, job)
+    assert caught.value.stage == ERROR_AT_LOAD and caught.value.message.startswith("stored features: ")
+
+
+def test_a_job_run_outside_the_batch_worker_says_where_it_belongs(settings, connection):
+    with pytest.raises(RuntimeError) as caught:
+        batched_only({"text": "x"})
+    assert str(caught.value) == ("service jobs run only in the batch worker (python worker.py), not as plain RQ "
+                                 "jobs")
+    job = queue_job(connection, settings, "a?", ["vqa"], [photo(1)])
+    plain = BatchJob.fetch(job.id, connection=connection, serializer=JSONSerializer)
+    with pytest.raises(RuntimeError, match="only in the batch worker"):
+        plain._execute()
+
+
+def test_owned_writes_need_the_job_started_by_that_worker(settings, connection):
+    job = queue_job(connection, settings, "a?", ["vqa"], [photo(1)])
+    assert not owned_hset(connection, job, "w1", "meta", "{}")  # queued: nobody's
+    with connection.pipeline() as pipe:
+        job.prepare_for_execution("w1", pipeline=pipe)
+        pipe.execute()
+    assert not owned_hset(connection, job, "w2", "meta", "{}")
+    assert owned_hset(connection, job, "w1", "meta", '{"stage": "x"}')
+    assert connection.hget(job.key, "meta") == b'{"stage": "x"}'
+
+
+def slowed(pipeline: Pipeline, monkeypatch, seconds: float, during=None) -> None:
+    """Make the batch's pipeline pass take `seconds` longer (a slow model, which tiny weights cannot be), running
+    `during()` in the middle of it."""
+    import time
+
+    run_many = pipeline.run_many
+
+    def slow_run_many(requests, on_stage=None):
+        if during is not None:
+            during()
+        time.sleep(seconds)
+        return run_many(requests, on_stage)
+
+    monkeypatch.setattr(pipeline, "run_many", slow_run_many)
+
+
+def test_a_job_whose_own_timeout_the_batch_overran_fails_alone(redis_url, pipeline, connection, monkeypatch):
+    name = f"batch-{uuid.uuid4().hex[:8]}"
+    short, long = (load_settings({"REDIS_URL": redis_url, "QUEUE_NAME": name, "JOB_TIMEOUT": timeout,
+                                  "BATCH_MAX_WAIT_MS": "0"}) for timeout in ("1", "60"))
+    hurried = queue_job(connection, short, "a?", ["vqa"], [photo(1)])  # queued before a config change
+    patient = queue_job(connection, long, "b?", ["vqa"], [photo(2)])
+    slowed(pipeline, monkeypatch, 1.2)
+    work(long, pipeline, connection)
+    assert job_status(connection, long, patient.id)["status"] == "finished"
+    failed = job_status(connection, long, hurried.id)
+    assert failed["status"] == "failed" and failed["error"]["code"] == "timeout"
+    assert failed["error"]["message"] == "the job's batch ran longer than its timeout of 1 s"
+
+
+def test_a_batch_past_every_timeout_is_stopped_and_each_job_fails_as_timeout(redis_url, pipeline, connection,
+                                                                             monkeypatch):
+    settings = load_settings({"REDIS_URL": redis_url, "QUEUE_NAME": f"batch-{uuid.uuid4().hex[:8]}",
+                              "JOB_TIMEOUT": "1", "BATCH_MAX_WAIT_MS": "0"})
+    jobs = [queue_job(connection, settings, "a?", ["vqa"], [photo(i)]) for i in range(2)]
+    slowed(pipeline, monkeypatch, 30)  # the death penalty ends it after 1 s
+    work(settings, pipeline, connection)
+    for job in jobs:
+        status = job_status(connection, settings, job.id)
+        assert (status["status"], status["error"]["code"]) == ("failed", "timeout")
+        assert connection.exists(upload_key(job.id)) == 0  # nothing left behind
+
+
+def test_a_batch_that_breaks_fails_each_of_its_jobs_with_the_cause(settings, pipeline, connection, monkeypatch,
+                                                                   caplog):
+    jobs = [queue_job(connection, settings, "a?", ["vqa"], [photo(i)]) for i in range(2)]
+
+    def broken(requests, on_stage=None):
+        raise MemoryError("out of memory in the detector")  # a fault tiny weights cannot cause
+
+    monkeypatch.setattr(pipeline, "run_many", broken)
+    with caplog.at_level(logging.ERROR, logger="service.worker.rq_batch"):
+        work(settings, pipeline, connection)
+    for job in jobs:
+        error = job_status(connection, settings, job.id)["error"]
+        assert error["code"] == "internal_error" and error["message"] == "MemoryError: out of memory in the detector"
+    assert "batch of 2 failed" in caplog.text
+
+
+def test_an_outcome_computed_after_the_reaper_failed_the_job_is_discarded(settings, pipeline, connection,
+                                                                          monkeypatch, caplog):
+    from rq.job_lifecycle import record_job_failure
+
+    job = queue_job(connection, settings, "a?", ["vqa"], [photo(1)])
+
+    def reaped():  # what service.queue.fail_if_orphaned does to a job whose worker stopped beating
+        stored = Job.fetch(job.id, connection=connection, serializer=JSONSerializer)
+        with connection.pipeline() as pipe:
+            record_job_failure(stored, "worker_lost", pipe)
+            pipe.execute()
+
+    slowed(pipeline, monkeypatch, 0, during=reaped)
+    with caplog.at_level(logging.WARNING, logger="service.worker.rq_batch"):
+        worker = work(settings, pipeline, connection)
+    assert job_status(connection, settings, job.id)["status"] == "failed"
+    assert Job.fetch(job.id, connection=connection, serializer=JSONSerializer).return_value() is None
+    assert f"job {job.id}: discarding this worker's outcome" in caplog.text
+    registry = worker.context.metrics.registry
+    assert registry.get_sample_value("vilbert_discarded_results_total") == 1
+    assert not registry.get_sample_value("vilbert_worker_jobs_total", {"status": "finished"})
+    assert connection.exists(upload_key(job.id)) == 0
+
+
+def test_collection_jobs_run_after_the_inference_jobs_of_their_batch(settings, pipeline, connection):
+    from service.collections import CollectionStore, image_id_of
+    from service.web.collections import collection_info, submit_add, submit_search
+
+    name = f"photos-{uuid.uuid4().hex[:6]}"
+    photos = [photo(20), photo(21), photo(22)]
+    inference = queue_job(connection, settings, "what is this?", ["vqa"], [photos[0]])
+    add, ids = submit_add(connection, settings, name, photos)
+    work(settings, pipeline, connection)
+    assert job_status(connection, settings, inference.id)["result"]["batch_size"] == 2
+    added = job_status(connection, settings, add.id)
+    assert added["status"] == "finished"
+    assert added["result"] == {"collection": name, "image_ids": [image_id_of(p) for p in photos], "added": 3,
+                               "images": 3}
+    assert ids == added["result"]["image_ids"] and collection_info(connection, name)["images"] == 3
+    assert CollectionStore(connection, name).pending() == {}
+
+    search = submit_search(connection, settings, name, {"text": "a dog", "top_k": "2"})
+    again, _ = submit_add(connection, settings, name, [photos[0], photo(23)])
+    connection.hset(upload_key(again.id), "1", b"not an image")  # the worker trusts no stored bytes
+    work(settings, pipeline, connection)
+    found = job_status(connection, settings, search.id)["result"]
+    assert found["collection"] == name and len(found["hits"]) == 2 and found["scored"] == 3
+    failed = job_status(connection, settings, again.id)
+    assert failed["status"] == "failed" and failed["error"]["code"] == "invalid_image"
+    assert failed["error"]["message"].startswith("image 1: ")
+    assert CollectionStore(connection, name).pending() == {}  # a failed add leaves nothing pending
