@@ -59,12 +59,15 @@ MODULES: dict[str, tuple[str, ...]] = {
     "service/bundle.py": ("tests/test_bundle.py",),
     # The full-size forward (seconds each) is held to the reference in CI; the mutants are killed by the tiny ones.
     "vilbert/checkpoint.py": ("tests/test_vilbert_checkpoint.py", "tests/test_vilbert_model.py", "-k", "not full_size"),
+    "vilbert/predictor.py": ("tests/test_predictor.py", "tests/test_predict_many.py", "tests/test_score_images.py"),
+    "service/worker/pipeline.py": ("tests/test_pipeline.py", "tests/test_region_labels.py", "tests/test_strict_json.py"),
 }
 # Copied whole into each scratch copy, so that every import resolves there rather than in the checkout
 # (the packages of pyproject.toml; tests/test_mutation_check.py keeps the two in step).
 PACKAGES = ("modelkit", "vilbert", "detector", "service", "vilbert_train")
-# docs and deploy: tests that hold a table or the proxy's headers to the code
-ALSO_COPIED = ("config", "tests", "docs", "deploy", "pyproject.toml")
+# docs and deploy: tests that hold a table or the proxy's headers to the code; models: make_tiny.py, which the
+# tiny_bundle fixture runs (not the weights folders under it, which can hold gigabytes)
+ALSO_COPIED = ("config", "tests", "docs", "deploy", "models", "pyproject.toml")
 
 # mutmut's statuses that mean a test noticed the mutant.
 DETECTED = {"killed", "timeout", "segfault"}
@@ -196,7 +199,7 @@ def prepare_scratch(module: str, tests: tuple[str, ...]) -> Path:
     scratch = SCRATCH / module.removesuffix(".py").replace("/", "_")
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "weights", "tiny", "tiny-bundle")
     for name in PACKAGES + ALSO_COPIED:
         source = ROOT / name
         if source.is_dir():
@@ -208,7 +211,7 @@ def prepare_scratch(module: str, tests: tuple[str, ...]) -> Path:
         "[mutmut]\n"
         "source_paths =\n" + "".join(f"    {p}\n" for p in present)
         + f"only_mutate = {module}\n"
-        + "also_copy =\n    config\n    docs\n    deploy\n"
+        + "also_copy =\n" + "".join(f"    {name}\n" for name in ALSO_COPIED if name not in ("tests", "pyproject.toml"))
         + "pytest_add_cli_args_test_selection =\n" + "".join(f"    {t}\n" for t in tests),
         encoding="utf-8",
     )
