@@ -118,6 +118,8 @@ def test_decoded_bytes_as_the_web_tier_priced_them(connection, settings):
     job = queue_job(connection, settings, "x", ["nlvr2"], [photo(1), photo(2, 320, 240)])
     job.kwargs["request"]["images"][1]["decoded_bytes"] = 320 * 240 * 3
     assert decoded_bytes(job) == 160 * 120 * 3 + 320 * 240 * 3
+    job.kwargs["request"]["images"][1] = {"width": 320, "height": 240}  # priced by an older web tier: unknown
+    assert decoded_bytes(job) == 160 * 120 * 3
     for broken in ({}, {"images": [{"decoded_bytes": "many"}]}, {"images": None}, "text"):
         job.kwargs["request"] = broken
         assert decoded_bytes(job) == 0
@@ -283,3 +285,14 @@ def test_collection_jobs_run_after_the_inference_jobs_of_their_batch(settings, p
     assert failed["status"] == "failed" and failed["error"]["code"] == "invalid_image"
     assert failed["error"]["message"].startswith("image 1: ")
     assert CollectionStore(connection, name).pending() == {}  # a failed add leaves nothing pending
+
+
+def test_a_job_started_when_its_batch_started(settings, pipeline, connection, monkeypatch):
+    jobs = [queue_job(connection, settings, "a?", ["vqa"], [photo(i)]) for i in range(2)]
+    slowed(pipeline, monkeypatch, 0.5)
+    work(settings, pipeline, connection)
+    for job in jobs:
+        stored = Job.fetch(job.id, connection=connection, serializer=JSONSerializer)
+        # RQ stamps started_at again as it records each outcome; the batch's start is kept, so a job's run time
+        # includes the batch it waited for
+        assert (stored.ended_at - stored.started_at).total_seconds() >= 0.5
