@@ -296,3 +296,420 @@ def test_a_job_started_when_its_batch_started(settings, pipeline, connection, mo
         # RQ stamps started_at again as it records each outcome; the batch's start is kept, so a job's run time
         # includes the batch it waited for
         assert (stored.ended_at - stored.started_at).total_seconds() >= 0.5
+
+
+# --- Redis going away under a running batch: a private server with its append-only file, stopped (SIGTERM, which
+# writes the file out) and started again on the same port and directory, as a Redis restart in production.
+
+
+class RestartingRedis:
+    """A private server that a test stops and starts again mid-batch. Its clients retry a command once at once
+    (production's clients retry for seconds, which would only make these tests slower, not different)."""
+
+    def __init__(self, workdir):
+        from service.localstack import free_port
+
+        self.workdir, self.port = workdir, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = None
+        self.start()
+
+    def start(self) -> None:
+        from service.localstack import start_redis
+
+        self.process = start_redis(self.port, self.workdir, self.workdir / "redis.log", appendonly=True)
+
+    def stop(self) -> None:
+        from service.localstack import stop
+
+        stop(self.process)
+
+    def client(self) -> Redis:
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        return Redis.from_url(self.url, retry=Retry(NoBackoff(), 1), socket_timeout=5)
+
+    def restart_after(self, event) -> "threading.Thread":
+        """Start the server again once `event` is set (in a thread, while the batch waits for it)."""
+        import threading
+
+        def start_when_told():
+            event.wait(60)
+            self.start()
+
+        thread = threading.Thread(target=start_when_told, daemon=True)
+        thread.start()
+        return thread
+
+
+@pytest.fixture
+def restarting(tmp_path):
+    server = RestartingRedis(tmp_path)
+    yield server
+    server.stop()
+
+
+def restarting_settings(server: RestartingRedis, **values: str) -> Settings:
+    return load_settings({"REDIS_URL": server.url, "QUEUE_NAME": f"batch-{uuid.uuid4().hex[:8]}",
+                          "BATCH_MAX_JOBS": "4", "BATCH_MAX_WAIT_MS": "0", **values})
+
+
+def test_a_batch_loading_its_requests_waits_for_a_restarting_redis(restarting, pipeline, monkeypatch):
+    import threading
+
+    from service.worker import rq_batch
+
+    connection = restarting.client()
+    settings = restarting_settings(restarting)
+    jobs = [queue_job(connection, settings, f"question {i}?", ["vqa"], [photo(i)]) for i in range(2)]
+    failed, calls = threading.Event(), []
+    real = rq_batch.load_request
+
+    def load_during_a_restart(conn, job):
+        calls.append(job.id)
+        if len(calls) > 1:
+            return real(conn, job)
+        restarting.stop()  # Redis goes away as the first job's request is read
+        try:
+            return real(conn, job)
+        except Exception:
+            failed.set()  # it comes back only after the read failed, while the batch waits for it
+            raise
+
+    monkeypatch.setattr(rq_batch, "load_request", load_during_a_restart)
+    thread = restarting.restart_after(failed)
+    work(settings, pipeline, connection)
+    thread.join(60)
+    assert failed.is_set() and calls == [jobs[0].id, jobs[0].id, jobs[1].id]  # read again once Redis was back
+    for job in jobs:
+        status = job_status(connection, settings, job.id)
+        assert status["status"] == "finished" and status["result"]["batch_size"] == 2
+
+
+def test_a_request_that_cannot_be_loaded_while_redis_stays_away_fails_its_job_alone(restarting, pipeline,
+                                                                                      monkeypatch, caplog):
+    from service.contract import INTERNAL_ERROR
+    from service.worker import rq_batch
+
+    connection = restarting.client()
+    settings = restarting_settings(restarting)
+    jobs = [queue_job(connection, settings, f"question {i}?", ["vqa"], [photo(i)]) for i in range(2)]
+    fetched = [Job.fetch(job.id, connection=connection, serializer=JSONSerializer) for job in jobs]
+    real = rq_batch.load_request
+    calls = []
+
+    def load(conn, job):
+        calls.append(job.id)
+        if len(calls) == 1:
+            restarting.stop()  # down for the first job's request and the wait after it
+        elif job.id == jobs[1].id and calls.count(job.id) == 1:
+            restarting.start()  # back for its partner
+        return real(conn, job)
+
+    monkeypatch.setattr(rq_batch, "load_request", load)
+    monkeypatch.setattr(rq_batch, "REDIS_WAIT_S", 0.2)
+    with caplog.at_level(logging.ERROR, logger="service.worker.rq_batch"):
+        outcomes = run_batch(pipeline, connection, fetched)
+    assert calls == [jobs[0].id, jobs[1].id]  # the wait ran out: the first request is not read again
+    lost = outcomes[jobs[0].id]
+    assert isinstance(lost, PipelineError)
+    assert (lost.code, lost.stage) == (INTERNAL_ERROR, ERROR_AT_LOAD)
+    assert lost.message.startswith("ConnectionError: ")
+    assert f"job {jobs[0].id}: cannot load its request" in caplog.text
+    # its partner is answered; a job never started (no started_at) has no queue wait to report
+    answered = outcomes[jobs[1].id]
+    assert answered["batch_size"] == 2 and answered["tasks"]
+    assert "run_s" in answered["timings"] and "queue_wait_s" not in answered["timings"]
+
+
+def test_an_add_indexing_while_redis_restarts_waits_and_indexes_the_image_again(restarting, pipeline,
+                                                                                 monkeypatch, caplog):
+    import threading
+
+    from service.collections import CollectionStore, image_id_of
+    from service.web.collections import submit_add
+    from service.worker import collections as worker_collections
+
+    connection = restarting.client()
+    settings = restarting_settings(restarting)
+    name = f"photos-{uuid.uuid4().hex[:6]}"
+    photos = [photo(30), photo(31)]
+    add, ids = submit_add(connection, settings, name, photos)
+    failed, calls = threading.Event(), []
+    real = worker_collections.index_images
+
+    def index_during_a_restart(pipe, store, images):
+        calls.append(image_id_of(images[0]))
+        if len(calls) != 2:
+            return real(pipe, store, images)
+        restarting.stop()  # Redis goes away as the second image is stored
+        try:
+            return real(pipe, store, images)
+        except Exception:
+            failed.set()
+            raise
+
+    monkeypatch.setattr(worker_collections, "index_images", index_during_a_restart)
+    thread = restarting.restart_after(failed)
+    with caplog.at_level(logging.WARNING, logger="service.worker.rq_batch"):
+        work(settings, pipeline, connection)
+    thread.join(60)
+    assert calls == [ids[0], ids[1], ids[1]]  # the second image indexed again once Redis was back
+    assert (f"job {add.id}: Redis was unavailable while indexing image 1; indexed after it came back"
+            in caplog.text)
+    status = job_status(connection, settings, add.id)
+    assert status["status"] == "finished"
+    assert status["result"] == {"collection": name, "image_ids": ids, "added": 2, "images": 2}
+    assert CollectionStore(connection, name).pending() == {}
+
+
+def test_an_add_fails_as_an_outage_when_redis_stays_away_while_indexing(restarting, pipeline, monkeypatch,
+                                                                        caplog):
+    from service.contract import ERROR_AT_BATCH, INTERNAL_ERROR
+    from service.web.collections import submit_add
+    from service.worker import collections as worker_collections
+    from service.worker import rq_batch
+
+    connection = restarting.client()
+    settings = restarting_settings(restarting)
+    add, _ = submit_add(connection, settings, f"photos-{uuid.uuid4().hex[:6]}", [photo(32)])
+    fetched = Job.fetch(add.id, connection=connection, serializer=JSONSerializer)
+    real, calls = worker_collections.index_images, []
+
+    def index_while_redis_is_down(pipe, store, images):
+        calls.append(len(images))
+        restarting.stop() if len(calls) == 1 else None
+        return real(pipe, store, images)
+
+    monkeypatch.setattr(worker_collections, "index_images", index_while_redis_is_down)
+    monkeypatch.setattr(rq_batch, "REDIS_WAIT_S", 0.2)
+    with caplog.at_level(logging.ERROR, logger="service.worker.rq_batch"):
+        outcome = run_batch(pipeline, connection, [fetched])[add.id]
+    assert calls == [1]  # the wait ran out: not indexed again, and not reported as a bad image
+    assert isinstance(outcome, PipelineError)
+    assert (outcome.code, outcome.stage) == (INTERNAL_ERROR, ERROR_AT_BATCH)
+    assert outcome.message.startswith("ConnectionError: ")
+    assert f"job {add.id}: collection job failed" in caplog.text
+
+
+def test_progress_lost_to_a_restarting_redis_is_only_logged_and_the_outcome_waits_for_it(restarting, pipeline,
+                                                                                      monkeypatch, caplog):
+    import threading
+
+    connection = restarting.client()
+    settings = restarting_settings(restarting)
+    job = queue_job(connection, settings, "what is this?", ["vqa"], [photo(5)])
+    computed = threading.Event()
+    run_many = pipeline.run_many
+
+    def run_while_redis_is_down(requests, on_stage=None):
+        restarting.stop()  # every stage's progress write fails
+        try:
+            return run_many(requests, on_stage)
+        finally:
+            computed.set()  # back only after the results are computed: their writes wait for it
+
+    monkeypatch.setattr(pipeline, "run_many", run_while_redis_is_down)
+    thread = restarting.restart_after(computed)
+    with caplog.at_level(logging.WARNING, logger="service.worker.rq_batch"):
+        work(settings, pipeline, connection)
+    thread.join(60)
+    for stage in ("decode", "detector", "vilbert"):
+        assert f"stage {stage} not recorded: redis unavailable" in caplog.text
+    assert job_status(connection, settings, job.id)["status"] == "finished"
+
+
+def test_an_add_reports_its_progress_image_by_image(settings, pipeline, connection, monkeypatch):
+    from service.web.collections import submit_add
+    from service.worker import collections as worker_collections
+
+    add, _ = submit_add(connection, settings, f"photos-{uuid.uuid4().hex[:6]}", [photo(40), photo(41), photo(42)])
+    seen = []
+    real = worker_collections.index_images
+
+    def index_and_look(pipe, store, images):
+        status = job_status(connection, settings, add.id)  # what a client polling the job sees meanwhile
+        seen.append((status["status"], status["stage"], status.get("stage_detail")))
+        return real(pipe, store, images)
+
+    monkeypatch.setattr(worker_collections, "index_images", index_and_look)
+    work(settings, pipeline, connection)
+    assert seen == [("started", "indexing", "0/3"), ("started", "indexing", "1/3"), ("started", "indexing", "2/3")]
+    meta = Job.fetch(add.id, connection=connection, serializer=JSONSerializer).meta
+    assert (meta["stage"], meta["stage_detail"]) == ("indexing", "3/3")
+
+
+def test_a_search_reports_that_it_is_searching(settings, pipeline, connection, monkeypatch):
+    from service.web.collections import submit_add, submit_search
+    from service.worker import collections as worker_collections
+
+    name = f"photos-{uuid.uuid4().hex[:6]}"
+    submit_add(connection, settings, name, [photo(43)])
+    work(settings, pipeline, connection)
+    job = submit_search(connection, settings, name, {"text": "a dog"})
+    seen = []
+    real = worker_collections.search
+
+    def search_and_look(*args, **kwargs):
+        status = job_status(connection, settings, job.id)
+        seen.append((status["status"], status["stage"], status.get("stage_detail")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(worker_collections, "search", search_and_look)
+    work(settings, pipeline, connection)
+    assert seen == [("started", "searching", None)]
+    assert job_status(connection, settings, job.id)["status"] == "finished"
+
+
+def test_progress_of_a_collection_job_lost_to_redis_is_only_logged(restarting, pipeline, monkeypatch, caplog):
+    from service.web.collections import submit_add, submit_search
+    from service.worker import rq_batch
+
+    connection = restarting.client()
+    settings = restarting_settings(restarting)
+    name = f"photos-{uuid.uuid4().hex[:6]}"
+    submit_add(connection, settings, name, [photo(44)])
+    work(settings, pipeline, connection)
+    job = submit_search(connection, settings, name, {"text": "a dog"})
+    real, calls = rq_batch.owned_hset, []
+
+    def write_during_a_restart(conn, member, worker_name, field, value):
+        calls.append(field)
+        if len(calls) > 1:
+            return real(conn, member, worker_name, field, value)
+        restarting.stop()  # the "searching" progress write fails; the search itself runs with Redis back
+        try:
+            return real(conn, member, worker_name, field, value)
+        finally:
+            restarting.start()
+
+    monkeypatch.setattr(rq_batch, "owned_hset", write_during_a_restart)
+    with caplog.at_level(logging.WARNING, logger="service.worker.rq_batch"):
+        work(settings, pipeline, connection)
+    assert calls == ["meta"]
+    assert f"job {job.id}: progress not recorded: redis unavailable (" in caplog.text
+    assert job_status(connection, settings, job.id)["status"] == "finished"
+
+
+def test_an_add_reaped_while_it_indexes_records_no_more_progress_and_no_outcome(settings, pipeline, connection,
+                                                                                 monkeypatch, caplog):
+    from rq.job_lifecycle import record_job_failure
+
+    from service.web.collections import submit_add
+    from service.worker import collections as worker_collections
+
+    add, _ = submit_add(connection, settings, f"photos-{uuid.uuid4().hex[:6]}", [photo(45), photo(46)])
+    real = worker_collections.index_images
+
+    def reaped_while_indexing(pipe, store, images):
+        stored = Job.fetch(add.id, connection=connection, serializer=JSONSerializer)
+        if stored.get_status() == "started":  # what the orphan reaper does to a worker that stopped beating
+            with connection.pipeline() as transaction:
+                record_job_failure(stored, "worker_lost", transaction)
+                transaction.execute()
+        return real(pipe, store, images)
+
+    monkeypatch.setattr(worker_collections, "index_images", reaped_while_indexing)
+    with caplog.at_level(logging.WARNING, logger="service.worker.rq_batch"):
+        worker = work(settings, pipeline, connection)
+    assert f"job {add.id}: progress not recorded, the job is no longer this worker's" in caplog.text
+    meta = Job.fetch(add.id, connection=connection, serializer=JSONSerializer).meta
+    assert meta.get("stage_detail") == "0/2"  # the last progress written while the job was ours
+    assert job_status(connection, settings, add.id)["status"] == "failed"
+    assert worker.context.metrics.registry.get_sample_value("vilbert_discarded_results_total") == 1
+
+
+@pytest.mark.parametrize("lost", ["all", "one"])
+def test_an_add_whose_uploads_expired_fails_and_leaves_nothing_pending(settings, pipeline, connection, lost):
+    from service.collections import CollectionStore
+    from service.web.collections import submit_add
+
+    name = f"photos-{uuid.uuid4().hex[:6]}"
+    add, _ = submit_add(connection, settings, name, [photo(47), photo(48)])
+    if lost == "all":
+        connection.delete(upload_key(add.id))
+    else:  # one image's upload gone, the other kept: the job cannot be done as asked either
+        connection.hdel(upload_key(add.id), "1")
+    work(settings, pipeline, connection)
+    status = job_status(connection, settings, add.id)
+    assert status["status"] == "failed"
+    assert status["error"]["code"] == UPLOAD_EXPIRED and status["error"]["stage"] == ERROR_AT_LOAD
+    assert status["error"]["message"] == ("the uploaded images are gone (expired before the job started); submit "
+                                          "again")
+    assert CollectionStore(connection, name).pending() == {}
+
+
+def test_a_request_with_one_of_its_images_gone_is_expired(settings, connection):
+    job = queue_job(connection, settings, "two dogs", ["nlvr2"], [photo(1), photo(2)])
+    assert [len(image) for image in load_request(connection, job).images] == [len(photo(1)), len(photo(2))]
+    connection.hdel(upload_key(job.id), "0")
+    with pytest.raises(PipelineError) as caught:
+        load_request(connection, job)
+    assert caught.value.code == UPLOAD_EXPIRED
+
+
+def taken(connection: Redis, settings: Settings) -> bool:
+    """The worker has taken the queue's job (RQ moves it to its intermediate list): it now waits for partners."""
+    return get_queue(connection, settings).count == 0
+
+
+def test_a_job_queued_while_the_batch_waits_for_partners_joins_it(redis_url, pipeline, connection):
+    import threading
+
+    from service.localstack import wait_until
+
+    settings = load_settings({"REDIS_URL": redis_url, "QUEUE_NAME": f"batch-{uuid.uuid4().hex[:8]}",
+                              "BATCH_MAX_JOBS": "2", "BATCH_MAX_WAIT_MS": "10000"})
+    first = queue_job(connection, settings, "a?", ["vqa"], [photo(1)])
+    later = []
+
+    def queue_once_the_worker_waits():
+        assert wait_until(lambda: taken(connection, settings), 60)
+        later.append(queue_job(connection, settings, "b?", ["vqa"], [photo(2)]))
+
+    thread = threading.Thread(target=queue_once_the_worker_waits, daemon=True)
+    thread.start()
+    worker = work(settings, pipeline, connection)
+    thread.join(60)
+    # both in one batch of two: the wait ended when the batch was full, not after 10 s
+    assert [job_status(connection, settings, job.id)["result"]["batch_size"] for job in (first, *later)] == [2, 2]
+    registry = worker.context.metrics.registry
+    assert registry.get_sample_value("vilbert_worker_batch_size_count") == 1
+    assert registry.get_sample_value("vilbert_worker_batch_size_sum") == 2
+    assert connection.llen(get_queue(connection, settings).intermediate_queue_key) == 0
+
+
+def test_a_stop_request_ends_the_wait_for_partners(redis_url, pipeline, connection):
+    import os
+    import signal
+    import threading
+    import time
+
+    from service.localstack import wait_until
+
+    settings = load_settings({"REDIS_URL": redis_url, "QUEUE_NAME": f"batch-{uuid.uuid4().hex[:8]}",
+                              "BATCH_MAX_JOBS": "4", "BATCH_MAX_WAIT_MS": "10000"})
+    job = queue_job(connection, settings, "a?", ["vqa"], [photo(1)])
+    worker = BatchWorker([get_queue(connection, settings)], context_for(settings, pipeline, connection),
+                         name=f"test-{uuid.uuid4().hex[:8]}")
+
+    def stop_once_it_waits():
+        assert wait_until(lambda: taken(connection, settings), 60)
+        os.kill(os.getpid(), signal.SIGTERM)  # as `docker stop` does; RQ's handler runs in the main thread
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    thread = threading.Thread(target=stop_once_it_waits, daemon=True)
+    thread.start()
+    began = time.monotonic()
+    try:
+        worker.work(burst=True, with_scheduler=False)
+    finally:
+        for sig, handler in handlers.items():  # RQ's handlers would outlive the worker in this process
+            signal.signal(sig, handler)
+    thread.join(60)
+    assert time.monotonic() - began < 9  # not the whole 10 s wait
+    assert worker.context.stop.is_set()  # the outer loop (service.worker.main) ends too
+    # the job taken before the stop runs: RQ would have stopped at once and left it in its intermediate queue
+    assert job_status(connection, settings, job.id)["result"]["batch_size"] == 1
+    assert connection.llen(get_queue(connection, settings).intermediate_queue_key) == 0

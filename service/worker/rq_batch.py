@@ -383,6 +383,10 @@ class BatchWorker(SimpleWorker):
         job.batch_prepared, job.batch_started_at = True, job.started_at
 
     def execute_job(self, job: Job, queue: Queue) -> None:
+        # Busy from the first job on: a warm stop (SIGTERM) while the batch waits for partners then ends the wait
+        # and the batch runs, where RQ, seeing an idle worker, would stop at once and strand the jobs already
+        # taken in its intermediate queue (failed later as "stuck").
+        self.set_state(WorkerStatus.BUSY)
         batch = self.take_partners((job, queue))
         executions = []
         for member, _ in batch:
