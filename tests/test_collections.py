@@ -124,8 +124,10 @@ def test_index_and_search_rank_by_the_retrieval_score_of_a_normal_job(redis_url,
     store.remove(result["hits"][0]["image_id"])
     again = search(pipeline, store, text, top_k=10)
     assert again["scored"] == 4 and result["hits"][0]["image_id"] not in {h["image_id"] for h in again["hits"]}
-    with pytest.raises(ValueError, match="task must be one of"):
+    with pytest.raises(BadRequest) as refused:
         search(pipeline, store, text, task="vqa")
+    assert (refused.value.code, refused.value.message) == (
+        "unknown_task", "task must be one of retrieval_coco, retrieval_flickr30k, got 'vqa'")
     assert search(pipeline, store_for(redis_url), text)["hits"] == []  # an empty collection
 
 

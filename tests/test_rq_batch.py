@@ -713,3 +713,130 @@ def test_a_stop_request_ends_the_wait_for_partners(redis_url, pipeline, connecti
     # the job taken before the stop runs: RQ would have stopped at once and left it in its intermediate queue
     assert job_status(connection, settings, job.id)["result"]["batch_size"] == 1
     assert connection.llen(get_queue(connection, settings).intermediate_queue_key) == 0
+
+
+def test_waiting_for_redis_answers_at_once_when_it_is_up_and_gives_up_at_the_limit(connection):
+    import time
+
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from service.localstack import free_port
+    from service.worker.rq_batch import wait_for_redis
+
+    began = time.monotonic()
+    assert wait_for_redis(connection, 30) is True
+    assert time.monotonic() - began < 5
+    nobody = Redis(port=free_port(), retry=Retry(NoBackoff(), 0), socket_connect_timeout=1)
+    began = time.monotonic()
+    assert wait_for_redis(nobody, 1.2) is False
+    waited = time.monotonic() - began
+    assert 1.2 <= waited < 10  # tried every half second until the limit, then gave up
+
+
+def test_an_outcome_the_reaper_fails_while_it_is_written_is_discarded(settings, pipeline, connection, monkeypatch,
+                                                                      caplog):
+    from rq.job_lifecycle import record_job_failure
+
+    job = queue_job(connection, settings, "a?", ["vqa"], [photo(1)])
+    execute = BatchJob._execute
+
+    def reaped_as_it_is_recorded(self):
+        # after the worker checked the job was still its own, before the outcome's transaction: only the fence
+        # inside the transaction can notice
+        stored = Job.fetch(self.id, connection=connection, serializer=JSONSerializer)
+        with connection.pipeline() as transaction:
+            record_job_failure(stored, "worker_lost", transaction)
+            transaction.execute()
+        return execute(self)
+
+    monkeypatch.setattr(BatchJob, "_execute", reaped_as_it_is_recorded)
+    with caplog.at_level(logging.WARNING, logger="service.worker.rq_batch"):
+        worker = work(settings, pipeline, connection)
+    assert (f"job {job.id}: discarding this worker's outcome, computed after the job was failed as orphaned "
+            "(while its outcome was being written)") in caplog.text
+    stored = Job.fetch(job.id, connection=connection, serializer=JSONSerializer)
+    assert stored.get_status() == "failed" and stored.return_value() is None
+    registry = worker.context.metrics.registry
+    assert registry.get_sample_value("vilbert_discarded_results_total") == 1
+    assert not registry.get_sample_value("vilbert_worker_jobs_total", {"status": "finished"})
+    assert connection.exists(upload_key(job.id)) == 0
+
+
+def test_a_job_without_a_timeout_lets_its_batch_run_on_and_its_partner_fails_alone(redis_url, pipeline, connection,
+                                                                                    monkeypatch):
+    name = f"batch-{uuid.uuid4().hex[:8]}"
+    settings = load_settings({"REDIS_URL": redis_url, "QUEUE_NAME": name, "JOB_TIMEOUT": "1",
+                              "BATCH_MAX_WAIT_MS": "0"})
+    unlimited = queue_job(connection, settings, "a?", ["vqa"], [photo(1)])
+    connection.hset(unlimited.key, "timeout", "-1")  # RQ's "no timeout" (an operator's job, say)
+    hurried = queue_job(connection, settings, "b?", ["vqa"], [photo(2)])
+    unset = queue_job(connection, settings, "c?", ["vqa"], [photo(3)])
+    connection.hdel(unset.key, "timeout")  # none stored: RQ's default (180 s) applies
+    slowed(pipeline, monkeypatch, 1.5)  # past the partner's timeout: the batch is not killed
+    work(settings, pipeline, connection)
+    assert job_status(connection, settings, unlimited.id)["result"]["batch_size"] == 3
+    assert job_status(connection, settings, unset.id)["result"]["batch_size"] == 3
+    failed = job_status(connection, settings, hurried.id)
+    assert failed["status"] == "failed" and failed["error"]["code"] == "timeout"
+    assert failed["error"]["message"] == "the job's batch ran longer than its timeout of 1 s"
+
+
+def indexed_collection(settings: Settings, pipeline: Pipeline, connection: Redis, *seeds: int) -> str:
+    from service.web.collections import submit_add
+
+    name = f"photos-{uuid.uuid4().hex[:6]}"
+    submit_add(connection, settings, name, [photo(seed) for seed in seeds])
+    work(settings, pipeline, connection)
+    return name
+
+
+def test_searches_the_worker_cannot_answer_fail_with_the_reason(settings, pipeline, connection, monkeypatch,
+                                                                  caplog):
+    from service.collections import CollectionStore
+    from service.contract import ERROR_AT_BATCH, INTERNAL_ERROR, SEARCHING
+    from service.web.collections import submit_search
+
+    name = indexed_collection(settings, pipeline, connection, 50, 51)
+    store = CollectionStore(connection, name)
+
+    def search_job(**changes) -> Job:
+        job = Job.fetch(submit_search(connection, settings, name, {"text": "a dog"}).id, connection=connection,
+                        serializer=JSONSerializer)
+        job.kwargs["request"].update(changes)  # a job queued by another (older, newer) web tier
+        return job
+
+    unknown_task, bad_name = search_job(tasks=["vqa"]), search_job(collection="Not A Name")
+    outcomes = run_batch(pipeline, connection, [unknown_task, bad_name])
+    refused = outcomes[unknown_task.id]
+    assert (refused.code, refused.stage) == ("unknown_task", SEARCHING)
+    assert refused.message == "task must be one of retrieval_coco, retrieval_flickr30k, got 'vqa'"
+    refused = outcomes[bad_name.id]
+    assert (refused.code, refused.stage) == ("invalid_collection", ERROR_AT_LOAD)
+    assert refused.message.startswith("a collection name is 1 to 63 characters")
+
+    # an image deleted (by a client) between the search listing the images and reading them
+    listed, gone = CollectionStore.ids, []
+
+    def listed_then_deleted(self):
+        ids = listed(self)
+        gone.append(ids[0])
+        CollectionStore(connection, name).remove(ids[0])
+        return ids
+
+    monkeypatch.setattr(CollectionStore, "ids", listed_then_deleted)
+    raced = search_job()
+    refused = run_batch(pipeline, connection, [raced])[raced.id]
+    assert (refused.code, refused.stage) == ("unknown_image", SEARCHING)
+    assert refused.message == f"no image {gone[0]} in collection {name}"
+    monkeypatch.undo()
+
+    # a damaged record is not the client's doing: an internal error that names the image
+    survivor = store.ids()[0]
+    connection.hset(store.regions_key, survivor, b"damaged")
+    damaged = search_job()
+    with caplog.at_level(logging.ERROR, logger="service.worker.rq_batch"):
+        broken = run_batch(pipeline, connection, [damaged])[damaged.id]
+    assert (broken.code, broken.stage) == (INTERNAL_ERROR, ERROR_AT_BATCH)
+    assert broken.message.startswith(f"FeatureStoreError: collection {name}, image {survivor}: ")
+    assert f"job {damaged.id}: collection job failed" in caplog.text

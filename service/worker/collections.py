@@ -81,8 +81,8 @@ def search(pipeline: Pipeline, store: CollectionStore, text: str, top_k: int = 1
     hits. Otherwise every image is scored. Images are read and scored `batch_size` at a time. With `ground`, each
     hit's `box` is the top GROUNDING_TASK region for the same text (original-image pixels), `box_score` its
     probability and `label` the detector's name for it; else all three are None."""
-    if task not in SEARCH_TASKS:
-        raise ValueError(f"task must be one of {SEARCH_TASKS}, got {task!r}")
+    if task not in SEARCH_TASKS:  # the web tier checks it too (service.web.collections.parse_search)
+        raise BadRequest("unknown_task", f"task must be one of {', '.join(SEARCH_TASKS)}, got {task[:40]!r}")
     started = time.perf_counter()
     ids = store.ids()
     first_stage: dict = {"used": False}

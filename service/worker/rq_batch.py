@@ -209,10 +209,8 @@ def run_collection_job(pipeline: Pipeline, connection: Redis, job: Job, request:
         try:
             result = search(pipeline, store, request.text, request.top_k, request.tasks[0], ground=request.ground,
                             first_stage_above=request.first_stage_above, rerank_top=request.rerank_top)
-        except ServiceError as exc:
+        except ServiceError as exc:  # an unknown task, an image deleted while the search read it
             raise PipelineError.at(SEARCHING, exc) from None
-        except ValueError as exc:
-            raise PipelineError("unknown_task", str(exc), SEARCHING) from None
         return {"collection": store.name, **result}
     try:
         uploads = load_uploads(connection, job, request)
