@@ -283,7 +283,9 @@ def test_collection_jobs_run_after_the_inference_jobs_of_their_batch(settings, p
     assert found["collection"] == name and len(found["hits"]) == 2 and found["scored"] == 3
     failed = job_status(connection, settings, again.id)
     assert failed["status"] == "failed" and failed["error"]["code"] == "invalid_image"
-    assert failed["error"]["message"].startswith("image 1: ")
+    assert failed["error"]["message"] == ("image 1: cannot decode the image: not an image in an accepted format "
+                                          "(JPEG, PNG, GIF, BMP, TIFF, WEBP, PPM, MPO)")
+    assert failed["error"]["stage"] == "indexing"
     assert CollectionStore(connection, name).pending() == {}  # a failed add leaves nothing pending
 
 
@@ -840,3 +842,27 @@ def test_searches_the_worker_cannot_answer_fail_with_the_reason(settings, pipeli
     assert (broken.code, broken.stage) == (INTERNAL_ERROR, ERROR_AT_BATCH)
     assert broken.message.startswith(f"FeatureStoreError: collection {name}, image {survivor}: ")
     assert f"job {damaged.id}: collection job failed" in caplog.text
+
+
+def test_an_add_whose_indexing_breaks_fails_with_the_image_and_the_cause(settings, pipeline, connection,
+                                                                          monkeypatch):
+    from service.collections import CollectionStore
+    from service.web.collections import submit_add
+    from service.worker import collections as worker_collections
+
+    name = f"photos-{uuid.uuid4().hex[:6]}"
+    add, ids = submit_add(connection, settings, name, [photo(52), photo(53)])
+    real = worker_collections.index_images
+
+    def second_image_breaks(pipe, store, images):
+        if store.image_count():
+            raise RuntimeError("CUDA error: an illegal memory access")  # a fault tiny weights cannot cause
+        return real(pipe, store, images)
+
+    monkeypatch.setattr(worker_collections, "index_images", second_image_breaks)
+    work(settings, pipeline, connection)
+    error = job_status(connection, settings, add.id)["error"]
+    assert error == {"code": "internal_error", "message": "image 1: CUDA error: an illegal memory access",
+                     "stage": "indexing"}
+    store = CollectionStore(connection, name)
+    assert store.ids() == [ids[0]] and store.pending() == {}  # the first image stays indexed; nothing pending

@@ -230,9 +230,7 @@ def run_collection_job(pipeline: Pipeline, connection: Redis, job: Job, request:
                     (image_id, new), = index_images(pipeline, store, [data])
             except (RedisConnectionError, RedisTimeoutError):
                 raise  # Redis stayed away: an outage, not a bad image
-            except ServiceError as exc:
-                raise PipelineError.at(INDEXING, exc, f"image {done - 1}: ") from None
-            except Exception as exc:  # an undecodable image and the like
+            except Exception as exc:  # an undecodable image (its code and message) and the like
                 code = getattr(exc, "code", None) or INTERNAL_ERROR
                 raise PipelineError(code, f"image {done - 1}: {getattr(exc, 'message', None) or exc}",
                                     INDEXING) from None
