@@ -868,3 +868,22 @@ def test_an_add_whose_indexing_breaks_fails_with_the_image_and_the_cause(setting
                      "stage": "indexing"}
     store = CollectionStore(connection, name)
     assert store.ids() == [ids[0]] and store.pending() == {}  # the first image stays indexed; nothing pending
+
+
+def test_a_malformed_job_fails_alone_and_a_job_without_a_kind_is_an_inference(settings, pipeline, connection,
+                                                                               caplog):
+    from service.contract import INTERNAL_ERROR
+
+    jobs = [Job.fetch(queue_job(connection, settings, f"q{i}?", ["vqa"], [photo(i)]).id, connection=connection,
+                      serializer=JSONSerializer) for i in range(3)]
+    jobs[0].kwargs["request"] = "what is this?"  # not a request object at all
+    del jobs[1].kwargs["request"]["text"]
+    del jobs[2].kwargs["request"]["kind"]  # queued by a web tier from before collections: an inference job
+    with caplog.at_level(logging.ERROR, logger="service.worker.rq_batch"):
+        outcomes = run_batch(pipeline, connection, jobs)
+    for job, message in ((jobs[0], "TypeError: string indices must be integers, not 'str'"),
+                         (jobs[1], "KeyError: 'text'")):
+        assert (outcomes[job.id].code, outcomes[job.id].stage) == (INTERNAL_ERROR, ERROR_AT_LOAD)
+        assert outcomes[job.id].message == message
+        assert f"job {job.id}: cannot load its request" in caplog.text
+    assert outcomes[jobs[2].id]["batch_size"] == 3 and outcomes[jobs[2].id]["tasks"]["vqa"]

@@ -156,15 +156,21 @@ def decoded_bytes(job: Job) -> int:
         return 0
 
 
-def load_request(connection: Redis, job: Job) -> InferenceRequest:
-    """The pipeline request of a job: its parameters and the images (or region features) stored with it."""
-    request = JobRequest.from_json(job.kwargs["request"])
+def load_uploads(connection: Redis, job: Job, request: JobRequest) -> list[bytes]:
+    """The images (or region features) stored with a job, in upload order."""
     stored = connection.hgetall(upload_key(job.id))
     count = len(request.images)
     if count == 0 or len(stored) != count:
         raise PipelineError(UPLOAD_EXPIRED, f"the uploaded {request.inputs} are gone (expired before the job "
                                             "started); submit again", ERROR_AT_LOAD)
-    uploads = [stored[str(i).encode()] for i in range(count)]
+    return [stored[str(i).encode()] for i in range(count)]
+
+
+def load_request(connection: Redis, job: Job) -> InferenceRequest:
+    """The pipeline request of an inference job: its parameters and the images (or region features) stored with
+    it."""
+    request = JobRequest.from_json(job.kwargs["request"])
+    uploads = load_uploads(connection, job, request)
     if request.inputs == "features":
         try:  # stored by the web tier as .npz; checked again, the worker does not trust Redis contents
             features = [parse_features(data) for data in uploads]
@@ -172,16 +178,6 @@ def load_request(connection: Redis, job: Job) -> InferenceRequest:
             raise PipelineError.at(ERROR_AT_LOAD, exc, "stored features: ") from None
         return InferenceRequest([], request.text, request.tasks, request.top_k, request.boxes, features=features)
     return InferenceRequest(uploads, request.text, request.tasks, request.top_k, request.boxes)
-
-
-def load_uploads(connection: Redis, job: Job, request: JobRequest) -> list[bytes]:
-    """The images stored with a collection add job, in upload order (as load_request reads them)."""
-    stored = connection.hgetall(upload_key(job.id))
-    count = len(request.images)
-    if count == 0 or len(stored) != count:
-        raise PipelineError(UPLOAD_EXPIRED, "the uploaded images are gone (expired before the job started); submit "
-                                            "again", ERROR_AT_LOAD)
-    return [stored[str(i).encode()] for i in range(count)]
 
 
 def set_progress(connection: Redis, job: Job, stage: str, detail: str = "") -> None:
@@ -258,12 +254,9 @@ def run_batch(pipeline: Pipeline, connection: Redis, batch: list[Job]) -> dict[s
     collection_jobs: list[tuple[Job, JobRequest]] = []
     for job in batch:
         try:
-            try:
-                kind = job.kwargs["request"].get("kind", "inference")
-            except (KeyError, AttributeError, TypeError):
-                kind = "inference"  # load_request reports what is wrong with it
-            if kind != "inference":
-                collection_jobs.append((job, JobRequest.from_json(job.kwargs["request"])))
+            parsed = JobRequest.from_json(job.kwargs["request"])
+            if parsed.kind != "inference":
+                collection_jobs.append((job, parsed))
                 continue
             try:
                 request = load_request(connection, job)
