@@ -81,9 +81,12 @@ def test_jobs_taken_together_each_get_their_own_result(settings, pipeline, conne
             queue_job(connection, settings, "two dogs", ["nlvr2"], [a, b]),
             queue_job(connection, settings, "bad", ["vqa"], [b"not an image"]),
             queue_job(connection, settings, "a cat", ["gqa"], [b])]
-    work(settings, pipeline, connection)
+    worker = work(settings, pipeline, connection)
     statuses = [job_status(connection, settings, job.id) for job in jobs]
     assert [s["status"] for s in statuses] == ["finished", "finished", "failed", "finished"]
+    registry = worker.context.metrics.registry
+    assert registry.get_sample_value("vilbert_worker_jobs_total", {"status": "finished"}) == 3
+    assert registry.get_sample_value("vilbert_worker_failures_total", {"reason": "invalid_image"}) == 1
     for status in (statuses[0], statuses[1], statuses[3]):
         assert status["result"]["batch_size"] == 4
         assert {"queue_wait_s", "run_s"} <= set(status["result"]["timings"])
@@ -769,21 +772,22 @@ def test_an_outcome_the_reaper_fails_while_it_is_written_is_discarded(settings, 
 
 def test_a_job_without_a_timeout_lets_its_batch_run_on_and_its_partner_fails_alone(redis_url, pipeline, connection,
                                                                                     monkeypatch):
-    name = f"batch-{uuid.uuid4().hex[:8]}"
-    settings = load_settings({"REDIS_URL": redis_url, "QUEUE_NAME": name, "JOB_TIMEOUT": "1",
-                              "BATCH_MAX_WAIT_MS": "0"})
-    unlimited = queue_job(connection, settings, "a?", ["vqa"], [photo(1)])
-    connection.hset(unlimited.key, "timeout", "-1")  # RQ's "no timeout" (an operator's job, say)
-    hurried = queue_job(connection, settings, "b?", ["vqa"], [photo(2)])
-    unset = queue_job(connection, settings, "c?", ["vqa"], [photo(3)])
-    connection.hdel(unset.key, "timeout")  # none stored: RQ's default (180 s) applies
-    slowed(pipeline, monkeypatch, 1.5)  # past the partner's timeout: the batch is not killed
+    settings = load_settings({"REDIS_URL": redis_url, "QUEUE_NAME": f"batch-{uuid.uuid4().hex[:8]}",
+                              "JOB_TIMEOUT": "1", "BATCH_MAX_JOBS": "2", "BATCH_MAX_WAIT_MS": "0"})
+    # two batches of two: a job with RQ's "no timeout" (-1, an operator's job, say), then one with no timeout
+    # stored (RQ's default, 180 s, applies), each with a partner whose own timeout is 1 s
+    unlimited, hurried, unset, rushed = (queue_job(connection, settings, f"{i}?", ["vqa"], [photo(i)])
+                                         for i in range(4))
+    connection.hset(unlimited.key, "timeout", "-1")
+    connection.hdel(unset.key, "timeout")
+    slowed(pipeline, monkeypatch, 1.5)  # past the partners' timeouts: neither batch is killed
     work(settings, pipeline, connection)
-    assert job_status(connection, settings, unlimited.id)["result"]["batch_size"] == 3
-    assert job_status(connection, settings, unset.id)["result"]["batch_size"] == 3
-    failed = job_status(connection, settings, hurried.id)
-    assert failed["status"] == "failed" and failed["error"]["code"] == "timeout"
-    assert failed["error"]["message"] == "the job's batch ran longer than its timeout of 1 s"
+    for job in (unlimited, unset):
+        assert job_status(connection, settings, job.id)["result"]["batch_size"] == 2
+    for job in (hurried, rushed):
+        failed = job_status(connection, settings, job.id)
+        assert failed["status"] == "failed" and failed["error"]["code"] == "timeout"
+        assert failed["error"]["message"] == "the job's batch ran longer than its timeout of 1 s"
 
 
 def indexed_collection(settings: Settings, pipeline: Pipeline, connection: Redis, *seeds: int) -> str:
