@@ -891,3 +891,17 @@ def test_a_malformed_job_fails_alone_and_a_job_without_a_kind_is_an_inference(se
         assert outcomes[job.id].message == message
         assert f"job {job.id}: cannot load its request" in caplog.text
     assert outcomes[jobs[2].id]["batch_size"] == 3 and outcomes[jobs[2].id]["tasks"]["vqa"]
+
+
+def test_an_outcome_for_a_job_another_worker_now_holds_is_discarded(settings, pipeline, connection, monkeypatch,
+                                                                     caplog):
+    job = queue_job(connection, settings, "a?", ["vqa"], [photo(1)])
+    # still `started`, but by another worker (the job changed hands while this one was cut off)
+    slowed(pipeline, monkeypatch, 0, during=lambda: connection.hset(job.key, "worker_name", "another-worker"))
+    with caplog.at_level(logging.WARNING, logger="service.worker.rq_batch"):
+        worker = work(settings, pipeline, connection)
+    assert f"job {job.id}: discarding this worker's outcome" in caplog.text
+    assert "(before its outcome was written)" in caplog.text
+    stored = Job.fetch(job.id, connection=connection, serializer=JSONSerializer)
+    assert stored.get_status() == "started" and stored.return_value() is None  # left to its holder
+    assert worker.context.metrics.registry.get_sample_value("vilbert_discarded_results_total") == 1
