@@ -82,7 +82,7 @@ class BatchJob(Job):
         self.started_at = getattr(self, "batch_started_at", None) or self.started_at
         outcome, self.outcome = self.outcome, _UNSET
         if outcome is _UNSET:  # not taken through a batch: there is no other way to run a job
-            return batched_only(self.kwargs.get("request", {}))
+            return batched_only(**self.kwargs)  # the job's own call, which says where it belongs
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome
