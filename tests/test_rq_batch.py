@@ -543,13 +543,14 @@ def test_an_add_reports_its_progress_image_by_image(settings, pipeline, connecti
     from service.web.collections import submit_add
     from service.worker import collections as worker_collections
 
-    add, _ = submit_add(connection, settings, f"photos-{uuid.uuid4().hex[:6]}", [photo(40), photo(41), photo(42)])
-    seen = []
+    add, ids = submit_add(connection, settings, f"photos-{uuid.uuid4().hex[:6]}", [photo(40), photo(41), photo(42)])
+    seen, pending = [], []
     real = worker_collections.index_images
 
     def index_and_look(pipe, store, images):
         status = job_status(connection, settings, add.id)  # what a client polling the job sees meanwhile
         seen.append((status["status"], status["stage"], status.get("stage_detail")))
+        pending.append(sorted(store.pending()))  # an image stays pending until it is indexed
         return real(pipe, store, images)
 
     monkeypatch.setattr(worker_collections, "index_images", index_and_look)
@@ -557,6 +558,7 @@ def test_an_add_reports_its_progress_image_by_image(settings, pipeline, connecti
         work(settings, pipeline, connection)
     assert logged(caplog) == []  # every progress write was the job's own
     assert seen == [("started", "indexing", "0/3"), ("started", "indexing", "1/3"), ("started", "indexing", "2/3")]
+    assert pending == [sorted(ids), sorted(ids[1:]), sorted(ids[2:])]
     meta = Job.fetch(add.id, connection=connection, serializer=JSONSerializer).meta
     assert (meta["stage"], meta["stage_detail"]) == ("indexing", "3/3")
 
@@ -893,6 +895,7 @@ def test_an_add_whose_indexing_breaks_fails_with_the_image_and_the_cause(setting
     error = job_status(connection, settings, add.id)["error"]
     assert error == {"code": "internal_error", "message": "image 1: CUDA error: an illegal memory access",
                      "stage": "indexing"}
+    assert Job.fetch(add.id, connection=connection, serializer=JSONSerializer).meta["stage"] == "failed"
     store = CollectionStore(connection, name)
     assert store.ids() == [ids[0]] and store.pending() == {}  # the first image stays indexed; nothing pending
 
@@ -928,3 +931,20 @@ def test_an_outcome_for_a_job_another_worker_now_holds_is_discarded(settings, pi
     stored = Job.fetch(job.id, connection=connection, serializer=JSONSerializer)
     assert stored.get_status() == "started" and stored.return_value() is None  # left to its holder
     assert worker.context.metrics.registry.get_sample_value("vilbert_discarded_results_total") == 1
+
+
+def test_a_search_job_runs_with_the_parameters_it_was_queued_with(redis_url, pipeline, connection):
+    from service.web.collections import submit_search
+
+    settings = load_settings({"REDIS_URL": redis_url, "QUEUE_NAME": f"batch-{uuid.uuid4().hex[:8]}",
+                              "COLLECTION_RERANK_TOP": "2"})
+    name = indexed_collection(settings, pipeline, connection, 54, 55, 56)
+    plain = submit_search(connection, settings, name, {"text": "a dog", "ground": "off", "first_stage": "on"})
+    grounded = submit_search(connection, settings, name, {"text": "a dog", "first_stage": "off", "top_k": "1"})
+    work(settings, pipeline, connection)
+    result = job_status(connection, settings, plain.id)["result"]
+    assert result["first_stage"]["used"] and result["first_stage"]["reranked"] == 2 and result["scored"] == 2
+    assert not result["grounded"] and all(hit["box"] is None for hit in result["hits"])
+    result = job_status(connection, settings, grounded.id)["result"]
+    assert result["first_stage"] == {"used": False} and result["scored"] == 3
+    assert result["grounded"] and len(result["hits"]) == 1 and result["hits"][0]["box"] is not None

@@ -101,7 +101,18 @@ end
 redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
 return 1
 """
-_fence = threading.local()  # the job whose outcome this thread is writing (set by BatchWorker around perform_job)
+
+
+class _Fence(threading.local):
+    """The job whose outcome this thread is writing (set by BatchWorker around perform_job), its worker's name,
+    and whether the fence refused a write."""
+
+    job: Job | None = None
+    worker: str = ""
+    refused: bool = False
+
+
+_fence = _Fence()
 
 
 class FencingPipeline(RedisPipeline):
@@ -111,7 +122,7 @@ class FencingPipeline(RedisPipeline):
     without a transaction, behave as redis-py's."""
 
     def _check_fence(self) -> None:
-        job, worker = getattr(_fence, "job", None), getattr(_fence, "worker", None)
+        job, worker = _fence.job, _fence.worker
         if job is None:
             return
         self.watch(job.key)  # from here until EXEC, any change to the job hash aborts the transaction
@@ -151,7 +162,7 @@ def owned_hset(connection: Redis, job: Job, worker_name: str, field: str, value:
 def decoded_bytes(job: Job) -> int:
     """The decoded size of a queued job's images, as the web tier priced them (0 when unknown)."""
     try:
-        return sum(int(image.get("decoded_bytes", 0)) for image in job.kwargs["request"].get("images", []))
+        return sum(int(image.get("decoded_bytes", 0)) for image in job.kwargs["request"]["images"])
     except (KeyError, TypeError, ValueError, AttributeError):
         return 0
 
@@ -184,7 +195,7 @@ def set_progress(connection: Redis, job: Job, stage: str, detail: str = "") -> N
     """A collection job's progress in job.meta, written only while the job is still ours (owned_hset)."""
     job.meta.update(stage=stage, stage_detail=detail)
     try:
-        if not owned_hset(connection, job, job.worker_name or "", "meta", job._serialize_meta()):
+        if not owned_hset(connection, job, job.worker_name, "meta", job._serialize_meta()):
             log.warning("job %s: progress not recorded, the job is no longer this worker's", job.id)
     except RedisError as exc:
         log.warning("job %s: progress not recorded: redis unavailable (%s)", job.id, exc)
@@ -197,7 +208,7 @@ def run_collection_job(pipeline: Pipeline, connection: Redis, job: Job, request:
     from .collections import index_images, search  # torch: only in the worker
 
     try:
-        store = CollectionStore(connection, request.collection or "")
+        store = CollectionStore(connection, request.collection)  # None too: check_name refuses it
     except BadRequest as exc:
         raise PipelineError.at(ERROR_AT_LOAD, exc) from None
     if request.kind == "collection_search":
@@ -228,8 +239,7 @@ def run_collection_job(pipeline: Pipeline, connection: Redis, job: Job, request:
                 raise  # Redis stayed away: an outage, not a bad image
             except Exception as exc:  # an undecodable image (its code and message) and the like
                 code = getattr(exc, "code", None) or INTERNAL_ERROR
-                raise PipelineError(code, f"image {done - 1}: {getattr(exc, 'message', None) or exc}",
-                                    INDEXING) from None
+                raise PipelineError(code, f"image {done - 1}: {exc}", INDEXING) from None
             image_ids.append(image_id)
             added += new
             store.clear_pending(job.id, [image_id])
@@ -277,7 +287,7 @@ def run_batch(pipeline: Pipeline, connection: Redis, batch: list[Job]) -> dict[s
             with connection.pipeline(transaction=False) as pipe:  # one round trip for the whole batch
                 for job in live:  # written only while the job is still ours (OWNED_HSET)
                     job.meta.update(stage=name, stage_detail=detail)
-                    pipe.eval(OWNED_HSET, 1, job.key, job.worker_name or "", "meta", job._serialize_meta())
+                    pipe.eval(OWNED_HSET, 1, job.key, job.worker_name, "meta", job._serialize_meta())
                 pipe.execute()
         except RedisError as exc:
             log.warning("stage %s not recorded: redis unavailable (%s)", name, exc)
@@ -323,7 +333,7 @@ def wait_for_redis(connection: Redis, limit_s: float) -> bool:
 def _record_error(job: Job, error: dict) -> None:
     job.meta["error"] = error
     job.meta.update(stage=STAGE_FAILED)
-    owned_hset(job.connection, job, job.worker_name or "", "meta", job._serialize_meta())
+    owned_hset(job.connection, job, job.worker_name, "meta", job._serialize_meta())
 
 
 class BatchWorker(SimpleWorker):
