@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import uuid
 
 import numpy as np
@@ -96,6 +97,8 @@ def test_jobs_taken_together_each_get_their_own_result(settings, pipeline, conne
         assert status["result"]["batch_size"] == 4
         assert {"queue_wait_s", "run_s"} <= set(status["result"]["timings"])
     assert statuses[2]["error"]["code"] == "invalid_image"
+    exc_string = Job.fetch(jobs[2].id, connection=connection, serializer=JSONSerializer).latest_result().exc_string
+    assert exc_string.strip().endswith(f"JobFailed: invalid_image: {statuses[2]['error']['message']}")
     # each result is what the pipeline answers for that request alone
     alone = pipeline.run(InferenceRequest([a, b], "two dogs", ["nlvr2"]))
     assert statuses[1]["result"]["tasks"] == alone["tasks"]
@@ -241,7 +244,8 @@ def test_a_batch_that_breaks_fails_each_of_its_jobs_with_the_cause(settings, pip
         work(settings, pipeline, connection)
     for job in jobs:
         error = job_status(connection, settings, job.id)["error"]
-        assert error["code"] == "internal_error" and error["message"] == "MemoryError: out of memory in the detector"
+        assert error == {"code": "internal_error", "message": "MemoryError: out of memory in the detector",
+                         "stage": "batch"}
     assert "batch of 2 failed" in logged(caplog)
 
 
@@ -813,6 +817,9 @@ def test_a_job_without_a_timeout_lets_its_batch_run_on_and_its_partner_fails_alo
         failed = job_status(connection, settings, job.id)
         assert failed["status"] == "failed" and failed["error"]["code"] == "timeout"
         assert failed["error"]["message"] == "the job's batch ran longer than its timeout of 1 s"
+        # what RQ keeps of the failure (the worker's log, `rq info`): how long the batch took
+        stored = Job.fetch(job.id, connection=connection, serializer=JSONSerializer)
+        assert re.search(r"JobTimeoutException: the batch took \d+\.\d s$", stored.latest_result().exc_string.strip())
 
 
 def indexed_collection(settings: Settings, pipeline: Pipeline, connection: Redis, *seeds: int) -> str:
@@ -922,6 +929,7 @@ def test_a_malformed_job_fails_alone_and_a_job_without_a_kind_is_an_inference(se
 def test_an_outcome_for_a_job_another_worker_now_holds_is_discarded(settings, pipeline, connection, monkeypatch,
                                                                      caplog):
     job = queue_job(connection, settings, "a?", ["vqa"], [photo(1)])
+    partner = queue_job(connection, settings, "b?", ["vqa"], [photo(2)])
     # still `started`, but by another worker (the job changed hands while this one was cut off)
     slowed(pipeline, monkeypatch, 0, during=lambda: connection.hset(job.key, "worker_name", "another-worker"))
     with caplog.at_level(logging.WARNING, logger="service.worker.rq_batch"):
@@ -930,6 +938,7 @@ def test_an_outcome_for_a_job_another_worker_now_holds_is_discarded(settings, pi
                               "orphaned (before its outcome was written)"]
     stored = Job.fetch(job.id, connection=connection, serializer=JSONSerializer)
     assert stored.get_status() == "started" and stored.return_value() is None  # left to its holder
+    assert job_status(connection, settings, partner.id)["status"] == "finished"  # its partner's is written
     assert worker.context.metrics.registry.get_sample_value("vilbert_discarded_results_total") == 1
 
 
@@ -948,3 +957,45 @@ def test_a_search_job_runs_with_the_parameters_it_was_queued_with(redis_url, pip
     result = job_status(connection, settings, grounded.id)["result"]
     assert result["first_stage"] == {"used": False} and result["scored"] == 3
     assert result["grounded"] and len(result["hits"]) == 1 and result["hits"][0]["box"] is not None
+
+
+def test_jobs_of_a_batch_report_each_stage_and_their_timings(settings, pipeline, connection, monkeypatch, caplog):
+    import time
+
+    jobs = [queue_job(connection, settings, "what is this?", ["vqa"], [photo(1)]),
+            queue_job(connection, settings, "two dogs", ["nlvr2"], [photo(2), photo(3)])]
+    run_many, seen = pipeline.run_many, []
+
+    def run_and_look(requests, on_stage=None):
+        def look(name, detail):
+            on_stage(name, detail)  # the batch loop's progress writer, then what a client polling sees
+            seen.append([(status["status"], status["stage"], status.get("stage_detail"))
+                         for status in (job_status(connection, settings, job.id) for job in jobs)])
+        return run_many(requests, look)
+
+    monkeypatch.setattr(pipeline, "run_many", run_and_look)
+    began = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger="service.worker.rq_batch"):
+        work(settings, pipeline, connection)
+    wall = time.perf_counter() - began
+    assert seen == [[("started", "decode", "3 image(s)")] * 2, [("started", "detector", "3 image(s)")] * 2,
+                    [("started", "vilbert", "2 task(s)")] * 2]
+    assert logged(caplog) == []
+    for job in jobs:
+        timings = job_status(connection, settings, job.id)["result"]["timings"]
+        stored = Job.fetch(job.id, connection=connection, serializer=JSONSerializer)
+        # the batch's run time, rounded to 4 decimals; the queue wait from the job's own times
+        assert 0 < timings["run_s"] < wall and timings["run_s"] == round(timings["run_s"], 4)
+        assert timings["run_s"] != round(timings["run_s"])
+        waited = (stored.started_at - stored.enqueued_at).total_seconds()
+        assert timings["queue_wait_s"] == round(waited, 4)
+
+
+def test_a_batch_waits_batch_max_wait_ms_for_partners_that_do_not_come(redis_url, pipeline, connection):
+    settings = load_settings({"REDIS_URL": redis_url, "QUEUE_NAME": f"batch-{uuid.uuid4().hex[:8]}",
+                              "BATCH_MAX_JOBS": "4", "BATCH_MAX_WAIT_MS": "1500"})
+    job = queue_job(connection, settings, "a?", ["vqa"], [photo(1)])
+    work(settings, pipeline, connection)
+    assert job_status(connection, settings, job.id)["result"]["batch_size"] == 1
+    stored = Job.fetch(job.id, connection=connection, serializer=JSONSerializer)
+    assert (stored.started_at - stored.enqueued_at).total_seconds() >= 1.5  # the batch started after the wait

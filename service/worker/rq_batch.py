@@ -282,7 +282,7 @@ def run_batch(pipeline: Pipeline, connection: Redis, batch: list[Job]) -> dict[s
             log.exception("job %s: cannot load its request", job.id)
             outcomes[job.id] = PipelineError(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", ERROR_AT_LOAD)
 
-    def stage(name: str, detail: str = "") -> None:
+    def stage(name: str, detail: str) -> None:
         try:  # progress is best effort: a Redis blip must not fail the batch
             with connection.pipeline(transaction=False) as pipe:  # one round trip for the whole batch
                 for job in live:  # written only while the job is still ours (OWNED_HSET)
@@ -355,8 +355,6 @@ class BatchWorker(SimpleWorker):
         a batch holds at most that plus one request's images: docs/OPERATIONS.md)."""
         settings = self.context.settings
         batch = [first]
-        if settings.batch_max_jobs <= 1:
-            return batch
         held = decoded_bytes(first[0])
         deadline = time.monotonic() + settings.batch_max_wait_ms / 1000.0
         while (len(batch) < settings.batch_max_jobs and held < settings.max_decoded_bytes_per_batch
