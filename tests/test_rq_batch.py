@@ -229,6 +229,9 @@ def test_a_batch_past_every_timeout_is_stopped_and_each_job_fails_as_timeout(red
     for job in jobs:
         status = job_status(connection, settings, job.id)
         assert (status["status"], status["error"]["code"]) == ("failed", "timeout")
+        # stopped by RQ's death penalty at the longest timeout, not found overdue after 30 s
+        exc_string = Job.fetch(job.id, connection=connection, serializer=JSONSerializer).latest_result().exc_string
+        assert exc_string.strip().endswith("JobTimeoutException: Task exceeded maximum timeout value (1 seconds)")
         assert connection.exists(upload_key(job.id)) == 0  # nothing left behind
 
 
@@ -787,8 +790,12 @@ def test_an_outcome_the_reaper_fails_while_it_is_written_is_discarded(settings, 
         return execute(self)
 
     monkeypatch.setattr(BatchJob, "_execute", reaped_as_it_is_recorded)
-    with caplog.at_level(logging.WARNING, logger="service.worker.rq_batch"):
+    with caplog.at_level(logging.WARNING):
         worker = work(settings, pipeline, connection)
+    # RQ's log of the refused write (the traceback's last line), naming the worker and what the job became
+    refusal = (f"service.worker.rq_batch.JobNotOwned: job {job.id} is no longer started by {worker.name} (status "
+               "b'failed'); its outcome is discarded")
+    assert worker.name.startswith("test-") and refusal in caplog.text.splitlines()
     assert (f"job {job.id}: discarding this worker's outcome, computed after the job was failed as orphaned "
             "(while its outcome was being written)") in logged(caplog)
     stored = Job.fetch(job.id, connection=connection, serializer=JSONSerializer)
