@@ -61,6 +61,7 @@ MODULES: dict[str, tuple[str, ...]] = {
     "vilbert/checkpoint.py": ("tests/test_vilbert_checkpoint.py", "tests/test_vilbert_model.py", "-k", "not full_size"),
     "vilbert/predictor.py": ("tests/test_predictor.py", "tests/test_predict_many.py", "tests/test_score_images.py"),
     "service/worker/pipeline.py": ("tests/test_pipeline.py", "tests/test_region_labels.py", "tests/test_strict_json.py"),
+    "service/worker/rq_batch.py": ("tests/test_rq_batch.py",),
 }
 # Copied whole into each scratch copy, so that every import resolves there rather than in the checkout
 # (the packages of pyproject.toml; tests/test_mutation_check.py keeps the two in step).

@@ -224,7 +224,7 @@ def test_a_batch_past_every_timeout_is_stopped_and_each_job_fails_as_timeout(red
     settings = load_settings({"REDIS_URL": redis_url, "QUEUE_NAME": f"batch-{uuid.uuid4().hex[:8]}",
                               "JOB_TIMEOUT": "1", "BATCH_MAX_WAIT_MS": "0"})
     jobs = [queue_job(connection, settings, "a?", ["vqa"], [photo(i)]) for i in range(2)]
-    slowed(pipeline, monkeypatch, 30)  # the death penalty ends it after 1 s
+    slowed(pipeline, monkeypatch, 6)  # the death penalty ends it after 1 s
     work(settings, pipeline, connection)
     for job in jobs:
         status = job_status(connection, settings, job.id)
