@@ -62,6 +62,8 @@ MODULES: dict[str, tuple[str, ...]] = {
     "vilbert/predictor.py": ("tests/test_predictor.py", "tests/test_predict_many.py", "tests/test_score_images.py"),
     "service/worker/pipeline.py": ("tests/test_pipeline.py", "tests/test_region_labels.py", "tests/test_strict_json.py"),
     "service/worker/rq_batch.py": ("tests/test_rq_batch.py",),
+    "vilbert_train/pickles.py": ("tests/test_pickles.py",),
+    "vilbert_train/safe_pickle.py": ("tests/test_fetch_safe_pickle.py",),
 }
 # Copied whole into each scratch copy, so that every import resolves there rather than in the checkout
 # (the packages of pyproject.toml; tests/test_mutation_check.py keeps the two in step).

@@ -1,10 +1,7 @@
 """Training data: every official annotation format parses, feature LMDBs (released pickled records and our
-FeatureStore) read back, the restricted unpickler refuses code, and missing files are named exactly."""
+FeatureStore) read back, and missing files are named exactly (the restricted unpickler: tests/test_pickles.py)."""
 
 from __future__ import annotations
-
-import os
-import pickle
 
 import numpy as np
 import pytest
@@ -16,7 +13,6 @@ from vilbert_train import synthetic
 from vilbert_train.annotations import MissingDataError, guesswhat_dialog
 from vilbert_train.datasets import TaskDataset, iou
 from vilbert_train.features import ReleasedFeatureReader, StoreFeatureReader, open_features
-from vilbert_train.pickles import UnsafePickleError, loads
 from vilbert_train.specs import SPECS, resolve_tasks
 
 DIM = 16
@@ -46,35 +42,6 @@ def tokenizer():
 
 def dataset(root, tokenizer, task_id, split, **kw):
     return TaskDataset(SPECS[task_id], split, root, tokenizer, **kw)
-
-
-# ------------------------------------------------------------------------------------------ restricted unpickler
-
-
-@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
-def test_released_record_round_trips_through_restricted_unpickler(protocol):
-    record = {"image_id": b"42", "image_h": np.int64(480), "image_w": 640, "num_boxes": np.int32(2),
-              "boxes": np.arange(8, dtype=np.float32).reshape(2, 4), "features": np.ones((2, 3), np.float32)}
-    loaded = loads(pickle.dumps(record, protocol=protocol))
-    assert loaded["image_h"] == 480 and loaded["image_id"] == b"42"
-    np.testing.assert_array_equal(loaded["boxes"], record["boxes"])
-    assert loaded["features"].dtype == np.float32
-
-
-class Exploit:
-    def __reduce__(self):
-        return (os.system, ("echo pwned",))
-
-
-@pytest.mark.parametrize("payload", [Exploit(), np.array([1, "x"], dtype=object), {"a": Exploit}])
-def test_restricted_unpickler_refuses_code_and_objects(payload):
-    with pytest.raises(UnsafePickleError, match="refusing"):
-        loads(pickle.dumps(payload))
-
-
-def test_restricted_unpickler_rejects_garbage():
-    with pytest.raises(UnsafePickleError, match="not a valid pickle"):
-        loads(b"\x80\x04garbage")
 
 
 # -------------------------------------------------------------------------------------------- feature readers
