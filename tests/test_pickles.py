@@ -87,7 +87,8 @@ def test_python2_pickles_spell_bytes_as_text():
     as text: _reconstruct(ndarray, (0,), 'b') and scalar(dtype, '<bytes>')."""
     raw = np.array([1.5, -2.0], "<f8").tobytes()
     array = (b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87R"
-             b"(K\x01K\x02\x85cnumpy\ndtype\nU\x02f8\x89\x88\x87R(K\x03U\x01<NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+             b"(K\x01K\x02\x85cnumpy\ndtype\nU\x02f8\x89\x88\x87R"
+             b"(K\x03U\x01<NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
              b"\x89U\x10" + raw + b"tb.")
     np.testing.assert_array_equal(loads(array), [1.5, -2.0])
     scalar = (b"\x80\x02cnumpy.core.multiarray\nscalar\ncnumpy\ndtype\nU\x02f4\x89\x88\x87R"
@@ -158,7 +159,8 @@ STATE = (3, "<", None, None, None, -1, -1, 0)
     (array_call((1, (1,), dtype_call("f8", STATE), False, [1.0])), "refusing a numpy array whose data is a list"),
     (array_call((1, (1,), "f8", False, b"\0" * 8)), "refusing numpy dtype 'f8' (only plain numbers, bytes and text)"),
     # numpy.ndarray may only be _reconstruct's argument: called, it would wrap any buffer with any strides
-    (Call(np.ndarray, ((2,), dtype_call("f8", STATE))), "not a valid pickle (TypeError: '_Token' object is not callable)"),
+    (Call(np.ndarray, ((2,), dtype_call("f8", STATE))),
+     "not a valid pickle (TypeError: '_Token' object is not callable)"),
     # scalars and protocol-5 buffers
     (Call(SCALAR, (dtype_call("f8", STATE), b"\0" * 4)), "refusing a numpy float64 scalar that is not 8 bytes"),
     (Call(SCALAR, (dtype_call("f8", STATE), 1.0)), "refusing a numpy float64 scalar that is not 8 bytes"),
@@ -170,6 +172,8 @@ STATE = (3, "<", None, None, None, -1, -1, 0)
     (Call(codecs.encode, ("abc", "rot13")),
      "refusing _codecs.encode(str, 'rot13') (pickle spells bytes as encode(str, 'latin1'))"),
     (Call(codecs.encode, (b"abc", "latin1")), "refusing _codecs.encode(bytes, 'latin1')"),
+    # bytes() is empty bytes; bytes(n) would allocate n
+    (Call(bytes, (1 << 40,)), "refusing bytes(1099511627776,) (pickle writes bytes() for empty bytes only)"),
 ])
 def test_what_numpy_would_build_unchecked_is_refused(payload, message):
     with pytest.raises(UnsafePickleError) as refused:
@@ -191,7 +195,8 @@ def test_a_dtype_changed_after_an_array_was_built_is_refused():
 
 def test_an_array_keeps_its_own_copy_of_the_dtype():
     """Even a dtype change numpy allows (the byte order) made after the array was built leaves the array as it was."""
-    dtype = b"cnumpy\ndtype\n(X\x02\x00\x00\x00i2\x89\x88tRq\x00(K\x03X\x01\x00\x00\x00<NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb0"
+    dtype = (b"cnumpy\ndtype\n(X\x02\x00\x00\x00i2\x89\x88tRq\x00"
+             b"(K\x03X\x01\x00\x00\x00<NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb0")
     array = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85C\x01b\x87R"
              b"(K\x01K\x01\x85h\x00\x89C\x02\x01\x00tb")
     swap = b"h\x00(K\x03X\x01\x00\x00\x00>NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb0."
@@ -221,6 +226,22 @@ def test_persistent_ids_and_broken_streams_are_refused():
         loads(b"\x80\x04garbage", "label")
     with pytest.raises(UnsafePickleError, match=r"^<bytes>: not a valid pickle \(EOFError"):
         loads(pickle.dumps(record())[:-40])
+
+
+def test_refusals_quote_what_the_pickle_gave_briefly():
+    """A crafted file could pass gigabytes where a type code or a codec name goes; the message stays one line."""
+    huge = "x" * 1_000_000
+    for payload, start in [(Call(codecs.encode, ("abc", huge)), "<bytes>: refusing _codecs.encode(str, 'xxxxxxxxxxx"),
+                           (dtype_call("f8", (3, huge)), "<bytes>: refusing numpy dtype state (3, 'xxxxxxxxx"),
+                           (Call(RECONSTRUCT, (np.ndarray, (huge,), b"b")), "<bytes>: refusing _reconstruct(numpy."),
+                           (Call(bytes, (huge,)), "<bytes>: refusing bytes('xxxxx")]:
+        with pytest.raises(UnsafePickleError) as refused:
+            loads(pickle.dumps(payload, protocol=2))
+        assert str(refused.value).startswith(start) and len(str(refused.value)) < 300
+    with pytest.raises(UnsafePickleError) as broken:
+        loads(pickle.dumps(Call(FROMBUFFER, (b"\0" * 8, dtype_call("f8", STATE), (1234567,) * 40, "C")), protocol=2))
+    assert str(broken.value).startswith("<bytes>: not a valid pickle (ValueError: ")
+    assert len(str(broken.value)) == len("<bytes>: not a valid pickle ()") + pickles.MAX_REASON
 
 
 # ------------------------------------------------------------------------------------------------------ files

@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import reprlib
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,14 @@ MAX_FILE_BYTES = 4 << 30
 # numpy's kinds of booleans, signed and unsigned integers, floats, complex numbers, bytes and text
 PLAIN_KINDS = "biufcSU"
 BYTE_ORDERS = ("<", ">", "|", "=")
+
+
+# Refusals quote what the pickle gave, shortened: a crafted file could pass a string of gigabytes.
+_brief = reprlib.Repr()
+_brief.maxstring = _brief.maxother = 60
+_brief.maxtuple = 8
+brief = _brief.repr
+MAX_REASON = 200  # characters of a parser's own error message quoted
 
 
 class UnsafePickleError(ValueError):
@@ -68,7 +77,7 @@ def plain_dtype(dtype: Any) -> np.dtype:
     Arrays and scalars are built with this copy rather than the pickle's own dtype object, which a later BUILD
     in the same pickle could change."""
     if not isinstance(dtype, np.dtype) or dtype.kind not in PLAIN_KINDS:
-        raise UnsafePickleError(f"refusing numpy dtype {dtype!r} (only plain numbers, bytes and text)")
+        raise UnsafePickleError(f"refusing numpy dtype {brief(dtype)} (only plain numbers, bytes and text)")
     return np.dtype(dtype.str)
 
 
@@ -85,7 +94,7 @@ def _dtype(spec: Any, *_align_copy: Any) -> np.dtype:
 def _reconstruct(subtype: Any, shape: Any, code: Any) -> np.ndarray:
     """The empty array that numpy's pickles create first and fill with BUILD."""
     if subtype is not NDARRAY or shape != (0,) or code not in (b"b", "b"):
-        raise UnsafePickleError(f"refusing _reconstruct{(subtype, shape, code)!r} (numpy writes "
+        raise UnsafePickleError(f"refusing _reconstruct{brief((subtype, shape, code))} (numpy writes "
                                 "_reconstruct(numpy.ndarray, (0,), b'b'))")
     return np.empty(0, np.int8)
 
@@ -102,13 +111,13 @@ def _scalar(dtype: Any, data: Any) -> Any:
 def _frombuffer(buffer: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
     """Protocol 5 spells arrays as numpy._core.numeric._frombuffer(buffer, dtype, shape, order)."""
     if order not in ("C", "F"):
-        raise UnsafePickleError(f"refusing _frombuffer in order {order!r} (numpy writes 'C' or 'F')")
+        raise UnsafePickleError(f"refusing _frombuffer in order {brief(order)} (numpy writes 'C' or 'F')")
     return np.frombuffer(buffer, plain_dtype(dtype)).reshape(shape, order=order).copy(order="K")
 
 
 def _latin1_encode(text: Any, encoding: Any) -> bytes:
     if encoding != "latin1" or not isinstance(text, str):
-        raise UnsafePickleError(f"refusing _codecs.encode({type(text).__name__}, {encoding!r}) (pickle spells "
+        raise UnsafePickleError(f"refusing _codecs.encode({type(text).__name__}, {brief(encoding)}) (pickle spells "
                                 "bytes as encode(str, 'latin1'))")
     return text.encode("latin-1")
 
@@ -116,7 +125,7 @@ def _latin1_encode(text: Any, encoding: Any) -> bytes:
 def _empty_bytes(*args: Any) -> bytes:
     """Protocols 0 to 2 spell empty bytes (an empty array's data) as bytes(); with an argument it would allocate."""
     if args:
-        raise UnsafePickleError(f"refusing bytes{args!r} (pickle writes bytes() for empty bytes only)")
+        raise UnsafePickleError(f"refusing bytes{brief(args)} (pickle writes bytes() for empty bytes only)")
     return b""
 
 
@@ -147,7 +156,8 @@ def _dtype_state(dtype: np.dtype, state: Any) -> Any:
     """A dtype's state may differ from the one it has only in its byte order."""
     own = dtype.__reduce__()[2]  # (3, byte order, subarray, names, fields, item size, alignment, flags)
     if state[:1] + state[2:] != own[:1] + own[2:] or state[1] not in BYTE_ORDERS:
-        raise UnsafePickleError(f"refusing numpy dtype state {state!r} for {dtype} (only its byte order may change)")
+        raise UnsafePickleError(f"refusing numpy dtype state {brief(state)} for {dtype} (only its byte order may "
+                                "change)")
     return state
 
 
@@ -186,7 +196,8 @@ def loads(data: bytes, label: str = "<bytes>") -> Any:
     except UnsafePickleError as exc:
         raise UnsafePickleError(f"{label}: {exc}") from None
     except Exception as exc:  # UnpicklingError, EOFError, ValueError, TypeError from a malformed stream
-        raise UnsafePickleError(f"{label}: not a valid pickle ({type(exc).__name__}: {exc})") from None
+        reason = f"{type(exc).__name__}: {exc}"
+        raise UnsafePickleError(f"{label}: not a valid pickle ({reason[:MAX_REASON]})") from None
 
 
 def load_file(path: str | os.PathLike) -> Any:
