@@ -58,17 +58,15 @@ class UnsafePickleError(ValueError):
     """The pickle names something other than the numpy data types it may contain, or is malformed."""
 
 
-class _Token:
-    """A global the pickle may pass as an argument but not call or change (numpy.ndarray in _reconstruct)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
+class _NdarrayToken:
+    """numpy.ndarray as the pickle may name it: _reconstruct's first argument, never called (called, numpy.ndarray
+    would wrap any buffer with any dtype and strides) and never changed."""
 
     def __repr__(self) -> str:
-        return self.name
+        return "numpy.ndarray"
 
 
-NDARRAY = _Token("numpy.ndarray")
+NDARRAY = _NdarrayToken()
 
 
 def plain_dtype(dtype: Any) -> np.dtype:
@@ -105,7 +103,7 @@ def _scalar(dtype: Any, data: Any) -> Any:
         data = data.encode("latin-1")
     if not isinstance(data, bytes) or len(data) != dtype.itemsize:
         raise UnsafePickleError(f"refusing a numpy {dtype} scalar that is not {dtype.itemsize} bytes")
-    return np.frombuffer(data, dtype, count=1)[0]
+    return np.frombuffer(data, dtype)[0]
 
 
 def _frombuffer(buffer: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:

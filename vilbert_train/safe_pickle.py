@@ -47,11 +47,11 @@ def _read_bytes(source: Union[str, os.PathLike, bytes, bytearray, memoryview]) -
         label = str(path)
         try:
             size = path.stat().st_size
+            if size > MAX_PICKLE_BYTES:
+                raise Label2AnsError(f"{label} is {size} bytes; an answer list is at most {MAX_PICKLE_BYTES}")
+            data = path.read_bytes()
         except OSError as exc:
             raise Label2AnsError(f"cannot read {label}: {exc.strerror or exc}") from None
-        if size > MAX_PICKLE_BYTES:
-            raise Label2AnsError(f"{label} is {size} bytes; an answer list is at most {MAX_PICKLE_BYTES}")
-        data = path.read_bytes()
     if len(data) > MAX_PICKLE_BYTES:
         raise Label2AnsError(f"{label} is {len(data)} bytes; an answer list is at most {MAX_PICKLE_BYTES}")
     if not data:
@@ -71,8 +71,6 @@ def load_label2ans(source: Union[str, os.PathLike, bytes, bytearray, memoryview]
         obj = _NoGlobalsUnpickler(io.BytesIO(data), encoding="utf-8").load()
     except Label2AnsError as exc:
         raise Label2AnsError(f"{label}: {exc}") from None
-    except RecursionError:
-        raise Label2AnsError(f"{label}: pickle nests too deeply") from None
     except Exception as exc:  # UnpicklingError, EOFError, ValueError, ... from a malformed stream
         raise Label2AnsError(f"{label}: not a valid pickle ({type(exc).__name__}: {exc})") from None
 
