@@ -40,7 +40,8 @@ def encode_record(image_id: str, regions: RegionFeatures) -> bytes:
     arrays, chunks, offset = {}, [], 0
     for name, dtype in ARRAYS.items():
         data = np.ascontiguousarray(getattr(regions, name), dtype=dtype).tobytes()
-        arrays[name] = {"dtype": dtype, "shape": list(np.shape(getattr(regions, name))), "offset": offset, "nbytes": len(data)}
+        arrays[name] = {"dtype": dtype, "shape": list(np.shape(getattr(regions, name))), "offset": offset,
+                        "nbytes": len(data)}
         chunks.append(data)
         offset += len(data)
     header = json.dumps({"image_id": image_id, "image_width": int(regions.image_width),
@@ -65,12 +66,17 @@ def decode_record(value: bytes) -> tuple[str, RegionFeatures]:
             spec = header["arrays"][name]
             start, size = _count(spec["offset"]), _count(spec["nbytes"])
             shape = [_count(n) for n in spec["shape"]]
-            if spec["dtype"] != dtype or start + size > len(data):
+            if spec["dtype"] != dtype:
+                raise FeatureStoreError(f"array {name} has dtype {str(spec['dtype'])[:40]}, expected {dtype}")
+            if start + size > len(data):
                 raise FeatureStoreError(f"array {name} lies outside the record")
-            if len(shape) > MAX_ARRAY_DIMS or math.prod(shape) * np.dtype(dtype).itemsize != size:
+            if len(shape) > MAX_ARRAY_DIMS:
+                raise FeatureStoreError(f"array {name} has {len(shape)} dimensions, at most {MAX_ARRAY_DIMS}")
+            if math.prod(shape) * np.dtype(dtype).itemsize != size:
                 raise FeatureStoreError(f"array {name}: shape {shape} does not match its {size} bytes")
             raw = np.frombuffer(data[start:start + size], dtype=dtype)
-            fields[name] = raw.reshape(shape).astype(dtype[1:], copy=True)
+            # astype copies: the arrays own their memory instead of pinning (and being read-only views of) the value
+            fields[name] = raw.reshape(shape).astype(dtype[1:])
         regions = RegionFeatures(num_boxes=_count(header["num_boxes"]), image_width=_count(header["image_width"]),
                                  image_height=_count(header["image_height"]), **fields)
         if not isinstance(header["image_id"], str):
