@@ -126,16 +126,18 @@ def _header(image: Image.Image) -> ImageHeader:
     # when the chunk came before the pixels. Other formats keep EXIF in their headers.
     has_exif = image.format in ("JPEG", "MPO", "TIFF", "WEBP") or (image.format == "PNG" and "exif" in image.info)
     orientation = image.getexif().get(0x0112, 1) if has_exif else 1
-    if orientation in (5, 6, 7, 8):  # a quarter turn: displayed with width and height swapped
+    # A quarter turn is displayed with width and height swapped; Pillow's TIFF reader reports that size already.
+    if orientation in (5, 6, 7, 8) and image.format != "TIFF":
         width, height = height, width
     transparency = image.mode == "P" and "transparency" in image.info
     mode = "RGBA" if transparency else image.mode
     return ImageHeader(format=image.format or "", mode=mode, width=width, height=height,
-                       frames=int(getattr(image, "n_frames", 1)), rotated=orientation not in (1, None))
+                       frames=int(getattr(image, "n_frames", 1)), rotated=orientation != 1)
 
 
 # Where each format's data must end; an upload cut short (the commonest broken upload) is refused from its last
-# bytes, without decoding. Formats not listed are checked when the worker decodes them.
+# bytes, without decoding. Pillow already refuses a WebP cut short when it reads its headers (its RIFF container
+# states its length). Other formats are checked when the worker decodes them.
 def _complete(image_format: str, data: bytes) -> bool:
     if image_format in ("JPEG", "MPO"):  # the end-of-image marker after the last start-of-scan
         return data.rfind(b"\xff\xd9") > data.rfind(b"\xff\xda") >= 0
@@ -143,8 +145,6 @@ def _complete(image_format: str, data: bytes) -> bool:
         return data.rfind(b"IEND") > 0
     if image_format == "GIF":
         return data.rstrip(b"\x00").endswith(b";")
-    if image_format == "WEBP":  # the RIFF container states its length
-        return len(data) >= 8 and int.from_bytes(data[4:8], "little") + 8 <= len(data)
     return True
 
 
@@ -234,8 +234,8 @@ def _array_to_rgb8(array: np.ndarray, max_pixels: int) -> np.ndarray:
             raise ImageDecodeError("image_too_large", f"image has {array.shape[1]}x{array.shape[0]} pixels, over "
                                                       "the limit")
         return array  # already what load_image returns (a decoded image passed on): no copy
-    if array.ndim == 2:
-        array = np.repeat(array[:, :, None], 3, axis=2)
+    if array.ndim == 2:  # grey: a view with three channels, so nothing is allocated before the checks below
+        array = np.broadcast_to(array[:, :, None], array.shape + (3,))
     if array.ndim != 3 or array.shape[2] not in (3, 4) or array.shape[0] == 0 or array.shape[1] == 0:
         raise ImageDecodeError("invalid_image", f"expected an HxW, HxWx3 or HxWx4 array, got shape {array.shape}")
     if array.shape[0] * array.shape[1] > max_pixels:
