@@ -346,3 +346,18 @@ def test_a_request_whose_images_decode_past_the_limit_is_a_413():
         parse_submission({"text": "hi", "tasks": "retrieval_coco"}, [image] * 3, settings, registry)
     assert (caught.value.code, caught.value.status, caught.value.message) == (
         "images_too_large", 413, "the images decode to 90000 bytes together, the limit per request is 60000")
+
+
+def test_a_turned_tiffs_size_is_the_displayed_one_that_boxes_are_checked_against():
+    """A camera TIFF stored 40x30 with a quarter-turn orientation is shown, decoded and pointed at as 30x40 (before
+    2026-12-05 its headers swapped the size a second time, and boxes were checked against 40x30)."""
+    from detector.images import load_image
+    from service.web.inputs import check_image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30)).save(buffer, "TIFF", tiffinfo={274: 6})
+    info = check_image(buffer.getvalue(), 10_000)
+    assert (info.width, info.height) == (30, 40) and load_image(buffer.getvalue()).shape == (40, 30, 3)
+    check_boxes([[0, 0, 30, 40]], info.width, info.height)
+    with pytest.raises(BadRequest, match="lies outside the 30x40 image"):
+        check_boxes([[0, 0, 40, 30]], info.width, info.height)
