@@ -109,6 +109,8 @@ def decode_budget(max_pixels: int) -> int:
 
 
 def _check_budget(header: ImageHeader, max_pixels: int) -> None:
+    if header.pixels == 0:  # only a caller's own PIL image can be empty: no format stores one
+        raise ImageDecodeError("invalid_image", f"image has {header.width}x{header.height} pixels")
     if header.pixels > max_pixels:
         raise ImageDecodeError("image_too_large", f"image has {header.width}x{header.height} pixels, more than the "
                                                   f"limit of {max_pixels}")
@@ -142,7 +144,7 @@ def _complete(image_format: str, data: bytes) -> bool:
     if image_format in ("JPEG", "MPO"):  # the end-of-image marker after the last start-of-scan
         return data.rfind(b"\xff\xd9") > data.rfind(b"\xff\xda") >= 0
     if image_format == "PNG":
-        return data.rfind(b"IEND") > 0
+        return b"IEND\xaeB`\x82" in data  # the end chunk with its CRC
     if image_format == "GIF":
         return data.rstrip(b"\x00").endswith(b";")
     return True
@@ -180,7 +182,7 @@ def _to_rgb8(image: Image.Image) -> np.ndarray:
         # Integer arithmetic in one uint32 buffer: round(v * 255 / 65535) exactly (no ties exist), at 4 bytes per
         # pixel instead of float64's 8.
         values = np.asarray(image)
-        if values.max(initial=0) > 255:
+        if values.max() > 255:
             scaled = values.astype(np.uint32)
             scaled *= 255
             scaled += 32767
@@ -189,13 +191,10 @@ def _to_rgb8(image: Image.Image) -> np.ndarray:
         else:
             gray = values.astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2)
-    if image.mode == "I":
-        values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if values.max(initial=0) > 255 else 255.0
+    if image.mode == "I":  # Pillow would clip these to 8 bits; scaled from 16 when they use more
+        values = np.asarray(image)
+        top = 65535.0 if values.max() > 255 else 255.0
         gray = np.clip(np.round(values * (255.0 / top)), 0, 255).astype(np.uint8)
-        return np.repeat(gray[:, :, None], 3, axis=2)
-    if image.mode == "F":
-        gray = np.clip(np.asarray(image, dtype=np.float64), 0, 255).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
@@ -242,5 +241,5 @@ def _array_to_rgb8(array: np.ndarray, max_pixels: int) -> np.ndarray:
         raise ImageDecodeError("image_too_large", f"image has {array.shape[1]}x{array.shape[0]} pixels, over the limit")
     array = array[:, :, :3]
     if array.dtype == np.uint16:
-        array = np.round(array.astype(np.float64) * (255.0 / 65535.0))
+        array = np.round(array * (255.0 / 65535.0))
     return np.ascontiguousarray(np.clip(array, 0, 255).astype(np.uint8))

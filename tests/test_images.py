@@ -35,32 +35,49 @@ def grey3(values) -> np.ndarray:
     return np.stack([values] * 3, axis=-1)
 
 
+def assert_rgb(decoded: np.ndarray, expected) -> None:
+    """What load_image promises: a C-contiguous HxWx3 uint8 array, here equal to `expected`."""
+    assert decoded.dtype == np.uint8 and decoded.ndim == 3 and decoded.flags.c_contiguous
+    np.testing.assert_array_equal(decoded, expected)
+
+
+def nearest_8_bit(values) -> np.ndarray:
+    """round(v * 255 / 65535), clipped to 0..255, by floor(x + 0.5): no value of these images lies half-way."""
+    return np.clip(np.floor(np.asarray(values, np.float64) * 255 / 65535 + 0.5), 0, 255)
+
+
 # ----------------------------------------------------------------------------------------------- pixel modes
 
 
 def test_sixteen_bit_images_are_scaled_to_the_nearest_8_bit_value():
-    values = np.array([[0, 1, 128, 129, 257, 32767], [32768, 40000, 65280, 65407, 65408, 65535]], np.uint16)
-    expected = np.floor(values.astype(np.float64) * 255 / 65535 + 0.5)  # no value lies exactly half-way
+    values = np.arange(65536, dtype=np.uint16).reshape(256, 256)  # every 16-bit value
     for source in (Image.fromarray(values), encode(Image.fromarray(values), "PNG")):
-        np.testing.assert_array_equal(load_image(source), grey3(expected))
+        assert_rgb(load_image(source), grey3(nearest_8_bit(values)))
 
 
 def test_sixteen_bit_images_that_use_only_8_bits_keep_their_values():
     values = np.array([[0, 7, 200, 255]], np.uint16)  # a converted 8-bit scan: scaling would blacken it
-    np.testing.assert_array_equal(load_image(encode(Image.fromarray(values), "PNG")), grey3(values))
+    assert_rgb(load_image(encode(Image.fromarray(values), "PNG")), grey3(values))
+    just_over = np.array([[0, 128, 256]], np.uint16)  # 256 needs 9 bits: scaled
+    assert_rgb(load_image(Image.fromarray(just_over)), grey3([[0, 0, 1]]))
 
 
 def test_32_bit_integer_images_are_scaled_from_16_bits_or_kept_when_8_bit():
-    wide = np.array([[-5, 0, 1000, 65535, 70000]], np.int32)
-    expected = np.clip(np.floor(wide * 255 / 65535 + 0.5), 0, 255)
-    np.testing.assert_array_equal(load_image(Image.fromarray(wide)), grey3(expected))
+    wide = np.arange(-300, 70_000, 3, dtype=np.int32).reshape(1, -1)
+    assert_rgb(load_image(Image.fromarray(wide)), grey3(nearest_8_bit(wide)))
+    assert_rgb(load_image(Image.fromarray(np.array([[0, 256]], np.int32))), grey3([[0, 1]]))
     narrow = np.array([[-5, 0, 100, 255]], np.int32)
-    np.testing.assert_array_equal(load_image(encode(Image.fromarray(narrow), "TIFF")), grey3([[0, 0, 100, 255]]))
+    assert_rgb(load_image(encode(Image.fromarray(narrow), "TIFF")), grey3([[0, 0, 100, 255]]))
 
 
 def test_float_images_are_clipped_to_0_255_and_truncated():
     values = np.array([[-2.5, 0.0, 3.7, 254.9, 300.0]], np.float32)
-    np.testing.assert_array_equal(load_image(encode(Image.fromarray(values), "TIFF")), grey3([[0, 0, 3, 254, 255]]))
+    assert_rgb(load_image(encode(Image.fromarray(values), "TIFF")), grey3([[0, 0, 3, 254, 255]]))
+
+
+def test_an_empty_image_is_refused():
+    assert refusal(load_image, Image.new("RGB", (0, 5))) == ("invalid_image", "image has 0x5 pixels")
+    assert refusal(load_image, Image.new("I;16", (4, 0))) == ("invalid_image", "image has 4x0 pixels")
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "PA"])
@@ -73,15 +90,23 @@ def test_transparent_pixels_become_black_and_opaque_ones_keep_their_colour(mode)
         image = image.convert("PA")
     opaque = np.asarray(image.convert("RGBA").convert("RGB"))
     decoded = load_image(image)
+    assert decoded.dtype == np.uint8 and decoded.shape == (1, 3, 3)
     np.testing.assert_array_equal(decoded[0, [0, 2]], opaque[0, [0, 2]])
     np.testing.assert_array_equal(decoded[0, 1], [0, 0, 0])
+
+
+def test_half_transparent_pixels_are_darkened_as_over_black():
+    rgba = np.array([[[200, 120, 40, 128], [255, 255, 255, 64]]], np.uint8)
+    expected = rgba[..., :3] * (rgba[..., 3:] / 255)
+    decoded = load_image(Image.fromarray(rgba, "RGBA"))
+    assert decoded.dtype == np.uint8 and np.abs(decoded - expected).max() <= 1
 
 
 def test_a_palette_images_transparent_colour_becomes_black():
     palette = Image.fromarray(np.array([[[255, 0, 0], [0, 0, 255]]], np.uint8)).convert("P")
     red = palette.getpixel((0, 0))
     with_transparency = encode(palette, "PNG", transparency=red)
-    np.testing.assert_array_equal(load_image(with_transparency), [[[0, 0, 0], [0, 0, 255]]])
+    assert_rgb(load_image(with_transparency), [[[0, 0, 0], [0, 0, 255]]])
     assert probe_image(with_transparency).mode == "RGBA"  # priced as an image with alpha
     np.testing.assert_array_equal(load_image(encode(palette, "PNG")), [[[255, 0, 0], [0, 0, 255]]])
     assert probe_image(encode(palette, "PNG")).mode == "P"
@@ -116,11 +141,10 @@ def test_a_decoded_rgb_array_is_passed_on_and_others_are_converted():
     rgba = np.concatenate([rgb, np.full((2, 3, 1), 9, np.uint8)], axis=2)
     np.testing.assert_array_equal(load_image(rgba), rgb)  # alpha dropped
     np.testing.assert_array_equal(load_image(rgb[:, :, 0]), np.repeat(rgb[:, :, :1], 3, axis=2))
-    deep = np.array([[[0, 257, 65535]]], np.uint16)
-    np.testing.assert_array_equal(load_image(deep), [[[0, 1, 255]]])
-    floats = np.array([[[-1.0, 3.9, 300.0]]])
-    np.testing.assert_array_equal(load_image(floats), [[[0, 3, 255]]])
-    assert load_image(floats).dtype == np.uint8
+    deep = np.arange(65536, dtype=np.uint16).reshape(128, 512)[:, :, None].repeat(3, axis=2)
+    assert_rgb(load_image(deep), nearest_8_bit(deep))
+    assert_rgb(load_image(np.array([[[-1.0, 3.9, 300.0]]])), [[[0, 3, 255]]])
+    assert_rgb(load_image(np.array([[0.5, 255.0]], np.float32)), grey3([[0, 255]]))
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 2), (2, 3, 5), (2, 3, 3, 1), (4,), (0, 3, 3), (3, 0, 3)])
@@ -130,12 +154,12 @@ def test_arrays_of_other_shapes_are_refused(shape):
 
 
 def test_arrays_over_the_pixel_limit_are_refused_at_the_limit():
-    assert load_image(np.zeros((2, 3, 3), np.uint8), max_pixels=6).shape == (2, 3, 3)
-    assert refusal(load_image, np.zeros((2, 3, 3), np.uint8), max_pixels=5) == (
-        "image_too_large", "image has 3x2 pixels, over the limit")
-    assert load_image(np.zeros((2, 3), np.float32), max_pixels=6).shape == (2, 3, 3)
-    assert refusal(load_image, np.zeros((2, 3, 4), np.float32), max_pixels=5) == (
-        "image_too_large", "image has 3x2 pixels, over the limit")
+    assert load_image(np.zeros((2, 5, 3), np.uint8), max_pixels=10).shape == (2, 5, 3)
+    assert refusal(load_image, np.zeros((2, 5, 3), np.uint8), max_pixels=9) == (
+        "image_too_large", "image has 5x2 pixels, over the limit")
+    assert load_image(np.zeros((2, 5), np.float32), max_pixels=10).shape == (2, 5, 3)
+    assert refusal(load_image, np.zeros((2, 5, 4), np.float32), max_pixels=9) == (
+        "image_too_large", "image has 5x2 pixels, over the limit")
 
 
 # ---------------------------------------------------------------------------------------------- input kinds
@@ -181,6 +205,22 @@ def test_a_decompression_bomb_is_refused_before_decoding():
         assert message.startswith("image refused as a decompression bomb (Image size (90000000 pixels) exceeds limit")
 
 
+def test_corrupt_exif_is_only_a_warning():
+    """Pillow warns about a broken EXIF directory and reads what it can; the image is still served."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010F] = "maker"
+    data = bytearray(encode(Image.new("RGB", (8, 6)), "JPEG", exif=exif))
+    tiff = data.index(b"Exif\0\0") + 6
+    assert data[tiff:tiff + 2] == b"MM"
+    data[tiff + 8:tiff + 10] = (51200).to_bytes(2, "big")  # the first directory claims 51,200 entries
+    with pytest.warns(UserWarning, match="Corrupt EXIF data"):
+        header = probe_image(bytes(data))
+    assert (header.width, header.height, header.rotated) == (6, 8, True)
+    with pytest.warns(UserWarning, match="Corrupt EXIF data"):
+        assert load_image(bytes(data)).shape == (8, 6, 3)
+
+
 def test_a_broken_image_body_is_a_decode_error_with_its_reason():
     whole = encode(Image.effect_noise((64, 48), 60).convert("RGB"), "JPEG")
     code, message = refusal(load_image, whole[: len(whole) // 2])
@@ -203,9 +243,9 @@ def test_each_exif_orientation_is_predicted_by_the_headers_and_applied(orientati
     exif[0x0112] = orientation
     pixels = np.zeros((30, 40, 3), np.uint8)
     pixels[0, 0] = 255  # a white top-left corner, to see where it goes
-    for fmt in ("JPEG", "WEBP", "TIFF", "PNG"):
-        data = encode(Image.fromarray(pixels), fmt, exif=exif) if fmt != "TIFF" else encode(
-            Image.fromarray(pixels), fmt, exif=exif.tobytes())
+    for fmt in ("JPEG", "MPO", "WEBP", "TIFF", "PNG"):
+        more = {"save_all": True, "append_images": [Image.fromarray(pixels)]} if fmt == "MPO" else {}
+        data = encode(Image.fromarray(pixels), fmt, exif=exif, **more)
         header = probe_image(data)
         assert ((header.height, header.width), header.rotated, header.format) == (shape, rotated, fmt)
         assert load_image(data).shape == shape + (3,)
@@ -297,6 +337,15 @@ def test_formats_without_an_end_to_check_are_left_to_the_decoder():
 
 
 # ------------------------------------------------------------------------------------------------------ budget
+
+
+def test_the_decode_budget_gives_deep_images_fewer_pixels():
+    deep = encode(Image.fromarray(np.zeros((10, 10), np.uint16)), "PNG")  # 12 bytes a pixel to decode
+    assert probe_image(deep, 120).pixels == 100
+    message = ("decoding this I;16 image of 10x10 pixels needs about 1200 bytes, more than the 1190 an 8-bit RGB "
+               "image at the pixel limit needs")
+    assert refusal(probe_image, deep, 119) == ("image_too_large", message)
+    assert refusal(load_image, deep, 119) == ("image_too_large", message)
 
 
 def test_the_pixel_limit_holds_at_its_boundary_for_files():
