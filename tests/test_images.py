@@ -5,6 +5,7 @@ predict them, an upload cut short told from its last bytes, and each refusal's c
 from __future__ import annotations
 
 import io
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -53,6 +54,19 @@ def test_sixteen_bit_images_are_scaled_to_the_nearest_8_bit_value():
     values = np.arange(65536, dtype=np.uint16).reshape(256, 256)  # every 16-bit value
     for source in (Image.fromarray(values), encode(Image.fromarray(values), "PNG")):
         assert_rgb(load_image(source), grey3(nearest_8_bit(values)))
+
+
+def test_sixteen_bit_scaling_stays_in_integers():
+    """The scaling runs in one uint32 buffer: about 10 bytes a pixel of numpy arrays at the peak (16-bit values,
+    the buffer, the 8-bit grey and RGB results); float64 would need 14. DECODE_BYTES_PER_PIXEL counts on it."""
+    image = Image.fromarray(np.full((1000, 1000), 4000, np.uint16))
+    tracemalloc.start()
+    try:
+        load_image(image)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 11 * 1_000_000
 
 
 def test_sixteen_bit_images_that_use_only_8_bits_keep_their_values():
@@ -323,6 +337,8 @@ def test_png_gif_and_webp_ends():
     gif = encode(Image.new("P", (4, 4)), "GIF")
     assert gif.endswith(b";") and probe_image(gif + b"\0\0\0").format == "GIF"
     assert refusal(probe_image, gif[:-1]) == ("invalid_image", "the GIF image is truncated (its data ends early)")
+    # only zero padding may follow the trailer: anything else means the last bytes are not the GIF's end
+    assert refusal(probe_image, gif + b"XX") == ("invalid_image", "the GIF image is truncated (its data ends early)")
     webp = encode(Image.effect_noise((32, 32), 60).convert("RGB"), "WEBP")
     assert probe_image(webp).format == "WEBP"
     # Pillow reads a WebP's RIFF length with its headers: one cut short fails there
