@@ -68,6 +68,7 @@ MODULES: dict[str, tuple[str, ...]] = {
     "detector/records.py": ("tests/test_detector_store.py", "tests/test_fuzz_parsers.py", "tests/test_features.py",
                             "-k", "not extraction_cli"),
     "detector/images.py": ("tests/test_images.py",),
+    "vilbert_train/annotations.py": ("tests/test_annotations.py",),
 }
 # Copied whole into each scratch copy, so that every import resolves there rather than in the checkout
 # (the packages of pyproject.toml; tests/test_mutation_check.py keeps the two in step).
