@@ -108,6 +108,14 @@ def test_genome_qa_reads_text_and_byte_strings(tmp_path):
     assert all(type(score) is float for score in examples[0].scores)
 
 
+def test_a_target_without_scores_names_its_file(tmp_path):
+    path = tmp_path / "cache" / "val_target.pkl"
+    write_pickle(path, [{"question_id": 1, "image_id": "i", "question": "q", "labels": [1]}])
+    with pytest.raises(AnnotationError) as refused:
+        read_genome(tmp_path, "val")
+    assert str(refused.value) == f"{path}: target entries need 'labels' and 'scores' ('scores')"
+
+
 def test_gqa_splits(tmp_path, small_minval):
     write_pickle(tmp_path / "cache" / "train_target.pkl", target_items([1]))
     write_pickle(tmp_path / "cache" / "val_target.pkl", target_items([2]))
@@ -169,6 +177,12 @@ def test_retrieval_captions_images_and_hard_negatives(tmp_path):
         assert (coco.examples, coco.image_ids, coco.hard_pool) == ([Example("42_0", ["42"], "x")], ["42"], None)
 
 
+def test_a_hard_negative_pool_of_one_image_each_is_read(tmp_path):
+    write_jsonl(tmp_path / "all_data_final_train_2014.jsonline", [{"id": 1, "sentences": ["a"]}])
+    write_pickle(tmp_path / "hard_negative.pkl", {"train_image_list": ["1", "2"], "train_hard_pool": [1, 0]})
+    assert read_retrieval(tmp_path, "train", coco=True).hard_pool == {"1": ["2"], "2": ["1"]}
+
+
 def test_retrieval_hard_negatives_of_another_shape_are_named(tmp_path):
     write_jsonl(tmp_path / "all_data_final_train_2014.jsonline", [{"id": 1, "sentences": ["a"]}])
     path = tmp_path / "hard_negative.pkl"
@@ -187,9 +201,9 @@ def test_retrieval_hard_negatives_of_another_shape_are_named(tmp_path):
 def test_refer_one_example_per_sentence_with_the_annotations_box(tmp_path):
     folder = tmp_path / "refcocog"
     write_pickle(folder / "refs(umd).p", [
+        {"image_id": 8, "ann_id": 80, "ref_id": 2, "split": "train", "sentences": [{"sent_id": 21, "sent": "dog"}]},
         {"image_id": 7, "ann_id": 70, "ref_id": 1, "split": b"val",
          "sentences": [{"sent_id": 11, "sent": b"the red cup"}, {"sent": "left cup"}]},
-        {"image_id": 8, "ann_id": 80, "ref_id": 2, "split": "train", "sentences": [{"sent_id": 21, "sent": "dog"}]},
     ])
     write_json(folder / "instances.json", {"annotations": [{"id": 70, "bbox": [10, 20, 30, 40]},
                                                            {"id": 80, "bbox": [0, 0, 1, 1]}]})
@@ -211,10 +225,10 @@ def test_refer_one_example_per_sentence_with_the_annotations_box(tmp_path):
 def test_visual7w_candidates_in_box_id_order(tmp_path):
     write_json(tmp_path / "dataset_v7w_pointing.json", {
         "boxes": [{"box_id": b, "x": b, "y": 2 * b, "width": 10, "height": 5} for b in (3, 1, 4, 2)],
-        "images": [{"image_id": 5, "split": "val", "qa_pairs": [
-            {"qa_id": 50, "question": "Which?", "answer": 4, "multiple_choices": [1, 3, 2]}]},
-                   {"image_id": 6, "split": "train", "qa_pairs": [
-            {"qa_id": 60, "question": "Other?", "answer": 1, "multiple_choices": [2, 3, 4]}]}]})
+        "images": [{"image_id": 6, "split": "train", "qa_pairs": [
+            {"qa_id": 60, "question": "Other?", "answer": 1, "multiple_choices": [2, 3, 4]}]},
+                   {"image_id": 5, "split": "val", "qa_pairs": [
+            {"qa_id": 50, "question": "Which?", "answer": 4, "multiple_choices": [1, 3, 2]}]}]})
     box = {b: [float(b), 2.0 * b, b + 10.0, 2.0 * b + 5] for b in (1, 2, 3, 4)}
     assert read_visual7w(tmp_path, "val") == [
         Example(50, ["5"], "Which?", candidates=[box[1], box[2], box[3], box[4]], answer_index=3)]
