@@ -12,7 +12,9 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 from redis import Redis
+from redis.backoff import NoBackoff
 from redis.client import Pipeline
+from redis.retry import Retry
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.job_lifecycle import record_job_failure
@@ -24,6 +26,7 @@ from service.queue import (admit_uploads, as_utc, connect, fail_if_orphaned, get
                            started_registry)
 from service.settings import Settings, load_settings
 from service.web.jobs import PUBLIC_STATUS, failure_reason, fetch_job, job_status, submit
+from service.worker.heartbeat import Heartbeat, publish_alive, reap_orphans
 
 
 @pytest.fixture
@@ -422,3 +425,108 @@ def test_as_utc_reads_naive_times_as_utc_whatever_the_local_zone(monkeypatch):
     finally:
         monkeypatch.delenv("TZ")
         time.tzset()
+
+
+# ------------------------------------------------------------------------------------- the worker's heartbeat
+
+
+def wait_for(condition, what: str, timeout_s: float = 30.0):
+    """Poll `condition` until it returns something true (the heartbeat runs in its own thread)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_liveness_key_holds_the_workers_info_for_its_ttl(connection):
+    name = f"w-{uuid.uuid4().hex[:8]}"
+    publish_alive(connection, name, {"device": "cpu", "pid": 7}, 9)
+    assert json.loads(connection.get(alive_key(name))) == {"device": "cpu", "pid": 7}
+    assert 8 <= connection.ttl(alive_key(name)) <= 9
+
+
+def test_the_reaper_fails_only_orphans_and_drops_entries_of_vanished_jobs(connection, settings):
+    connection.set(alive_key("alive-w"), "{}")
+    orphan = start(connection, submit(connection, settings, request(), [b"a"]), worker="gone-w", started_ago_s=60)
+    kept = start(connection, submit(connection, settings, request(), [b"b"]), worker="alive-w", started_ago_s=60)
+    young = start(connection, submit(connection, settings, request(), [b"c"]), worker="gone-w", started_ago_s=1)
+    vanished = start(connection, submit(connection, settings, request(), [b"d"]), worker="gone-w", started_ago_s=60)
+    connection.delete(vanished.key)
+    registry = started_registry(connection, settings)
+    assert len(connection.zrange(registry.key, 0, -1)) == 4
+    assert reap_orphans(connection, settings) == [orphan.id]
+    assert reread(connection, orphan).get_status() == JobStatus.FAILED
+    assert [reread(connection, job).get_status() for job in (kept, young)] == [JobStatus.STARTED] * 2
+    left = sorted(entry.decode().split(":")[0] for entry in connection.zrange(registry.key, 0, -1))
+    assert left == sorted([kept.id, young.id])
+    assert reap_orphans(connection, settings) == []
+
+
+def test_a_beat_publishes_the_named_worker_and_reaps(connection, settings):
+    orphan = start(connection, submit(connection, settings, request(), [b"a"]), worker="gone-w", started_ago_s=60)
+    heartbeat = Heartbeat(connection, settings, {"device": "cpu"})
+    assert (heartbeat.name, heartbeat.daemon) == ("heartbeat", True)
+    heartbeat.beat()  # no name yet (RQ names the worker when it registers): reaps only
+    assert reread(connection, orphan).get_status() == JobStatus.FAILED
+    name = f"w-{uuid.uuid4().hex[:8]}"
+    heartbeat.worker_name = name
+    heartbeat.beat()
+    assert json.loads(connection.get(alive_key(name))) == {"device": "cpu", "name": name}
+    assert settings.worker_heartbeat_ttl - 1 <= connection.ttl(alive_key(name)) <= settings.worker_heartbeat_ttl
+    heartbeat.retire(name)
+    assert connection.get(alive_key(name)) is None
+    heartbeat.retire(None)  # a worker that never registered has nothing to retire
+
+
+def test_the_heartbeat_thread_beats_until_stopped(connection, settings):
+    fast = load_settings({"REDIS_URL": settings.redis_url, "QUEUE_NAME": settings.queue_name,
+                          "WORKER_HEARTBEAT_TTL": "2"})
+    heartbeat = Heartbeat(connection, fast, {})
+    heartbeat.worker_name = name = f"w-{uuid.uuid4().hex[:8]}"
+    heartbeat.start()
+    try:
+        wait_for(lambda: connection.get(alive_key(name)), "the first beat")
+        connection.delete(alive_key(name))
+        wait_for(lambda: connection.get(alive_key(name)), "the next beat, a third of the TTL later")
+    finally:
+        heartbeat.stopped.set()
+        heartbeat.join(timeout=30)
+    assert not heartbeat.is_alive()
+
+
+class FailingBeat(Heartbeat):
+    def beat(self) -> None:
+        self.beats = getattr(self, "beats", 0) + 1
+        raise RuntimeError(f"beat {self.beats} broke")
+
+
+def test_a_heartbeat_outlives_redis_outages_and_its_own_errors(settings, caplog):
+    fast = load_settings({"REDIS_URL": settings.redis_url, "QUEUE_NAME": settings.queue_name,
+                          "WORKER_HEARTBEAT_TTL": "2"})
+    unreachable = Redis(host="127.0.0.1", port=1, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
+    caplog.set_level("WARNING", logger="service.worker.heartbeat")
+    for heartbeat, first, second in [
+            (Heartbeat(unreachable, fast, {}), "heartbeat: redis unavailable (Error 111 connecting to 127.0.0.1:1. "
+                                                "Connection refused.)", None),
+            (FailingBeat(unreachable, fast, {}), "heartbeat failed", "beat 2 broke")]:
+        caplog.clear()
+        heartbeat.worker_name = "w"
+        heartbeat.start()
+        def logged():
+            return [record for record in caplog.records if record.name == "service.worker.heartbeat"]
+
+        try:  # it keeps beating after a failure: two failures are logged
+            records = wait_for(lambda: len(logged()) >= 2 and logged(), "two failures")
+        finally:
+            heartbeat.stopped.set()
+            heartbeat.join(timeout=30)
+        assert not heartbeat.is_alive()
+        assert records[0].getMessage() == first
+        if second:
+            assert records[0].levelname == "ERROR" and str(records[1].exc_info[1]) == second
+        else:
+            assert records[0].levelname == "WARNING"
+    Heartbeat(unreachable, fast, {}).retire("w")  # retiring without Redis is quiet: the key expires by itself
