@@ -459,6 +459,8 @@ def test_the_reaper_fails_only_orphans_and_drops_entries_of_vanished_jobs(connec
     assert len(connection.zrange(registry.key, 0, -1)) == 4
     assert reap_orphans(connection, settings) == [orphan.id]
     assert reread(connection, orphan).get_status() == JobStatus.FAILED
+    # the error is written in the jobs' own JSON, as the web tier reads it
+    assert reread(connection, orphan).meta["error"]["code"] == "worker_lost"
     assert [reread(connection, job).get_status() for job in (kept, young)] == [JobStatus.STARTED] * 2
     left = sorted(entry.decode().split(":")[0] for entry in connection.zrange(registry.key, 0, -1))
     assert left == sorted([kept.id, young.id])
@@ -468,7 +470,7 @@ def test_the_reaper_fails_only_orphans_and_drops_entries_of_vanished_jobs(connec
 def test_a_beat_publishes_the_named_worker_and_reaps(connection, settings):
     orphan = start(connection, submit(connection, settings, request(), [b"a"]), worker="gone-w", started_ago_s=60)
     heartbeat = Heartbeat(connection, settings, {"device": "cpu"})
-    assert (heartbeat.name, heartbeat.daemon) == ("heartbeat", True)
+    assert (heartbeat.name, heartbeat.daemon, heartbeat.worker_name) == ("heartbeat", True, None)
     heartbeat.beat()  # no name yet (RQ names the worker when it registers): reaps only
     assert reread(connection, orphan).get_status() == JobStatus.FAILED
     name = f"w-{uuid.uuid4().hex[:8]}"
