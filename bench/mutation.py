@@ -70,6 +70,7 @@ MODULES: dict[str, tuple[str, ...]] = {
     "detector/images.py": ("tests/test_images.py",),
     "vilbert_train/annotations.py": ("tests/test_annotations.py",),
     "service/worker/heartbeat.py": ("tests/test_jobs.py",),
+    "modelkit/checkpoint.py": ("tests/test_modelkit.py",),
 }
 # Copied whole into each scratch copy, so that every import resolves there rather than in the checkout
 # (the packages of pyproject.toml; tests/test_mutation_check.py keeps the two in step).
