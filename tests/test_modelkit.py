@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -88,7 +90,9 @@ def test_anything_but_a_mapping_of_tensors_is_refused_by_name(tmp_path):
         read(tmp_path)
 
 
-def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
+def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(tmp_path, monkeypatch):
+    # weights_only is passed explicitly, so torch's switch to the old default cannot turn it off
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     marker, path = tmp_path / "pwned", tmp_path / "evil.bin"
     torch.save({"weight": torch.ones(1), "payload": RunsCode(marker)}, path)
     with pytest.raises(CheckpointError) as refused:
@@ -98,6 +102,22 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot be read as a PyTorch checkpoint"):
         read(path)
+
+
+def test_a_checkpoint_saved_on_a_gpu_is_read_on_the_cpu(tmp_path):
+    """The released checkpoints were saved from CUDA tensors: their storages name a CUDA device."""
+    saved = io.BytesIO()
+    torch.save({"weight": torch.arange(3.0)}, saved)
+    path = tmp_path / "from_gpu.bin"
+    with zipfile.ZipFile(saved) as source, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as target:
+        for member in source.infolist():
+            content = source.read(member.filename)
+            if member.filename.endswith("data.pkl"):  # the storage's location, a pickled "cpu", becomes "cuda"
+                assert content.count(b"X\x03\x00\x00\x00cpu") == 1
+                content = content.replace(b"X\x03\x00\x00\x00cpu", b"X\x04\x00\x00\x00cuda")
+            target.writestr(member, content)
+    loaded = read(path)
+    assert loaded["weight"].device.type == "cpu" and loaded["weight"].tolist() == [0.0, 1.0, 2.0]
 
 
 def test_key_problems_are_listed_by_group_up_to_a_limit():
