@@ -266,3 +266,44 @@ def test_every_per_kind_table_covers_the_one_vocabulary_of_kinds():
     assert set(SPLIT_LOGITS) == set(EVALUATORS) == set(KINDS) - {"score"}
     assert set(PREDICTION_LABELS) <= set(KINDS)
     assert {spec.family for spec in SPECS.values()} == set(READERS)
+
+
+# ------------------------------------------------------------------------------------------- visual input rows
+
+
+def locations(boxes, width, height):
+    """x1/W, y1/H, x2/W, y2/H and the box's share of the image, computed here."""
+    return [[x1 / width, y1 / height, x2 / width, y2 / height, (x2 - x1) * (y2 - y1) / (width * height)]
+            for x1, y1, x2, y2 in boxes]
+
+
+def test_pointing_rows_put_candidates_after_the_padded_detected_block():
+    from vilbert.predictor import ImageRegions
+    from vilbert_train.features import visual_input
+
+    detected = [[0, 0, 10, 10], [10, 5, 30, 25], [50, 0, 100, 50]]
+    candidates = [[20, 10, 40, 30], [0, 25, 50, 50]]
+    image = ImageRegions(np.array(detected, np.float32), np.array([[1, 0], [2, 0], [3, 0]], np.float32), 100, 50)
+    given = ImageRegions(np.array(candidates, np.float32), np.array([[0, 10], [0, 20]], np.float32), 100, 50)
+    rows = visual_input(image, max_regions=8, detected_slots=5, candidates=given)
+    # the global row is the count-weighted mean of both files' global rows: (4 * [2, 0] + 3 * [0, 15]) / 7
+    np.testing.assert_allclose(rows.features, [[8 / 7, 45 / 7], [1, 0], [2, 0], [3, 0], [0, 0], [0, 10], [0, 20],
+                                               [0, 0]], rtol=1e-6)
+    np.testing.assert_array_equal(rows.boxes, [[0, 0, 100, 50], *detected, [0] * 4, *candidates, [0] * 4])
+    np.testing.assert_allclose(rows.spatials, [[0, 0, 1, 1, 1], *locations(detected, 100, 50), [0] * 5,
+                                               *locations(candidates, 100, 50), [0] * 5], rtol=1e-6)
+    np.testing.assert_array_equal(rows.mask, [1, 1, 1, 1, 0, 1, 1, 0])
+    assert rows.num_detected == 4
+    assert [array.dtype for array in (rows.features, rows.spatials, rows.boxes, rows.mask)] == [
+        np.float32, np.float32, np.float32, np.int64]
+    # what does not fit is cut: one candidate row left after 5 detected slots of 6
+    cut = visual_input(image, max_regions=6, detected_slots=5, candidates=given)
+    np.testing.assert_array_equal(cut.mask, [1, 1, 1, 1, 0, 1])
+    np.testing.assert_array_equal(cut.boxes[5], candidates[0])
+    # grounding (no detected slots): the candidates follow the detected rows directly
+    grounding = visual_input(image, max_regions=8, candidates=given)
+    np.testing.assert_array_equal(grounding.boxes[4:6], candidates)
+    np.testing.assert_array_equal(grounding.mask, [1, 1, 1, 1, 1, 1, 0, 0])
+    plain = visual_input(image, max_regions=3)  # more detected boxes than rows: cut too
+    np.testing.assert_array_equal(plain.boxes, [[0, 0, 100, 50], *detected[:2]])
+    assert plain.num_detected == 3 and plain.mask.tolist() == [1, 1, 1]
