@@ -304,6 +304,11 @@ def test_pointing_rows_put_candidates_after_the_padded_detected_block():
     grounding = visual_input(image, max_regions=8, candidates=given)
     np.testing.assert_array_equal(grounding.boxes[4:6], candidates)
     np.testing.assert_array_equal(grounding.mask, [1, 1, 1, 1, 1, 1, 0, 0])
+    full = visual_input(image, max_regions=5, detected_slots=5, candidates=given)  # no room left for candidates
+    assert full.mask.tolist() == [1, 1, 1, 1, 0] and full.num_detected == 4
     plain = visual_input(image, max_regions=3)  # more detected boxes than rows: cut too
     np.testing.assert_array_equal(plain.boxes, [[0, 0, 100, 50], *detected[:2]])
     assert plain.num_detected == 3 and plain.mask.tolist() == [1, 1, 1]
+    padded = visual_input(image, max_regions=6)
+    np.testing.assert_array_equal(padded.boxes, [[0, 0, 100, 50], *detected, [0] * 4, [0] * 4])
+    assert padded.num_detected == 4 and padded.mask.tolist() == [1, 1, 1, 1, 0, 0]
