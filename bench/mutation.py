@@ -71,6 +71,8 @@ MODULES: dict[str, tuple[str, ...]] = {
     "vilbert_train/annotations.py": ("tests/test_annotations.py",),
     "service/worker/heartbeat.py": ("tests/test_jobs.py",),
     "modelkit/checkpoint.py": ("tests/test_modelkit.py",),
+    "vilbert_train/features.py": ("tests/test_train_data.py",),
+    "service/worker/metrics.py": ("tests/test_worker_metrics.py",),
 }
 # Copied whole into each scratch copy, so that every import resolves there rather than in the checkout
 # (the packages of pyproject.toml; tests/test_mutation_check.py keeps the two in step).

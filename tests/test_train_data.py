@@ -3,6 +3,8 @@ FeatureStore) read back, and missing files are named exactly (the restricted unp
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -94,6 +96,120 @@ def test_training_items_from_our_store_equal_the_released_lmdb(root, tokenizer, 
 def test_missing_lmdb_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "x.lmdb" / "data.mdb")):
         open_features(tmp_path / "x.lmdb")
+
+
+def write_records(path, records: dict) -> None:
+    """Released-format LMDB of arbitrary pickled values (the synthetic writer only writes well-formed ones)."""
+    import pickle
+
+    import lmdb
+
+    env = lmdb.open(str(path), map_size=1 << 24)
+    with env.begin(write=True) as txn:
+        for key, value in records.items():
+            txn.put(key.encode("utf-8"), value if isinstance(value, bytes) else pickle.dumps(value, protocol=2))
+    env.close()
+    (path / "lock.mdb").unlink()  # left by the writer; readers must not need or make one
+
+
+def record(boxes, features, **extra):
+    return {"image_id": 1, "image_w": 64, "image_h": 48, "num_boxes": 99, "boxes": boxes, "features": features,
+            **extra}
+
+
+def test_released_records_come_out_as_float32_rows_cut_to_the_feature_count(tmp_path):
+    """float64 arrays (as some conversion scripts wrote them), flat box lists, more boxes than features: the rows
+    follow `features`, as the reference reader does (the stored num_boxes is ignored)."""
+    features = np.arange(3 * DIM, dtype=np.float64).reshape(3, DIM) / 7
+    boxes = np.arange(16, dtype=np.float64) + 0.5  # four boxes, flat
+    write_records(tmp_path / "f.lmdb", {"7": record(boxes, features), "list": record(boxes.tolist(), features.tolist())})
+    reader = ReleasedFeatureReader(tmp_path / "f.lmdb")
+    for key in ("7", "list"):
+        image = reader[key]
+        assert image.features.dtype == np.float32 and image.boxes.dtype == np.float32
+        np.testing.assert_array_equal(image.features, features.astype(np.float32))
+        np.testing.assert_array_equal(image.boxes, boxes.reshape(4, 4)[:3].astype(np.float32))
+        assert (image.image_width, image.image_height) == (64, 48)
+
+
+@pytest.mark.parametrize("image_id", ["1000", b"1000", 1000])
+def test_released_ids_may_be_text_bytes_or_numbers(root, image_id):
+    """Annotation files give image ids as numbers (COCO), text (NLVR2) or bytes (Python-2 pickles)."""
+    reader = open_features(root / SPECS[13].features)
+    assert image_id in reader
+    np.testing.assert_array_equal(reader[image_id].features, reader["1000"].features)
+
+
+def test_a_non_ascii_id_is_looked_up_by_its_utf8_bytes(tmp_path):
+    write_records(tmp_path / "f.lmdb", {"caf\u00e9": record(np.zeros((1, 4)), np.ones((1, DIM)))})
+    reader = ReleasedFeatureReader(tmp_path / "f.lmdb")
+    assert "caf\u00e9" in reader and "caf\u00e9".encode("utf-8") in reader
+    assert reader["caf\u00e9".encode("utf-8")].features.shape == (1, DIM)
+
+
+@pytest.mark.parametrize("value", [
+    {"boxes": np.zeros((1, 4)), "features": np.zeros((1, DIM)), "image_w": 5},  # no image_h
+    {"boxes": np.zeros((1, 4)), "image_w": 5, "image_h": 5},  # no features
+    [np.zeros((1, 4)), np.zeros((1, DIM)), 5, 5],  # not a dict
+])
+def test_a_record_that_is_not_a_region_record_is_refused_with_its_key(tmp_path, value):
+    from vilbert_train.features import FeatureFileError
+
+    write_records(tmp_path / "f.lmdb", {"9": value})
+    with pytest.raises(FeatureFileError) as error:
+        ReleasedFeatureReader(tmp_path / "f.lmdb")["9"]
+    assert str(error.value) == (f"{tmp_path / 'f.lmdb'}[9]: not a region-feature record (expected boxes, features, "
+                                "image_w, image_h)")
+
+
+def test_a_damaged_record_is_named_by_its_file_and_key(tmp_path):
+    from vilbert_train.pickles import UnsafePickleError
+
+    write_records(tmp_path / "f.lmdb", {"9": b"\x80\x02}q\x00(X"})  # cut short
+    with pytest.raises(UnsafePickleError, match=r"^" + re.escape(f"{tmp_path / 'f.lmdb'}[9]: not a valid pickle")):
+        ReleasedFeatureReader(tmp_path / "f.lmdb")["9"]
+
+
+def test_released_lmdb_is_opened_read_only_without_a_lock_file(tmp_path):
+    """The released LMDBs (tens of GB) often sit on read-only mounts shared by every DataLoader worker: no lock file
+    (it could not be made), no write access, no readahead or zeroing of pages (random reads), room for many
+    readers."""
+    write_records(tmp_path / "f.lmdb", {"1": record(np.zeros((1, 4)), np.ones((1, DIM)))})
+    reader = ReleasedFeatureReader(tmp_path / "f.lmdb")
+    assert reader["1"].features.shape == (1, DIM)
+    assert sorted(p.name for p in (tmp_path / "f.lmdb").iterdir()) == ["data.mdb"]
+    env = reader._env()
+    flags = env.flags()
+    assert (flags["readonly"], flags["lock"], flags["readahead"], flags["meminit"]) == (True, False, False, False)
+    assert env.max_readers() == 256
+
+
+def test_an_empty_lmdb_opens_as_released_and_holds_nothing(tmp_path):
+    write_records(tmp_path / "f.lmdb", {})
+    reader = open_features(tmp_path / "f.lmdb")
+    assert isinstance(reader, ReleasedFeatureReader) and "1" not in reader
+
+
+def test_each_reader_names_the_missing_file(tmp_path):
+    for reader, message in ((ReleasedFeatureReader, "region-feature LMDB not found"),
+                            (StoreFeatureReader, "feature store not found")):
+        with pytest.raises(FileNotFoundError) as error:
+            reader(tmp_path / "x.lmdb")
+        assert str(error.value) == f"{message}: {tmp_path / 'x.lmdb' / 'data.mdb'}"
+
+
+def test_our_store_is_read_only_and_answers_membership(tmp_path):
+    rng = np.random.default_rng(1)
+    regions = RegionFeatures(boxes=rng.uniform(0, 50, (2, 4)).astype(np.float32),
+                             features=rng.random((2, DIM), dtype=np.float32), scores=np.ones(2, np.float32),
+                             class_ids=np.arange(2), image_width=60, image_height=40, num_boxes=2)
+    with FeatureStore(tmp_path / "store", readonly=False) as store:
+        store.put("42", regions)
+    reader = StoreFeatureReader(tmp_path / "store")
+    assert "42" in reader and b"42" in reader and 42 in reader and "43" not in reader
+    with pytest.raises(KeyError, match="'43' is not in"):
+        reader[43]
+    assert reader._get_store().env.flags()["readonly"] is True
 
 
 # ------------------------------------------------------------------------------------------------ task ids
