@@ -77,9 +77,11 @@ MODULES: dict[str, tuple[str, ...]] = {
 # Copied whole into each scratch copy, so that every import resolves there rather than in the checkout
 # (the packages of pyproject.toml; tests/test_mutation_check.py keeps the two in step).
 PACKAGES = ("modelkit", "vilbert", "detector", "service", "vilbert_train")
-# docs and deploy: tests that hold a table or the proxy's headers to the code; models: make_tiny.py, which the
-# tiny_bundle fixture runs (not the weights folders under it, which can hold gigabytes)
-ALSO_COPIED = ("config", "tests", "docs", "deploy", "models", "pyproject.toml")
+# Script folders outside the installed packages whose modules are checked too: models (fetch.py; also make_tiny.py,
+# which the tiny_bundle fixture runs), copied without the weights folders under it, which can hold gigabytes.
+SCRIPT_DIRS = ("models",)
+# docs and deploy: tests that hold a table or the proxy's headers to the code
+ALSO_COPIED = ("config", "tests", "docs", "deploy", "pyproject.toml")
 
 # mutmut's statuses that mean a test noticed the mutant.
 DETECTED = {"killed", "timeout", "segfault"}
@@ -212,13 +214,13 @@ def prepare_scratch(module: str, tests: tuple[str, ...]) -> Path:
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "weights", "tiny", "tiny-bundle")
-    for name in PACKAGES + ALSO_COPIED:
+    for name in PACKAGES + SCRIPT_DIRS + ALSO_COPIED:
         source = ROOT / name
         if source.is_dir():
             shutil.copytree(source, scratch / name, ignore=ignore)
         elif source.is_file():
             shutil.copy2(source, scratch / name)
-    present = [p for p in PACKAGES if (scratch / p).is_dir()]
+    present = [p for p in PACKAGES + SCRIPT_DIRS if (scratch / p).is_dir()]
     (scratch / "setup.cfg").write_text(
         "[mutmut]\n"
         "source_paths =\n" + "".join(f"    {p}\n" for p in present)

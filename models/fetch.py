@@ -177,6 +177,8 @@ def _progress(total: Optional[int], initial: int, desc: str, quiet: bool):
 
 
 def _reason(exc: Optional[BaseException]) -> str:
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code} {exc.reason}"
     reason = getattr(exc, "reason", exc)
     if isinstance(reason, ConnectionRefusedError):
         return "connection refused"

@@ -192,11 +192,11 @@ def test_the_bulk_path_indexes_a_folder_and_searches_it(redis_url, bundle, tmp_p
     added = subprocess.run(command + ["add", name, str(folder)], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=300)
     assert added.returncode == 0, added.stderr
-    assert json.loads(added.stdout) == {"added": 3, "images": 3}
+    assert json.loads(added.stdout) == {"added": 3, "images": 3, "skipped": 0}
     assert "[3/3] p2.jpg:" in added.stderr  # progress on the way
     again = subprocess.run(command + ["add", name, str(folder / "p0.jpg")], cwd=ROOT, env=env, capture_output=True,
                            text=True, timeout=300)
-    assert json.loads(again.stdout) == {"added": 0, "images": 3} and "already there" in again.stderr
+    assert json.loads(again.stdout) == {"added": 0, "images": 3, "skipped": 0} and "already there" in again.stderr
     found = subprocess.run(command + ["search", name, "a red bus", "--top-k", "2"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=300)
     assert found.returncode == 0, found.stderr

@@ -1,12 +1,14 @@
 """models/fetch.py against a real HTTP server on loopback serving generated release files.
 
 The server speaks HTTP/1.1 with Range support and can drop the connection part-way through a
-body, which is how an interrupted download really looks to the client. The fetcher runs as a
-subprocess, exactly as `python models/fetch.py` runs in the compose stack, so exit codes and
-stderr are the real ones.
+body, which is how an interrupted download really looks to the client. The fetcher runs
+in-process through its `main(argv)` (so the mutation check sees it), and as a real process, exactly
+as `python models/fetch.py` runs in the compose stack, where exit codes and stderr matter most.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -17,13 +19,20 @@ import subprocess
 import sys
 import tarfile
 import threading
+import urllib.error
+import urllib.request
+from collections import namedtuple
+from contextlib import redirect_stderr, redirect_stdout
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
-from models.fetch import ANSWER_LISTS, read_tar_members, FetchError
+from models.fetch import ANSWER_LISTS, FetchError, read_tar_members
+from models.fetch import main as fetch_main
 
+shutil_usage = namedtuple("usage", "total used free")
 REPO = Path(__file__).resolve().parent.parent
 FETCH = REPO / "models" / "fetch.py"
 VQA_MEMBER = "datasets/VQA/cache/trainval_label2ans.pkl"
@@ -71,6 +80,9 @@ class ReleaseServer:
         self.cuts: dict[str, list[int]] = {}  # name -> byte counts at which to drop the next requests
         self.log: list[tuple[str, str | None]] = []  # (name, Range header)
         self.paths: list[str] = []  # every path asked for
+        self.statuses: dict[str, list[int]] = {}  # name -> error statuses to answer the next requests with
+        self.no_range: set[str] = set()  # names served whole (200) even when a Range is asked for
+        self.wrong_start: dict[str, int] = {}  # name -> a start the server claims in Content-Range instead
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -88,6 +100,11 @@ class ReleaseServer:
                 if body is None:
                     self.send_error(404)
                     return
+                if server.statuses.get(name):
+                    self.send_error(server.statuses[name].pop(0))
+                    return
+                if name in server.no_range:
+                    rng = None
                 start = int(rng.split("=")[1].split("-")[0]) if rng else 0
                 if start >= len(body) and rng:
                     self.send_response(416)
@@ -97,7 +114,8 @@ class ReleaseServer:
                     return
                 self.send_response(206 if rng else 200)
                 if rng:
-                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                    claimed = server.wrong_start.get(name, start)
+                    self.send_header("Content-Range", f"bytes {claimed}-{len(body) - 1}/{len(body)}")
                 self.send_header("Content-Length", str(len(body) - start))
                 self.end_headers()
                 cuts = server.cuts.get(name)
@@ -127,12 +145,21 @@ def server():
     srv.httpd.server_close()
 
 
-def run_fetch(dest: Path, *args: str, base_url: str | None = None) -> subprocess.CompletedProcess:
+def run_fetch(dest: Path, *args: str, base_url: str | None = None, process: bool = False, quiet: bool = True
+              ) -> subprocess.CompletedProcess:
+    """`python models/fetch.py --dest DEST --quiet ...`: in this process, with its output captured (where the
+    mutation check, bench/mutation.py, sees the code run), or with `process=True` as a real process (the exit
+    status and output a shell sees, as in the compose stack)."""
     env = {k: v for k, v in os.environ.items() if k not in ("MODEL_DIR", "VILBERT_WEIGHTS_URL")}
     if base_url:
         env["VILBERT_WEIGHTS_URL"] = base_url  # the env route; --base-url is exercised below
-    cmd = [sys.executable, str(FETCH), "--dest", str(dest), "--quiet", "--retry-wait", "0.05", "--timeout", "10", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    argv = ["--dest", str(dest), *(["--quiet"] if quiet else []), "--retry-wait", "0.05", "--timeout", "10", *args]
+    if process:
+        return subprocess.run([sys.executable, str(FETCH), *argv], env=env, capture_output=True, text=True, timeout=60)
+    out, err = io.StringIO(), io.StringIO()
+    with mock.patch.dict(os.environ, env, clear=True), redirect_stdout(out), redirect_stderr(err):
+        code = fetch_main(argv)
+    return subprocess.CompletedProcess([str(FETCH), *argv], code, out.getvalue(), err.getvalue())
 
 
 def sha(data: bytes) -> str:
@@ -150,7 +177,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
 
 def test_happy_path_installs_bundle_and_manifest(server, tmp_path):
     dest = tmp_path / "weights"
-    proc = run_fetch(dest, base_url=server.url)
+    proc = run_fetch(dest, base_url=server.url, process=True)
     assert proc.returncode == 0, proc.stderr
 
     for name in ("multi_task_model.bin", "detectron_model.pth", "detectron_config.yaml", CATEGORIES):
@@ -305,7 +332,7 @@ def test_offline_gives_one_line_error(tmp_path):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = run_fetch(tmp_path, base_url=f"http://127.0.0.1:{port}/")
+    proc = run_fetch(tmp_path, base_url=f"http://127.0.0.1:{port}/", process=True)
     assert_one_line_error(proc, "connection refused", "multi_task_model.bin")
     assert not [p for p in tmp_path.iterdir() if p.name not in (".fetch.lock",)]
 
@@ -356,3 +383,296 @@ def test_complete_part_file_from_a_crash_is_installed_without_download(server, t
     assert proc.returncode == 0, proc.stderr
     assert server.requests_for("detectron_model.pth") == [f"bytes={len(body)}-"]  # answered 416, nothing sent
     assert (tmp_path / "detectron_model.pth").read_bytes() == body
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Every refusal and each step's message, in-process
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    assert_one_line_error(proc)
+    return proc.stderr.strip().removeprefix("fetch: error: ")
+
+
+def log_lines(stderr: str) -> list[str]:
+    """stderr without the progress bars (each redraw starts with a carriage return)."""
+    return [line.rsplit("\r", 1)[-1] for line in stderr.splitlines() if line.rsplit("\r", 1)[-1].strip()]
+
+
+def test_each_step_says_what_it_did(server, tmp_path):
+    dest = tmp_path / "w"
+    proc = run_fetch(dest, "--base-url", server.url.rstrip("/"), quiet=False)  # the missing slash is added
+    assert proc.returncode == 0, proc.stderr
+    lines = log_lines(proc.stderr)
+    model = server.files["multi_task_model.bin"]
+    assert f"fetch: multi_task_model.bin: downloading {server.url}multi_task_model.bin" in lines
+    assert f"fetch: multi_task_model.bin: installed ({len(model)} bytes, sha256 {sha(model)[:12]}…)" in lines
+    host = server.url.removesuffix("vilbert-multi-task/")
+    assert f"fetch: {CATEGORIES}: downloading {host}pythia/data/{CATEGORIES}" in lines
+    assert (f"fetch: datasets.tar.gz: streaming {server.url}datasets.tar.gz for 2 answer list(s) (stops once found)"
+            in lines)
+    assert lines[-1] == f"fetch: done: {dest}"
+    again = run_fetch(dest, "--base-url", server.url, quiet=False)
+    names = ["multi_task_model.bin", "detectron_model.pth", "detectron_config.yaml", CATEGORIES, "vocab.txt",
+             "vqa_answers.json", "gqa_answers.json"]
+    assert log_lines(again.stderr) == [f"fetch: {name}: ok" for name in names] + [f"fetch: done: {dest}"]
+
+
+def test_quiet_prints_nothing_on_success(server, tmp_path):
+    proc = run_fetch(tmp_path, "--skip-answers", base_url=server.url)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
+
+
+def test_only_http_urls_are_accepted(tmp_path):
+    proc = run_fetch(tmp_path, "--base-url", "file:///etc/")
+    assert (proc.returncode, proc.stderr) == (2, "fetch: error: --base-url must be an http(s) URL, got 'file:///etc/'\n")
+    assert not tmp_path.joinpath("manifest.json").exists()
+
+
+def test_the_release_host_is_the_default_and_matches_the_docs(tmp_path, monkeypatch):
+    """Without --base-url or VILBERT_WEIGHTS_URL the files come from the release host that docs/WEIGHTS.md lists
+    (this machine cannot reach it: the connection is refused here, and the message names the address tried)."""
+    asked: list[str] = []
+
+    def refuse(request, timeout):
+        asked.append(request.full_url)
+        raise urllib.error.URLError(ConnectionRefusedError())
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    proc = run_fetch(tmp_path)
+    url = "https://dl.fbaipublicfiles.com/vilbert-multi-task/multi_task_model.bin"
+    assert asked == [url]  # refused: not retried
+    assert error_line(proc) == (f"cannot download {url}: connection refused. Check the network, or pass local "
+                                "copies (see --help)")
+    assert f"`{url}`" in (REPO / "docs" / "WEIGHTS.md").read_text(encoding="utf-8")
+
+
+def test_model_dir_is_the_default_destination(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "bundle"))
+    monkeypatch.setenv("VILBERT_WEIGHTS_URL", server.url)
+    with redirect_stderr(io.StringIO()):
+        assert fetch_main(["--quiet", "--skip-answers"]) == 0
+    assert (tmp_path / "bundle" / "multi_task_model.bin").read_bytes() == server.files["multi_task_model.bin"]
+
+
+@pytest.mark.parametrize("reason,message,attempts", [
+    (socket.gaierror(-2, "Name or service not known"), "host name does not resolve (offline?)", 1),
+    (OSError(errno.ENETUNREACH, "Network is unreachable"), "[Errno 101] Network is unreachable", 1),
+    (OSError(errno.EHOSTUNREACH, "No route to host"), "[Errno 113] No route to host", 1),
+    (TimeoutError(), "timed out", 3),  # transient: retried
+])
+def test_network_failures_are_told_apart(tmp_path, monkeypatch, reason, message, attempts):
+    asked: list[str] = []
+
+    def fail(request, timeout):
+        asked.append(request.full_url)
+        raise urllib.error.URLError(reason)
+
+    monkeypatch.setattr(urllib.request, "urlopen", fail)
+    proc = run_fetch(tmp_path, "--retries", "2", base_url="http://mirror.invalid/w/")
+    assert len(asked) == attempts
+    url = "http://mirror.invalid/w/multi_task_model.bin"
+    if attempts == 1:
+        assert error_line(proc) == (f"cannot download {url}: {message}. Check the network, or pass local copies "
+                                    "(see --help)")
+    else:
+        assert error_line(proc) == (f"download of {url} failed after 3 attempt(s) ({message}); 0 bytes kept in "
+                                    f"{tmp_path / 'multi_task_model.bin.part'}, rerun to resume")
+
+
+def test_a_missing_file_on_the_server_is_named_with_a_hint(server, tmp_path):
+    del server.files["detectron_model.pth"]
+    proc = run_fetch(tmp_path, base_url=server.url)
+    assert error_line(proc) == (f"{server.url}detectron_model.pth does not exist on the server (HTTP 404); check "
+                                "--base-url")
+
+
+def test_server_errors_are_retried_and_a_refusal_is_not(server, tmp_path):
+    server.statuses["multi_task_model.bin"] = [503, 500]
+    proc = run_fetch(tmp_path / "a", "--skip-answers", base_url=server.url)
+    assert proc.returncode == 0, proc.stderr
+    assert server.requests_for("multi_task_model.bin") == [None, None, None]
+    server.statuses["detectron_config.yaml"] = [403]
+    proc = run_fetch(tmp_path / "b", "--skip-answers", base_url=server.url)
+    assert error_line(proc) == f"cannot download {server.url}detectron_config.yaml: HTTP 403 Forbidden"
+    assert len(server.requests_for("detectron_config.yaml")) == 2  # one in each run: the 403 was not retried
+    server.statuses["detectron_config.yaml"] = [503, 503]
+    proc = run_fetch(tmp_path / "c", "--skip-answers", "--retries", "1", base_url=server.url)
+    assert error_line(proc) == (f"download of {server.url}detectron_config.yaml failed after 2 attempt(s) (HTTP 503 "
+                                f"Service Unavailable); 0 bytes kept in "
+                                f"{tmp_path / 'c' / 'detectron_config.yaml.part'}, rerun to resume")
+
+
+def test_a_server_that_ignores_range_is_read_from_the_start(server, tmp_path):
+    body = server.files["detectron_model.pth"]
+    (tmp_path / "detectron_model.pth.part").write_bytes(b"old bytes of something else")
+    server.no_range.add("detectron_model.pth")
+    proc = run_fetch(tmp_path, "--skip-answers", base_url=server.url)
+    assert proc.returncode == 0, proc.stderr
+    assert server.requests_for("detectron_model.pth") == ["bytes=27-"]
+    assert (tmp_path / "detectron_model.pth").read_bytes() == body
+
+
+def test_a_server_resuming_at_another_byte_is_refused(server, tmp_path):
+    body = server.files["detectron_model.pth"]
+    (tmp_path / "detectron_model.pth.part").write_bytes(body[:1000])
+    server.wrong_start["detectron_model.pth"] = 0
+    proc = run_fetch(tmp_path, base_url=server.url)
+    assert error_line(proc) == f"{server.url}detectron_model.pth: server resumed at byte 0, asked for 1000"
+    assert not (tmp_path / "detectron_model.pth").exists()
+
+
+def test_a_part_file_longer_than_the_servers_file_is_started_over(server, tmp_path):
+    body = server.files["detectron_config.yaml"]
+    (tmp_path / "detectron_config.yaml.part").write_bytes(body + b"# and more")
+    proc = run_fetch(tmp_path, "--skip-answers", base_url=server.url)
+    assert proc.returncode == 0, proc.stderr
+    assert server.requests_for("detectron_config.yaml") == [f"bytes={len(body) + 10}-", None]
+    assert (tmp_path / "detectron_config.yaml").read_bytes() == body
+
+
+def test_a_part_file_longer_than_the_expected_size_is_dropped_before_asking(server, tmp_path):
+    body = server.files["detectron_config.yaml"]
+    expect = tmp_path / "expect.json"
+    expect.write_text(json.dumps({"files": {"detectron_config.yaml": {"size": len(body), "sha256": sha(body)}}}))
+    dest = tmp_path / "w"
+    dest.mkdir()
+    (dest / "detectron_config.yaml.part").write_bytes(body + b"# and more")
+    proc = run_fetch(dest, "--skip-answers", "--expect", str(expect), base_url=server.url)
+    assert proc.returncode == 0, proc.stderr
+    assert server.requests_for("detectron_config.yaml") == [None]
+    assert (dest / "detectron_config.yaml").read_bytes() == body
+
+
+def test_a_size_other_than_expected_is_not_installed(server, tmp_path):
+    expect = tmp_path / "expect.json"
+    expect.write_text(json.dumps({"detectron_config.yaml": {"size": 5}}))  # a plain {name: record} object works too
+    body = server.files["detectron_config.yaml"]
+    proc = run_fetch(tmp_path / "w", "--expect", str(expect), base_url=server.url)
+    assert error_line(proc) == f"detectron_config.yaml: got {len(body)} bytes, expected 5; the file was not installed"
+    assert not list((tmp_path / "w").glob("detectron_config.yaml*"))
+
+
+def test_not_enough_disk_space_is_said_before_downloading(server, tmp_path, monkeypatch):
+    """A full disk cannot be made here: the free-space reading is replaced."""
+    import models.fetch as fetch
+
+    monkeypatch.setattr(fetch.shutil, "disk_usage", lambda path: shutil_usage(total=10 ** 6, used=10 ** 6 - 10, free=10))
+    proc = run_fetch(tmp_path, base_url=server.url)
+    size = len(server.files["multi_task_model.bin"])
+    assert error_line(proc) == f"not enough disk space in {tmp_path}: need {size} bytes, 10 free"
+    assert not (tmp_path / "multi_task_model.bin.part").exists()
+
+
+def test_a_second_fetch_into_the_same_folder_is_refused(server, tmp_path):
+    with open(tmp_path / ".fetch.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        proc = run_fetch(tmp_path, base_url=server.url)
+    assert error_line(proc) == f"another fetch is running in {tmp_path}"
+    assert server.log == []
+    assert run_fetch(tmp_path, "--skip-answers", base_url=server.url).returncode == 0  # released: runs
+
+
+@pytest.mark.parametrize("content,reason", [
+    ("not json", "Expecting value: line 1 column 1 (char 0)"),
+    ('{"version": 1}', "'files'"),
+    ('{"files": []}', "files is not an object"),
+])
+def test_a_damaged_manifest_is_named_with_what_to_do(tmp_path, content, reason):
+    (tmp_path / "manifest.json").write_text(content)
+    proc = run_fetch(tmp_path, base_url="http://127.0.0.1:9/")
+    assert error_line(proc) == (f"{tmp_path / 'manifest.json'} is not a valid manifest ({reason}); move it away to "
+                                "start afresh")
+
+
+def test_a_bad_expect_file_is_named(tmp_path):
+    proc = run_fetch(tmp_path / "w", "--expect", str(tmp_path / "nope.json"), base_url="http://127.0.0.1:9/")
+    assert error_line(proc) == (f"cannot read --expect {tmp_path / 'nope.json'}: [Errno 2] No such file or directory: "
+                                f"'{tmp_path / 'nope.json'}'")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    proc = run_fetch(tmp_path / "w", "--expect", str(tmp_path / "list.json"), base_url="http://127.0.0.1:9/")
+    assert error_line(proc) == f"cannot read --expect {tmp_path / 'list.json'}: expected an object of file records"
+
+
+def test_a_file_copied_in_by_hand_is_adopted_without_download(server, tmp_path):
+    body = server.files["multi_task_model.bin"]
+    (tmp_path / "multi_task_model.bin").write_bytes(body)
+    proc = run_fetch(tmp_path, "--skip-answers", base_url=server.url, quiet=False)
+    assert proc.returncode == 0, proc.stderr
+    assert f"fetch: multi_task_model.bin: found, recorded sha256 {sha(body)[:12]}…" in log_lines(proc.stderr)
+    assert server.requests_for("multi_task_model.bin") == []
+    record = json.loads((tmp_path / "manifest.json").read_text())["files"]["multi_task_model.bin"]
+    assert (record["source"], record["sha256"], record["size"]) == ("existing file", sha(body), len(body))
+
+
+def test_a_touched_file_is_rehashed_and_its_record_updated(server, tmp_path):
+    assert run_fetch(tmp_path, "--skip-answers", base_url=server.url).returncode == 0
+    path = tmp_path / "detectron_config.yaml"
+    os.utime(path, ns=(1, 1))  # same bytes, another mtime (a copy, a restore from backup)
+    proc = run_fetch(tmp_path, "--skip-answers", base_url=server.url)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "manifest.json").read_text())["files"]["detectron_config.yaml"]
+    assert record["mtime_ns"] == 1 and record["source"] == f"{server.url}detectron_config.yaml"
+    assert server.requests_for("detectron_config.yaml") == [None]  # not downloaded again
+
+
+def test_skip_answers_leaves_out_the_archive(server, tmp_path):
+    proc = run_fetch(tmp_path, "--skip-answers", base_url=server.url)
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "vqa_answers.json").exists() and server.requests_for("datasets.tar.gz") == []
+    assert (tmp_path / "vocab.txt").exists() and (tmp_path / CATEGORIES).exists()
+
+
+def test_an_archive_stream_that_cannot_resume_or_keeps_failing_is_named(server, tmp_path):
+    url = server.url + "datasets.tar.gz"
+    server.cuts["datasets.tar.gz"] = [5000]
+    server.no_range.add("datasets.tar.gz")
+    proc = run_fetch(tmp_path / "a", base_url=server.url)
+    assert error_line(proc) == f"{url}: the server cannot resume (no Range support); rerun to start over"
+    server.no_range.clear()
+    server.cuts["datasets.tar.gz"] = [100, 100, 100, 100]
+    proc = run_fetch(tmp_path / "b", "--retries", "2", base_url=server.url)
+    assert error_line(proc) == f"download of {url} kept failing at byte 300; rerun to retry"
+    # the first run's reconnection was answered whole (refused); the second's three connections each broke
+    assert server.requests_for("datasets.tar.gz") == [None, "bytes=5000-", None, "bytes=100-", "bytes=200-"]
+
+
+@pytest.mark.parametrize("status,message", [
+    (404, "{url} does not exist on the server (HTTP 404); check --base-url"),
+    (403, "cannot download {url}: HTTP 403 Forbidden"),
+])
+def test_an_archive_the_server_will_not_give_is_named(server, tmp_path, status, message):
+    server.statuses["datasets.tar.gz"] = [status]
+    proc = run_fetch(tmp_path, base_url=server.url)
+    assert error_line(proc) == message.format(url=server.url + "datasets.tar.gz")
+
+
+def test_local_answer_lists_that_cannot_be_read_are_named(server, tmp_path):
+    missing = tmp_path / "nope.pkl"
+    proc = run_fetch(tmp_path / "a", "--vqa-label2ans", str(missing), base_url=server.url)
+    assert error_line(proc) == f"cannot read {missing}: No such file or directory"
+    garbage = tmp_path / "garbage.pkl"
+    garbage.write_bytes(b"\x80\x04not a pickle")
+    proc = run_fetch(tmp_path / "b", "--vqa-label2ans", str(garbage), base_url=server.url)
+    line = error_line(proc)
+    assert line.startswith(f"{garbage}: ") and "<bytes>" not in line
+    proc = run_fetch(tmp_path / "c", "--archive", str(missing), base_url=server.url)
+    assert error_line(proc) == f"cannot read --archive {missing}: No such file or directory"
+
+
+def test_a_destination_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "taken").write_text("a file")
+    proc = run_fetch(tmp_path / "taken", base_url="http://127.0.0.1:9/")
+    assert error_line(proc) == f"File exists: {tmp_path / 'taken'}"
+
+
+def test_an_interrupted_fetch_says_it_can_be_resumed(server, tmp_path, monkeypatch):
+    """Ctrl-C cannot be pressed in a test: the fetch's first download raises it instead."""
+    import models.fetch as fetch
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fetch.Http, "download", interrupted)
+    proc = run_fetch(tmp_path, base_url=server.url)
+    assert (proc.returncode, proc.stderr) == (130, "fetch: interrupted; rerun to resume\n")

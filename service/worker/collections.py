@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from detector.images import load_image
+from detector.images import ImageDecodeError, load_image
 from detector.records import encode_record
 
 from vilbert.predictor import PredictionInputError, PredictRequest
@@ -51,6 +51,13 @@ def thumbnail(rgb: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=85)
     return buffer.getvalue()
+
+
+def file_problem(exc: OSError | ImageDecodeError) -> str:
+    """Why a file of a bulk add was skipped: the decoder's message, or the system's reason it could not be read."""
+    if isinstance(exc, ImageDecodeError):
+        return exc.message
+    return f"cannot read it ({exc.strerror or exc})"
 
 
 def index_images(pipeline: Pipeline, store: CollectionStore, images: Sequence[bytes]) -> list[tuple[str, bool]]:
@@ -154,6 +161,27 @@ def image_files(paths: Sequence[str]) -> list[Path]:
     return files
 
 
+def add_files(pipeline: Pipeline, store: CollectionStore, files: Sequence[Path],
+              report: Callable[[str], None] = lambda line: None) -> dict:
+    """The add command: index each file (the detector once per image not yet in the collection), one progress line
+    each to `report`. A file that cannot be read or is not an image we accept is skipped and reported, and the
+    others go on (a folder with one damaged photo still gets indexed). Returns {"added", "images" (the collection's
+    count after), "skipped"}."""
+    added = skipped = 0
+    for number, path in enumerate(files, 1):
+        try:
+            (image_id, new), = index_images(pipeline, store, [path.read_bytes()])
+        except (OSError, ImageDecodeError) as exc:
+            skipped += 1
+            report(f"[{number}/{len(files)}] {path.name}: skipped, {file_problem(exc)}")
+            continue
+        added += new
+        report(f"[{number}/{len(files)}] {path.name}: {image_id} {'added' if new else 'already there'}")
+    if added:
+        store.register()  # counted among the collections (MAX_COLLECTIONS), as an add job does
+    return {"added": added, "images": store.info().images, "skipped": skipped}
+
+
 def store_image_files(folder: str | Path) -> dict[str, Path]:
     """The image files under `folder` by the id detector.extract gives them (file name up to the first dot)."""
     from detector.extract import collect_images, image_id
@@ -192,11 +220,11 @@ def index_feature_store(store: CollectionStore, features: "FeatureStore", images
             if path is None:
                 problem = "no image file with this id in the --images folder"
             else:
-                data = path.read_bytes()
                 try:
+                    data = path.read_bytes()
                     rgb = load_image(data, max_image_pixels)
-                except Exception as exc:  # noqa: BLE001 - unreadable: reported, the others go on
-                    problem = f"{path.name}: {getattr(exc, 'message', None) or exc}"
+                except (OSError, ImageDecodeError) as exc:  # reported, the others go on
+                    problem = f"{path.name}: {file_problem(exc)}"
                 else:  # the size the regions were extracted at tells a wrong file (another image, resized)
                     if (rgb.shape[1], rgb.shape[0]) != (regions.image_width, regions.image_height):
                         problem = (f"{path.name} is {rgb.shape[1]}x{rgb.shape[0]}, the regions were extracted from "
@@ -259,17 +287,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return add_features(store, args.store, args.images, settings.max_image_pixels, settings.model_dir)
     pipeline = Pipeline.from_settings(settings)
     if args.command == "add":
-        files = image_files(args.paths)
-        added = 0
-        for number, path in enumerate(files, 1):
-            (image_id, new), = index_images(pipeline, store, [path.read_bytes()])
-            added += new
-            print(f"[{number}/{len(files)}] {path.name}: {image_id} {'added' if new else 'already there'}",
-                  file=sys.stderr, flush=True)
-        if added:
-            store.register()  # counted among the collections (MAX_COLLECTIONS), as an add job does
-        print(json.dumps({"added": added, "images": store.info().images}))
-        return 0
+        result = add_files(pipeline, store, image_files(args.paths), lambda line: print(line, file=sys.stderr,
+                                                                                        flush=True))
+        print(json.dumps(result))
+        return 1 if result["skipped"] else 0
     above = {"auto": settings.collection_first_stage_above, "on": 0, "off": None}[args.first_stage]
     print(json.dumps(search(pipeline, store, args.text, args.top_k, args.task, ground=not args.no_ground,
                             first_stage_above=above, rerank_top=settings.collection_rerank_top), indent=2))
