@@ -60,13 +60,19 @@ def test_released_lmdb_reader_matches_written_record(root):
         reader["nope"]
 
 
+def write_store(path, image_id: str, count: int, width: int, height: int, seed: int = 0) -> RegionFeatures:
+    """Our FeatureStore at `path` holding one image of `count` random regions; returns them."""
+    rng = np.random.default_rng(seed)
+    regions = RegionFeatures(boxes=rng.uniform(0, 50, (count, 4)).astype(np.float32),
+                             features=rng.random((count, DIM), dtype=np.float32), scores=np.ones(count, np.float32),
+                             class_ids=np.arange(count), image_width=width, image_height=height, num_boxes=count)
+    with FeatureStore(path, readonly=False) as store:
+        store.put(image_id, regions)
+    return regions
+
+
 def test_our_feature_store_is_read_too(tmp_path):
-    rng = np.random.default_rng(0)
-    regions = RegionFeatures(boxes=rng.uniform(0, 50, (5, 4)).astype(np.float32),
-                             features=rng.random((5, DIM), dtype=np.float32), scores=np.ones(5, np.float32),
-                             class_ids=np.arange(5), image_width=100, image_height=80, num_boxes=5)
-    with FeatureStore(tmp_path / "store", readonly=False) as store:
-        store.put("img1", regions)
+    regions = write_store(tmp_path / "store", "img1", 5, 100, 80)
     reader = open_features(tmp_path / "store")
     assert isinstance(reader, StoreFeatureReader)
     image = reader["img1"]
@@ -199,12 +205,7 @@ def test_each_reader_names_the_missing_file(tmp_path):
 
 
 def test_our_store_is_read_only_and_answers_membership(tmp_path):
-    rng = np.random.default_rng(1)
-    regions = RegionFeatures(boxes=rng.uniform(0, 50, (2, 4)).astype(np.float32),
-                             features=rng.random((2, DIM), dtype=np.float32), scores=np.ones(2, np.float32),
-                             class_ids=np.arange(2), image_width=60, image_height=40, num_boxes=2)
-    with FeatureStore(tmp_path / "store", readonly=False) as store:
-        store.put("42", regions)
+    write_store(tmp_path / "store", "42", 2, 60, 40, seed=1)
     reader = StoreFeatureReader(tmp_path / "store")
     assert "42" in reader and b"42" in reader and 42 in reader and "43" not in reader
     with pytest.raises(KeyError, match="'43' is not in"):
