@@ -5,8 +5,10 @@ here every branch and message is checked where the mutation check (bench/mutatio
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
+import time
 import uuid
 from pathlib import Path
 
@@ -16,15 +18,17 @@ from PIL import Image
 from redis import Redis
 
 from detector.records import encode_record
+from detector.images import ImageDecodeError
 from detector.regions import RegionFeatures
 from detector.store import FeatureStore
 from service.collections import CollectionStore, image_id_of
-from service.worker.collections import (THUMBNAIL_SIDE, add_features, add_files, bundle_names, ground_regions, image_files,
+from service.errors import BadRequest
+from service.worker.collections import (PROG, THUMBNAIL_SIDE, add_features, add_files, build_parser, bundle_names, ground_regions, image_files,
                                         index_feature_store, index_images, main, search, store_image_files,
                                         thumbnail)
 from service.worker.pipeline import Pipeline
 from vilbert.predictor import PredictRequest
-from test_collections import photo
+from test_collections import ROOT, photo
 
 
 @pytest.fixture(scope="module")
@@ -93,14 +97,14 @@ def test_a_thumbnail_is_a_quality_85_jpeg():
 def test_image_files_lists_the_images_of_a_folder_sorted_and_takes_named_files_as_given(tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
-    for name in ("b.JPG", "a.png", "c.webp", "d.TIFF", "notes.txt", "noext", "e.mpo"):
+    images = ["a.png", "b.JPG", "c.webp", "d.TIFF", "e.mpo", "f.jpeg", "g.gif", "h.BMP", "i.tif", "j.ppm"]
+    for name in images + ["notes.txt", "noext", "k.heic"]:
         (folder / name).write_bytes(b"x")
     (folder / "sub.jpg").mkdir()  # a folder named like an image: not a file
     (folder / "sub.jpg" / "inner.jpg").write_bytes(b"x")  # not recursed into
     named = tmp_path / "scan.dat"  # a file named on the command line is taken whatever its name
     named.write_bytes(b"x")
-    assert image_files([str(named), str(folder)]) == [named] + [folder / n for n in
-                                                                ("a.png", "b.JPG", "c.webp", "d.TIFF", "e.mpo")]
+    assert image_files([str(named), str(folder)]) == [named] + [folder / name for name in images]
 
 
 def test_image_files_names_a_path_that_is_not_there(tmp_path):
@@ -371,6 +375,75 @@ def test_main_indexes_a_feature_store(environment, tmp_path, capsys, redis_url):
     assert code == 2 and err == f"collections: no such folder: {tmp_path / 'nope'}\n"
 
 
+def argument(action: argparse.Action) -> str:
+    """An argument as the docs table shows it: a positional's name; an option with its value's name or choices."""
+    if not action.option_strings:
+        return action.metavar or action.dest
+    shown = action.option_strings[0]
+    if action.nargs == 0:
+        return shown
+    if action.choices:
+        return f"{shown} {{{','.join(action.choices)}}}"
+    return f"{shown} {action.metavar or action.dest.upper()}"
+
+
+def parser_rows() -> list[str]:
+    """docs/SCALE.md's command table, built from the parser itself."""
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    helps = {choice.dest: choice.help for choice in commands._choices_actions}
+    rows = []
+    for name, command in commands.choices.items():
+        rows.append(f"| `{name}` | | | {helps[name]} |")
+        for action in command._actions:
+            if not isinstance(action, argparse._HelpAction):
+                default = "" if action.default in (None, False) else f"`{action.default}`"
+                rows.append(f"| | `{argument(action)}` | {default} | {action.help} |".replace("|  |", "| |"))
+    return rows
+
+
+def test_the_docs_list_every_command_and_argument_as_the_parser_has_them():
+    lines = (ROOT / "docs" / "SCALE.md").read_text(encoding="utf-8").splitlines()
+    start = lines.index("| command | argument | default | what it is |") + 2
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+    assert lines[start:end] == parser_rows()
+
+
+def test_help_names_the_program_and_what_it_does(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        build_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert stopped.value.code == 0
+    assert out.startswith(f"usage: {PROG} ") and PROG == "python -m service.worker.collections"
+    assert " ".join(out.split()).count("Indexing images into a collection and searching it by caption") == 1
+    assert "Searching scores every image" not in out  # the first paragraph of the module's docstring only
+
+
+@pytest.mark.parametrize("argv,complaint", [
+    (["search", "x", "a dog", "--task", "vqa"], "invalid choice: 'vqa'"),
+    (["search", "x", "a dog", "--first-stage", "sometimes"], "invalid choice: 'sometimes'"),
+    (["search", "x", "a dog", "--top-k", "many"], "invalid int value: 'many'"),
+    (["add", "x"], "the following arguments are required: IMAGE_OR_DIR"),
+])
+def test_bad_arguments_are_refused_before_anything_runs(capsys, argv, complaint):
+    with pytest.raises(SystemExit) as stopped:
+        build_parser().parse_args(argv)
+    assert stopped.value.code == 2 and complaint in capsys.readouterr().err
+
+
+def test_each_first_stage_choice_is_accepted():
+    for choice in ("auto", "on", "off"):
+        assert build_parser().parse_args(["search", "x", "t", "--first-stage", choice]).first_stage == choice
+    parsed = build_parser().parse_args(["search", "x", "t"])
+    assert (parsed.top_k, parsed.task, parsed.first_stage, parsed.no_ground) == (10, "retrieval_coco", "auto", False)
+
+
+def test_main_names_a_bad_setting_without_a_traceback(environment, capsys, monkeypatch):
+    monkeypatch.setenv("MAX_IMAGE_PIXELS", "10")
+    code, out, err = run_main(capsys, "info", "x")
+    assert (code, out) == (2, "")
+    assert err == "collections: invalid settings:\n  MAX_IMAGE_PIXELS='10': must be >= 1024\n"
+
+
 def test_main_needs_a_command(environment, capsys):
     with pytest.raises(SystemExit) as stopped:
         main([])
@@ -408,3 +481,145 @@ def test_grounding_gives_each_images_best_region_with_its_detected_label(pipelin
     assert 1 <= best["region"] <= 3
     assert grounded[1] == (best["box"], best["score"], pipeline.region_label(some.class_ids[best["region"] - 1]))
     assert grounded[1][2] is not None
+
+
+# ------------------------------------------------------------------------------- search over many stored images
+
+
+def stored(store: CollectionStore, pipeline: Pipeline, count: int, patterns: int = 2) -> list[str]:
+    """`count` images stored without the detector, their regions `patterns` kinds in turn (so scores tie within a
+    kind); returns the ids, sorted."""
+    kinds = [region_features(3, width=pipeline.predictor.feature_dim, seed=kind) for kind in range(patterns)]
+    ids = [f"{number:032x}" for number in range(count)]
+    for number, image_id in enumerate(ids):
+        store.add(image_id, kinds[number % patterns], None, 0)
+    return ids
+
+
+def test_search_reads_and_scores_64_images_at_a_time_and_ranks_ties_by_id(pipeline, store, monkeypatch):
+    """The default chunk keeps a large collection out of memory; equal scores keep the id order (a stable ranking
+    from one search to the next)."""
+    ids = stored(store, pipeline, 300)
+    reads: list[int] = []
+    real = store.regions
+
+    def slow_regions(image_ids):  # a store 20 ms a read away, to see the read time add up over the chunks
+        reads.append(len(image_ids))
+        time.sleep(0.02)
+        return real(image_ids)
+
+    monkeypatch.setattr(store, "regions", slow_regions)
+    started = time.perf_counter()
+    result = search(pipeline, store, "a dog", top_k=300, ground=False)
+    elapsed = time.perf_counter() - started
+    assert reads == [64, 64, 64, 64, 44, 300]  # the chunks, then the hits' regions
+    hits = result["hits"]
+    assert [hit["image_id"] for hit in hits] == sorted(ids, key=lambda i: (-hits_score(hits, i), i))
+    assert len({hit["score"] for hit in hits}) == 2
+    timings = result["timings"]
+    assert timings["read_s"] >= 5 * 0.02  # every chunk's read counted, not only the last
+    assert all(isinstance(value, float) for value in timings.values())
+    assert timings["total_s"] <= elapsed + 1e-4
+
+
+def hits_score(hits: list[dict], image_id: str) -> float:
+    return next(hit["score"] for hit in hits if hit["image_id"] == image_id)
+
+
+def test_the_first_stage_reranks_200_images_by_default(pipeline, store):
+    stored(store, pipeline, 201, patterns=1)
+    result = search(pipeline, store, "a dog", top_k=1, ground=False, first_stage_above=0)
+    assert result["first_stage"] == {"used": True, "matched": 0, "reranked": 200}
+    assert (result["images"], result["scored"]) == (201, 200)
+
+
+def test_search_scores_with_the_task_asked_for(pipeline, store):
+    ids = stored(store, pipeline, 4, patterns=4)
+    regions = store.regions(ids)
+    for task in ("retrieval_coco", "retrieval_flickr30k"):
+        expected = pipeline.predictor.score_images("a dog", regions, task)
+        hits = search(pipeline, store, "a dog", top_k=4, task=task, ground=False)["hits"]
+        assert {hit["image_id"]: hit["score"] for hit in hits} == {
+            image_id: round(float(score), 6) for image_id, score in zip(ids, expected)}
+    coco = pipeline.predictor.score_images("a dog", regions, "retrieval_coco")
+    assert not np.allclose(coco, pipeline.predictor.score_images("a dog", regions, "retrieval_flickr30k"))
+
+
+def test_an_unknown_task_is_quoted_briefly(pipeline, store):
+    with pytest.raises(BadRequest) as refused:
+        search(pipeline, store, "a dog", task="t" * 50)
+    assert refused.value.message == ("task must be one of retrieval_coco, retrieval_flickr30k, got "
+                                     f"{'t' * 40!r}")
+
+
+# ------------------------------------------------------------------------------------------- indexing details
+
+
+def test_an_image_already_there_does_not_stop_the_ones_after_it(pipeline, store):
+    first, second = photo(70), photo(71)
+    index_images(pipeline, store, [first])
+    assert index_images(pipeline, store, [first, second]) == [(image_id_of(first), False), (image_id_of(second), True)]
+
+
+def test_indexing_uses_the_pipelines_pixel_limit(pipeline, store, monkeypatch):
+    monkeypatch.setattr(pipeline, "max_image_pixels", 1000)
+    with pytest.raises(ImageDecodeError) as refused:
+        index_images(pipeline, store, [photo(72)])
+    assert refused.value.message == "image has 320x240 pixels, more than the limit of 1000"
+
+
+def test_without_region_names_an_image_is_indexed_but_not_named(pipeline, store, monkeypatch):
+    monkeypatch.setattr(pipeline, "names", None)
+    ((image_id, new),) = index_images(pipeline, store, [photo(73)])
+    assert new and store.ids() == [image_id]
+    assert json.loads(store.connection.hget(store.terms_key, image_id)) == {}
+
+
+def test_add_features_indexes_region_names_from_the_bundle(tmp_path, store, capsys, tiny_bundle):
+    entry = region_features(2)
+    feature_store(tmp_path / "f.lmdb", {"a": entry}).close()
+    assert add_features(store, str(tmp_path / "f.lmdb"), None, 10 ** 8, tiny_bundle) == 0
+    capsys.readouterr()
+    word = next(label for label in bundle_names(tiny_bundle).labels(entry.class_ids) if label)
+    assert [image_id for image_id, _ in store.lexical_ranking(word)] == store.ids()
+
+
+def test_main_add_features_checks_images_against_max_image_pixels(environment, tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(photo(5))
+    feature_store(tmp_path / "f.lmdb", {"a": region_features(2)}).close()
+    monkeypatch.setenv("MAX_IMAGE_PIXELS", "1024")
+    code, out, err = run_main(capsys, "add-features", f"cli-{uuid.uuid4().hex[:6]}", str(tmp_path / "f.lmdb"),
+                              "--images", str(folder))
+    assert code == 1 and json.loads(out) == {"added": 0, "images": 0, "skipped": 1}
+    assert err.splitlines()[-1] == "[1/1] a: skipped, a.jpg: image has 320x240 pixels, more than the limit of 1024"
+
+
+def test_main_first_stage_on_applies_to_any_collection(environment, capsys, redis_url, pipeline):
+    """on: the lexical first stage even for one image (above 0 images)."""
+    name = f"cli-{uuid.uuid4().hex[:6]}"
+    stored(CollectionStore(Redis.from_url(redis_url), name), pipeline, 1)
+    code, out, _ = run_main(capsys, "search", name, "a dog", "--first-stage", "on")
+    assert code == 0 and json.loads(out)["first_stage"] == {"used": True, "matched": 0, "reranked": 1}
+
+
+def grounding_best(pipeline: Pipeline, text: str, regions: RegionFeatures) -> int:
+    (outcome,) = pipeline.predictor.predict_many([PredictRequest(images=[regions], text=text, tasks=["refcoco"],
+                                                                 top_k=1)])
+    return outcome["refcoco"]["regions"][0]["region"]
+
+
+def test_a_hit_grounded_on_the_whole_image_has_no_label_and_one_on_the_first_box_has_its_label(pipeline):
+    """Region 0 is the whole-image row, which no detected box names; region 1 is the first box. Images of one
+    region are tried until the tiny model picks each (its weights are fixed: the same images every run)."""
+    dim = pipeline.predictor.feature_dim
+    images = [region_features(1, width=dim, seed=seed) for seed in range(40)]
+    for seed, regions in enumerate(images):  # boxes anywhere in the image: the row's place sways the choice
+        x, y = np.random.default_rng(seed).uniform(0, 1, 2) * [240, 180]
+        regions.boxes[0] = [x, y, x + 80, y + 60]
+    best = [grounding_best(pipeline, "the dog", regions) for regions in images]
+    whole, first = images[best.index(0)], images[best.index(1)]
+    assert ground_regions(pipeline, "the dog", [whole])[0][2] is None
+    assert ground_regions(pipeline, "the dog", [first])[0][2] == pipeline.region_label(first.class_ids[0])
+    assert pipeline.region_label(first.class_ids[0]) is not None

@@ -1,6 +1,6 @@
-"""Indexing images into a collection and searching it by caption, with the worker's models (issue 14; the HTTP
-API and its job types come later). Also the bulk path: index a folder of images, or a feature store written by
-`python -m detector.extract`, without going through HTTP.
+"""Indexing images into a collection and searching it by caption, with the worker's models: what the collection
+jobs run (service.worker.rq_batch), and the bulk path, which indexes a folder of images or a feature store written
+by `python -m detector.extract` without going through HTTP.
 
     python -m service.worker.collections add NAME IMAGE_OR_DIR...     # detector once per image, regions stored
     python -m service.worker.collections add-features NAME STORE [--images DIR]   # a detector.extract store
@@ -246,35 +246,49 @@ def index_feature_store(store: CollectionStore, features: "FeatureStore", images
     return {"added": added, "images": store.info().images, "skipped": skipped}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from ..queue import connect
-    from ..settings import load_settings
+PROG = "python -m service.worker.collections"
+NAME_HELP = "the collection: 1 to 63 lower-case letters, digits, - and _"
 
-    parser = argparse.ArgumentParser(prog="python -m service.worker.collections", description=__doc__.split("\n\n")[0])
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; docs/SCALE.md's command table lists every argument (tests/test_worker_collections.py)."""
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     add = commands.add_parser("add", help="index images (files or folders) into a collection")
-    add.add_argument("name")
-    add.add_argument("paths", nargs="+")
+    add.add_argument("name", help=NAME_HELP)
+    add.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR",
+                     help="image files, and folders whose image files (by extension) are added")
     find = commands.add_parser("search", help="rank a collection's images for a caption")
-    find.add_argument("name")
-    find.add_argument("text")
-    find.add_argument("--top-k", type=int, default=10)
-    find.add_argument("--task", choices=SEARCH_TASKS, default="retrieval_coco")
+    find.add_argument("name", help=NAME_HELP)
+    find.add_argument("text", help="the caption to rank the images by")
+    find.add_argument("--top-k", type=int, default=10, metavar="N", help="how many hits to give")
+    find.add_argument("--task", choices=SEARCH_TASKS, default="retrieval_coco", help="the retrieval head to score with")
     find.add_argument("--first-stage", choices=("auto", "on", "off"), default="auto",
                       help="rank by region names first, re-rank the best with ViLBERT (auto: above "
                            "COLLECTION_FIRST_STAGE_ABOVE images)")
     find.add_argument("--no-ground", action="store_true", help="leave out each hit's grounded box")
     from_store = commands.add_parser(
         "add-features", help="index a feature store written by `python -m detector.extract` (no detector run)")
-    from_store.add_argument("name")
+    from_store.add_argument("name", help=NAME_HELP)
     from_store.add_argument("store", help="the feature store directory (detector.extract --out)")
     from_store.add_argument("--images", metavar="DIR", help="the original images (file name up to the first dot = "
                             "the store's image id): thumbnails from them, and the image ids an add of those files "
                             "gives; without it the images have no thumbnail")
     info = commands.add_parser("info", help="image count and stored bytes of a collection")
-    info.add_argument("name")
-    args = parser.parse_args(argv)
-    settings = load_settings()
+    info.add_argument("name", help=NAME_HELP)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ..queue import connect
+    from ..settings import SettingsError, load_settings
+
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"collections: {exc}", file=sys.stderr)
+        return 2
     try:
         store = CollectionStore(connect(settings), args.name)
     except BadRequest as exc:
