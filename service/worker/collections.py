@@ -122,9 +122,14 @@ def search(pipeline: Pipeline, store: CollectionStore, text: str, top_k: int = 1
     total = time.perf_counter() - started
     return {"hits": hits, "images": images, "scored": len(ids), "task": task, "grounded": ground,
             "first_stage": first_stage,
-            "timings": {"first_stage_s": round(lexical - started, 4), "read_s": round(read_s, 4),
-                        "score_s": round(scored - lexical - read_s, 4), "ground_s": round(total - (scored - started), 4),
-                        "total_s": round(total, 4)}}
+            "timings": {"first_stage_s": seconds(lexical - started), "read_s": seconds(read_s),
+                        "score_s": seconds(scored - lexical - read_s), "ground_s": seconds(total - (scored - started)),
+                        "total_s": seconds(total)}}
+
+
+def seconds(value: float) -> float:
+    """A search's stage time as reported: to 0.1 ms (finer is noise)."""
+    return round(value, 4)
 
 
 def ground_regions(pipeline: Pipeline, text: str, images: Sequence) -> list[tuple[list[float] | None, float | None,
