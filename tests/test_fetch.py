@@ -29,7 +29,7 @@ from unittest import mock
 
 import pytest
 
-from models.fetch import ANSWER_LISTS, FetchError, read_tar_members
+from models.fetch import ANSWER_LISTS, FetchError, Http, ResumingStream, read_tar_members
 from models.fetch import main as fetch_main
 
 shutil_usage = namedtuple("usage", "total used free")
@@ -83,6 +83,8 @@ class ReleaseServer:
         self.statuses: dict[str, list[int]] = {}  # name -> error statuses to answer the next requests with
         self.no_range: set[str] = set()  # names served whole (200) even when a Range is asked for
         self.wrong_start: dict[str, int] = {}  # name -> a start the server claims in Content-Range instead
+        self.lengths: dict[str, str | None] = {}  # name -> the Content-Length to send instead (None: none at all)
+        self.hangups: dict[str, int] = {}  # name -> requests to close without any answer
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -100,6 +102,10 @@ class ReleaseServer:
                 if body is None:
                     self.send_error(404)
                     return
+                if server.hangups.get(name):
+                    server.hangups[name] -= 1
+                    self.close_connection = True
+                    return
                 if server.statuses.get(name):
                     self.send_error(server.statuses[name].pop(0))
                     return
@@ -116,7 +122,11 @@ class ReleaseServer:
                 if rng:
                     claimed = server.wrong_start.get(name, start)
                     self.send_header("Content-Range", f"bytes {claimed}-{len(body) - 1}/{len(body)}")
-                self.send_header("Content-Length", str(len(body) - start))
+                length = server.lengths.get(name, str(len(body) - start))
+                if length is not None:
+                    self.send_header("Content-Length", length)
+                else:  # the body ends when the connection closes
+                    self.close_connection = True
                 self.end_headers()
                 cuts = server.cuts.get(name)
                 if cuts:
@@ -676,3 +686,72 @@ def test_an_interrupted_fetch_says_it_can_be_resumed(server, tmp_path, monkeypat
     monkeypatch.setattr(fetch.Http, "download", interrupted)
     proc = run_fetch(tmp_path, base_url=server.url)
     assert (proc.returncode, proc.stderr) == (130, "fetch: interrupted; rerun to resume\n")
+
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The archive stream (ResumingStream) on its own
+
+
+class RecordingHttp(Http):
+    """The fetcher's Http, with its backoff waits recorded instead of slept and its log kept."""
+
+    def __init__(self, retries: int = 3):
+        super().__init__(timeout=10, retries=retries, backoff=1.0, quiet=True)
+        self.waits: list[int] = []
+        self.lines: list[str] = []
+        self.log = self.lines.append
+
+    def sleep(self, attempt: int) -> None:
+        self.waits.append(attempt)
+
+
+def read_all(stream: ResumingStream, size: int) -> bytes:
+    blocks = []
+    while block := stream.read(size):
+        assert len(block) <= size
+        blocks.append(block)
+    return b"".join(blocks)
+
+
+def test_the_stream_gives_at_most_what_is_asked_and_ends_with_nothing(server):
+    body = server.files["datasets.tar.gz"]
+    stream = ResumingStream(RecordingHttp(), server.url + "datasets.tar.gz", "archive")
+    assert stream.total == len(body) and stream.bar.total == len(body)
+    assert stream.read(1) == body[:1] and stream.read(7) == body[1:8]
+    assert read_all(stream, 1000) == body[8:]
+    assert stream.read(10) == b""  # at the end: no reconnection
+    stream.close()
+    assert server.requests_for("datasets.tar.gz") == [None]
+
+
+@pytest.mark.parametrize("length", [None, "many"])
+def test_a_stream_without_a_usable_length_reads_to_the_close(server, length):
+    body = server.files["datasets.tar.gz"]
+    server.lengths["datasets.tar.gz"] = length
+    stream = ResumingStream(RecordingHttp(), server.url + "datasets.tar.gz", "archive")
+    assert stream.total is None
+    assert read_all(stream, 4096) == body
+    stream.close()
+
+
+def test_a_dropped_stream_resumes_where_it_stopped_after_doubling_waits(server):
+    body = server.files["datasets.tar.gz"]
+    server.cuts["datasets.tar.gz"] = [1000, 1000]
+    http = RecordingHttp()
+    stream = ResumingStream(http, server.url + "datasets.tar.gz", "archive")
+    assert read_all(stream, 300) == body
+    stream.close()
+    assert server.requests_for("datasets.tar.gz") == [None, "bytes=1000-", "bytes=2000-"]
+    assert http.waits == [0, 1]  # backoff x 2**0, then x 2**1
+    assert http.lines == ["datasets.tar.gz: connection dropped; resuming at byte 1000",
+                          "datasets.tar.gz: connection dropped; resuming at byte 2000"]
+
+
+def test_a_connection_closed_before_any_answer_is_retried(server, tmp_path):
+    """The server hangs up without a status line (http.client's RemoteDisconnected, which has no `reason`)."""
+    server.hangups["detectron_config.yaml"] = 1
+    proc = run_fetch(tmp_path, "--skip-answers", base_url=server.url)
+    assert proc.returncode == 0, proc.stderr
+    assert server.requests_for("detectron_config.yaml") == [None, None]
+    assert (tmp_path / "detectron_config.yaml").read_bytes() == server.files["detectron_config.yaml"]
