@@ -75,7 +75,6 @@ MODULES: dict[str, tuple[str, ...]] = {
     "service/worker/metrics.py": ("tests/test_worker_metrics.py",),
     "service/worker/collections.py": ("tests/test_collections.py", "tests/test_worker_collections.py", "-k",
                                       "not bulk"),
-    "models/fetch.py": ("tests/test_fetch.py",),
 }
 # Copied whole into each scratch copy, so that every import resolves there rather than in the checkout
 # (the packages of pyproject.toml; tests/test_mutation_check.py keeps the two in step).

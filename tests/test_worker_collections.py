@@ -623,3 +623,8 @@ def test_a_hit_grounded_on_the_whole_image_has_no_label_and_one_on_the_first_box
     assert ground_regions(pipeline, "the dog", [whole])[0][2] is None
     assert ground_regions(pipeline, "the dog", [first])[0][2] == pipeline.region_label(first.class_ids[0])
     assert pipeline.region_label(first.class_ids[0]) is not None
+
+
+def test_search_gives_ten_hits_by_default(pipeline, store):
+    stored(store, pipeline, 11)
+    assert len(search(pipeline, store, "a dog", ground=False)["hits"]) == 10
