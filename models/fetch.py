@@ -303,9 +303,9 @@ def _content_range_start(value: Optional[str]) -> Optional[int]:
 
 
 def _content_range_total(value: Optional[str]) -> Optional[int]:
+    # "bytes 100-199/200"; None for "bytes */*" (size unknown), a malformed value or none
     try:
-        total = value.rsplit("/", 1)[1]
-        return None if total == "*" else int(total)
+        return int(value.rsplit("/", 1)[1])
     except (AttributeError, IndexError, ValueError):
         return None
 
@@ -348,7 +348,7 @@ class ResumingStream:
     def read(self, n: int = -1) -> bytes:
         while True:
             try:
-                block = self.response.read(n if n and n > 0 else CHUNK)
+                block = self.response.read(n if n > 0 else CHUNK)  # never "all of it": the archive is GBs
             except _TRANSIENT:
                 block = None
             if block:

@@ -29,7 +29,7 @@ from unittest import mock
 
 import pytest
 
-from models.fetch import ANSWER_LISTS, FetchError, Http, ResumingStream, read_tar_members
+from models.fetch import ANSWER_LISTS, CHUNK, FetchError, Http, ResumingStream, read_tar_members
 from models.fetch import main as fetch_main
 
 shutil_usage = namedtuple("usage", "total used free")
@@ -723,6 +723,15 @@ def test_the_stream_gives_at_most_what_is_asked_and_ends_with_nothing(server):
     assert stream.read(10) == b""  # at the end: no reconnection
     stream.close()
     assert server.requests_for("datasets.tar.gz") == [None]
+
+
+def test_the_stream_never_reads_a_whole_body_at_once(server):
+    """read() and read(0), which mean "everything" to a file, give one chunk: the real archive is GBs."""
+    server.files["big.bin"] = os.urandom(3 * CHUNK)
+    stream = ResumingStream(RecordingHttp(), server.url + "big.bin", "big")
+    assert stream.read() == server.files["big.bin"][:CHUNK]
+    assert stream.read(0) == server.files["big.bin"][CHUNK:2 * CHUNK]
+    stream.close()
 
 
 @pytest.mark.parametrize("length", [None, "many"])
