@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib.metadata
+import multiprocessing
 import os
 import platform
 import re
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -147,29 +149,42 @@ def mutant_changes(module: str) -> dict[str, str]:
         finally:
             os.chdir(before)
             reset_config()
-    # As `mutmut show` diffs them, with the mutated file parsed once (not once per mutant, which takes minutes).
+    # As `mutmut show` diffs them, with the mutated file parsed once (not once per mutant, which takes minutes) and
+    # each original function printed once (not once per mutant of it).
     tree = libcst.parse_module(mutated.code)
     changes = {}
+    originals: dict[str, list[str]] = {}
     for short in mutated.mutant_names:
-        original, mutant = (libcst.Module([f]).code.strip().splitlines()
-                            for f in (read_original_function(tree, short), read_mutant_function(tree, short)))
+        function = short.rpartition("__mutmut_")[0]
+        if function not in originals:
+            originals[function] = libcst.Module([read_original_function(tree, short)]).code.strip().splitlines()
+        original = originals[function]
+        mutant = libcst.Module([read_mutant_function(tree, short)]).code.strip().splitlines()
         added = [line[1:].strip() for line in difflib.unified_diff(original, mutant, lineterm="", n=0)
                  if line.startswith("+") and not line.startswith("+++")]
         changes[mutant_prefix(module) + short] = "\n".join(added)
     return changes
 
 
+def all_mutant_changes(modules: list[str]) -> dict[str, dict[str, str]]:
+    """mutant_changes of each module, the modules spread over the CPUs (each takes seconds: tens of modules would
+    take over a minute on one core). Forked workers: mutant_changes changes the working directory."""
+    workers = min(len(modules), os.cpu_count() or 1)
+    if workers <= 1:
+        return {module: mutant_changes(module) for module in modules}
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        return dict(zip(modules, pool.map(mutant_changes, modules)))
+
+
 def stale_equivalents(listed: list[Equivalent], modules: Iterable[str] = MODULES) -> list[str]:
     """Problems with the listing against the current sources: a module not under the check, a mutant mutmut no
     longer makes, or a name that now stands for a different change (the sources moved, renumbering mutants)."""
     problems = []
-    changes_by_module: dict[str, dict[str, str]] = {}
+    changes_by_module = all_mutant_changes(sorted({e.module for e in listed if e.module in modules}))
     for equivalent in listed:
         if equivalent.module not in modules:
             problems.append(f"{equivalent.name}: {equivalent.module} is not a module under the check")
             continue
-        if equivalent.module not in changes_by_module:
-            changes_by_module[equivalent.module] = mutant_changes(equivalent.module)
         change = changes_by_module[equivalent.module].get(equivalent.name)
         if change is None:
             problems.append(f"{equivalent.name}: mutmut makes no such mutant of {equivalent.module}")
