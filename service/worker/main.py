@@ -5,6 +5,7 @@ Wiring: `main` builds one WorkerContext (settings, pipeline, metrics, Redis conn
 worker; nothing is set on modules or classes from outside.
 
 Shutdown: SIGTERM/SIGINT finish the current batch, then exit (RQ's warm shutdown); a second signal exits at once.
+A stop signal between two RQ workers (while waiting for Redis) ends the loop as cleanly, with exit status 0.
 Redis outages: the worker keeps retrying and resumes when Redis is back.
 """
 
@@ -12,14 +13,16 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
-import time
+import threading
 import uuid
 from datetime import datetime, timezone
 
 from redis import Redis
 from redis.exceptions import RedisError
+from rq.exceptions import StopRequested
 
 from ..settings import Settings, SettingsError, load_settings
 
@@ -83,6 +86,20 @@ def build_context(settings: Settings, pipeline: "Pipeline", connection: Redis) -
     return WorkerContext(settings=settings, pipeline=pipeline, metrics=metrics, connection=connection)
 
 
+def stop_on_signal(context: "WorkerContext") -> None:
+    """SIGTERM/SIGINT set `context.stop` until an RQ worker installs its own handlers (at the start of its
+    `work()`); without this a signal while Redis is down at start-up would kill the process mid-wait."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        return
+
+    def request_stop(signum: int, frame: object) -> None:
+        log.info("stop requested (%s) while no RQ worker runs", signal.Signals(signum).name)
+        context.stop.set()
+
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, request_stop)
+
+
 def serve(context: "WorkerContext") -> int:
     """Take jobs until a stop signal; a Redis outage restarts the RQ worker (with backoff) rather than ending."""
     from ..queue import get_queue
@@ -96,6 +113,7 @@ def serve(context: "WorkerContext") -> int:
     info.pop("notice", None)
     heartbeat = Heartbeat(connection, settings, info)
     heartbeat.start()
+    stop_on_signal(context)
     backoff = 1.0
     try:
         while not context.stop.is_set():
@@ -112,8 +130,12 @@ def serve(context: "WorkerContext") -> int:
             heartbeat.worker_name = None
             heartbeat.retire(name)
             if not context.stop.is_set():
-                time.sleep(backoff)
+                context.stop.wait(backoff)  # a stop signal ends the wait
                 backoff = min(backoff * 2, 10.0)
+    except StopRequested:
+        # RQ's handler of a worker that has already returned (it stays installed) turns a stop signal into this
+        # exception wherever the loop is, in the backoff wait most likely: a stop like any other.
+        context.stop.set()
     finally:
         heartbeat.stopped.set()
         heartbeat.retire(heartbeat.worker_name)
