@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import roi_align
+from .kernels import roi_align
 
 from .config import DetectorConfig
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import nms
+from .kernels import nms
 
 from .config import DetectorConfig
 

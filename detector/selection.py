@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torchvision.ops import nms
 
 from modelkit.regions import REGIONS_PER_IMAGE
+
+from .kernels import nms
 
 NMS_THRESHOLD = 0.5
 
