@@ -131,10 +131,9 @@ def mutant_prefix(module: str) -> str:
 def mutant_changes(module: str) -> dict[str, str]:
     """Every mutant mutmut makes of `module` (full name -> its added lines, stripped and joined by newlines),
     generated from the source alone: seconds, no test runs."""
-    import libcst
     from mutmut.configuration import reset_config
-    from mutmut.mutation.diff_apply import read_mutant_function, read_original_function
     from mutmut.mutation.file_mutation import mutate_file_contents
+    from mutmut.utils.format_utils import orig_function_and_class_names_from_key
 
     source = (ROOT / module).read_text(encoding="utf-8")
     before = Path.cwd()
@@ -149,18 +148,26 @@ def mutant_changes(module: str) -> dict[str, str]:
         finally:
             os.chdir(before)
             reset_config()
-    # As `mutmut show` diffs them, with the mutated file parsed once (not once per mutant, which takes minutes) and
-    # each original function printed once (not once per mutant of it).
-    tree = libcst.parse_module(mutated.code)
+    # As `mutmut show` diffs them (each function under its own name), but with every function's text sliced out of
+    # the generated file by the line spans mutmut records: no parse and no printing of the mutated module, which
+    # took most of a minute for the largest modules on a slow CPU.
+    lines = mutated.code.splitlines()
+
+    def function_text(generated: str, name: str) -> list[str]:
+        span = mutated.line_span_by_function_name[generated]
+        text = "\n".join(lines[span.start - 1:span.end]).strip()
+        return re.sub(rf"^(\s*(?:async\s+)?def\s+){re.escape(generated)}\(", rf"\g<1>{name}(", text, count=1,
+                      flags=re.M).splitlines()
+
     changes = {}
     originals: dict[str, list[str]] = {}
     for short in mutated.mutant_names:
-        function = short.rpartition("__mutmut_")[0]
+        function = short.partition("__mutmut_")[0]
+        name = orig_function_and_class_names_from_key(short)[0]
         if function not in originals:
-            originals[function] = libcst.Module([read_original_function(tree, short)]).code.strip().splitlines()
-        original = originals[function]
-        mutant = libcst.Module([read_mutant_function(tree, short)]).code.strip().splitlines()
-        added = [line[1:].strip() for line in difflib.unified_diff(original, mutant, lineterm="", n=0)
+            originals[function] = function_text(function + "__mutmut_orig", name)
+        mutant = function_text(short, name)
+        added = [line[1:].strip() for line in difflib.unified_diff(originals[function], mutant, lineterm="", n=0)
                  if line.startswith("+") and not line.startswith("+++")]
         changes[mutant_prefix(module) + short] = "\n".join(added)
     return changes
