@@ -19,12 +19,15 @@ serve: $(VENV)/.installed
 	$(PY) serve.py
 
 # --durations: the slowest tests, so that a slow one shows (docs/TESTING.md has the times measured).
-# Two xdist workers, each test file whole on one of them and the CPU-heavy files first on one worker
-# (tests/conftest.py): on two cores most tests wait on processes they start, so two at a time take about 30% less
-# time. `make test TEST_WORKERS=0` runs everything in this process, one test at a time.
+# Two runs: all but HEAVY_TESTS on two xdist workers, each test file whole on one of them (tests/conftest.py; on two
+# cores most tests wait on the processes they start, so two at a time take about a quarter less time), then
+# HEAVY_TESTS, which keep both CPUs busy for a minute or more, alone, so that no test's time is doubled by
+# another's. TEST_WORKERS=0: the first run in one process.
 TEST_WORKERS ?= 2
+HEAVY_TESTS := tests/test_gpu_checks.py tests/test_avx2_cpu.py tests/test_mutation_check.py
 test: $(VENV)/.installed
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=15
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(addprefix --ignore=,$(HEAVY_TESTS)) --durations=15
+	$(PY) -m pytest $(HEAVY_TESTS) --durations=5
 
 bench: $(VENV)/.installed
 	$(PY) bench/bench_vilbert.py

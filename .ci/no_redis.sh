@@ -112,13 +112,12 @@ done
 # (worker, gunicorn, jobs, cache, a Redis outage), the deploy health check, the precision warning. Left out, as
 # `make test` runs them and step 1 has just run serve.py: the worker-lifecycle drill and serve.py again (a
 # minute on a slow 2-core CPU).
-parallel=(-n 2 --dist loadgroup --no-loadscope-reorder)  # as `make test` runs the suite (Makefile)
 if [ "${1:-}" = --full ]; then
     say "the whole suite"
-    "$py" -m pytest "${parallel[@]}" -p no:cacheprovider --durations=15
+    make --no-print-directory test
 else
     say "test subset"
-    "$py" -m pytest "${parallel[@]}" -q -p no:cacheprovider tests/test_localstack.py tests/test_service_e2e.py tests/test_cpu_precision.py \
+    "$py" -m pytest -n 2 --dist loadgroup -q -p no:cacheprovider tests/test_localstack.py tests/test_service_e2e.py tests/test_cpu_precision.py \
         "tests/test_deploy.py::test_healthcheck_worker_follows_rq_registration" \
         -k "not test_worker_lifecycle_graceful_stop_queueing_and_sigkill and not test_serve_runs_the_stack_and_demo_prints_answers"
 fi

@@ -13,18 +13,12 @@ from service.localstack import ServerBinary, free_port, start_redis, stop
 from stack import Stack
 
 
-# Files that keep a CPU or more busy for a minute: under `make test`'s two xdist workers (`--dist loadgroup`) they
-# run first and one after another on one worker, so that they never compete with each other, while the other
-# worker takes the rest file by file (a file's module-scoped stack is set up once). docs/TESTING.md has the times.
-HEAVY_FILES = ("test_gpu_checks.py", "test_avx2_cpu.py", "test_mutation_check.py")
-
-
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    heavy = [item for item in items if item.path.name in HEAVY_FILES]
-    items[:] = heavy + [item for item in items if item.path.name not in HEAVY_FILES]
+    """Under `make test`'s xdist workers (`--dist loadgroup`) each test file runs whole on one worker, so that its
+    module-scoped stack is set up once."""
     for item in items:
-        item.add_marker(pytest.mark.xdist_group("heavy" if item in heavy else item.path.name))
+        item.add_marker(pytest.mark.xdist_group(item.path.name))
 
 
 def private_redis(workdir: Path, binary: ServerBinary | None = None) -> Iterator[str]:
