@@ -16,15 +16,18 @@ import logging
 import os
 import re
 import signal
+import socket
 import threading
 import time
 import uuid
+from datetime import datetime, timezone
 from typing import Callable
 
 import numpy as np
 import pytest
 from PIL import Image
 from redis import Redis
+from rq.worker import Worker
 
 from service.contract import ALIVE_PREFIX, ImageInfo, JobRequest
 from service.localstack import free_port, start_redis, stop
@@ -230,7 +233,32 @@ def test_the_context_with_the_feature_cache_and_metrics_served(redis_url, pipeli
         assert 'vilbert_feature_cache_events_total{event="hit"} 2.0' in response.read().decode()
 
 
+def test_a_feature_cache_ttl_of_one_second_is_a_cache(redis_url, pipeline):
+    settings = settings_for(redis_url, FEATURE_CACHE_TTL="1")
+    context = worker_main.build_context(settings, pipeline, Redis.from_url(redis_url))
+    assert context.pipeline.cache is not None and context.pipeline.cache.ttl == 1
+
+
 # --- main() ----------------------------------------------------------------------------------------------------
+
+def test_the_worker_logs_at_log_level_with_its_pid(monkeypatch, tmp_path):
+    """main() sets up logging itself (a bare process has no handler); pytest's own handlers are set aside here,
+    or logging.basicConfig would do nothing."""
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    root.handlers = []
+    root.setLevel(logging.DEBUG)
+    try:
+        monkeypatch.setenv("MODEL_DIR", str(tmp_path))
+        monkeypatch.setenv("LOG_LEVEL", "error")
+        assert worker_main.main() == 2  # after logging is set up: the bundle is missing
+        [handler] = root.handlers
+        assert root.level == logging.ERROR
+        assert handler.formatter._fmt == "%(asctime)s worker[%(process)d] %(levelname)s %(message)s"
+    finally:
+        root.handlers = saved_handlers
+        root.setLevel(saved_level)
+
 
 def test_invalid_settings_end_the_worker_with_status_2_and_every_problem(monkeypatch, capsys):
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/tmp/web-tier")
@@ -256,7 +284,7 @@ def test_the_worker_serves_jobs_until_sigterm_then_retires(monkeypatch, tiny_bun
     queue = f"main-{uuid.uuid4().hex[:8]}"
     for name, value in {"REDIS_URL": redis_url, "MODEL_DIR": str(tiny_bundle), "DEVICE": "cpu", "QUEUE_NAME": queue,
                         "DETECTOR_MIN_SIZE": "64", "DETECTOR_MAX_SIZE": "96", "WORKER_HEARTBEAT_TTL": "3",
-                        "LOG_LEVEL": "info"}.items():
+                        "LOG_LEVEL": "warning"}.items():
         monkeypatch.setenv(name, value)
     settings = load_settings()
     connection = Redis.from_url(redis_url)
@@ -274,21 +302,59 @@ def test_the_worker_serves_jobs_until_sigterm_then_retires(monkeypatch, tiny_bun
             assert time.monotonic() < deadline, status
             time.sleep(0.05)
         seen["status"] = status
+        # RQ's record of the worker (registered once work() starts, after the "ready" line; certainly by now):
+        # under our name, its key kept for worker_ttl (60 s) + 60 s from its heartbeat after the job (during the
+        # job RQ keeps it for the job's timeout), no scheduler
+        deadline = time.monotonic() + WAIT
+        while (ttl := connection.pttl(f"rq:worker:{seen['name']}")) > 120_000:
+            assert time.monotonic() < deadline, f"RQ's worker key still kept for {ttl} ms"
+            time.sleep(0.05)
+        seen["ttl_ms"] = ttl
+        seen["rq_workers"] = sorted(worker.name for worker in Worker.all(connection=connection))
+        seen["schedulers"] = connection.keys("rq:scheduler*")
+        seen["rq_level"] = logging.getLogger("rq.worker").level
 
-    check = in_background(steps)
-    assert worker_main.main() == 0
-    check()
+    rq_log = logging.getLogger("rq.worker")
+    rq_handlers, rq_level = rq_log.handlers[:], rq_log.level
+    try:
+        check = in_background(steps)
+        assert worker_main.main() == 0
+        check()
+    finally:
+        rq_log.handlers, _ = rq_handlers, rq_log.setLevel(rq_level)
+    assert seen["rq_workers"] == [seen["name"]] and seen["schedulers"] == []
+    assert 60_000 < seen["ttl_ms"] <= 120_000
+    assert seen["rq_level"] == logging.WARNING  # RQ's own log follows LOG_LEVEL
     assert seen["status"]["status"] == "finished" and "vqa" in seen["status"]["result"]["tasks"]
     name = seen["name"]
     assert re.fullmatch(rf"[^.]+\.{os.getpid()}\.[0-9a-f]{{6}}", name)
     assert connection.get(ALIVE_PREFIX + name) is None  # retired at the stop
     alive = json.loads(seen["alive"])
+    assert alive["host"] == socket.gethostname() and name.startswith(f"{socket.gethostname()}.")
+    started = datetime.fromisoformat(alive["started_at"])
+    assert started.tzinfo is not None and abs((datetime.now(timezone.utc) - started).total_seconds()) < 600
     assert alive["name"] == name and alive["queue"] == queue and alive["pid"] == os.getpid() and alive["tiny"]
     assert "notice" not in alive and alive["device"] == "cpu"
     assert worker_log.matching(r"serving a TINY RANDOM-WEIGHT bundle from .*") == [
         f"serving a TINY RANDOM-WEIGHT bundle from {tiny_bundle}: answers are meaningless"]
     assert worker_log.matching(READY) == [f"worker {name} ready on queue {queue} (device cpu)"]
     assert worker_log.messages[-1] == "worker stopped"
+
+
+def test_the_loops_own_stop_handlers_set_the_stop_event_and_only_the_main_thread_sets_them(pipeline, signals,
+                                                                                         worker_log):
+    settings = settings_for(f"redis://127.0.0.1:{free_port()}/0")
+    context = WorkerContext(settings, pipeline, WorkerMetrics(), Redis.from_url(settings.redis_url))
+    elsewhere = threading.Thread(target=worker_main.stop_on_signal, args=(context,))
+    elsewhere.start()
+    elsewhere.join(WAIT)
+    assert signal.getsignal(signal.SIGTERM) is _not_rq  # a thread may not set handlers: nothing changed, no error
+    worker_main.stop_on_signal(context)
+    handler = signal.getsignal(signal.SIGTERM)
+    assert handler is signal.getsignal(signal.SIGINT) and handler is not _not_rq and not context.stop.is_set()
+    handler(signal.SIGINT, None)
+    assert context.stop.is_set()
+    assert worker_log.messages == ["stop requested (SIGINT) while no RQ worker runs"]
 
 
 # --- serve(): restarts and stops between workers ---------------------------------------------------------------
@@ -347,10 +413,13 @@ def test_a_worker_started_before_redis_backs_off_to_10_s_then_serves_and_restart
 
 
 def test_a_stop_signal_while_redis_is_down_at_start_ends_the_worker_cleanly(pipeline, worker_log, signals):
-    """No RQ worker has run yet, so no RQ handler is in place: the loop's own ends the wait and the worker."""
+    """No RQ worker has run yet, so no RQ handler is in place: the loop's own ends the wait and the worker. The
+    models are not marked tiny here, as with released weights (no notice in the worker's info)."""
     settings = settings_for(f"redis://127.0.0.1:{free_port()}/0")
     stop_event = HeldStop(2)
-    context = WorkerContext(settings, pipeline, WorkerMetrics(), worker_main.worker_connection(settings),
+    released = Pipeline(pipeline.extractor, pipeline.predictor)
+    assert "notice" not in released.info
+    context = WorkerContext(settings, released, WorkerMetrics(), worker_main.worker_connection(settings),
                             stop=stop_event)
     check = in_background(lambda: stop_event.wait_for_calls(2))  # then SIGTERM, in the second wait
     assert worker_main.serve(context) == 0
