@@ -177,6 +177,18 @@ class Drill:
         jobs = Job.fetch_many(ids, connection=self.connection, serializer=JSONSerializer)
         return {job_id: (job.get_status(refresh=False).value if job else "missing") for job_id, job in zip(ids, jobs)}
 
+    def where(self, ids: list[str]) -> str:
+        """Where the jobs are, in one line: for a drill that did not drain."""
+        from collections import Counter
+
+        from service.queue import get_queue, started_registry
+
+        queue = get_queue(self.connection, self.settings)
+        return (f"statuses {dict(Counter(self.statuses(ids).values()))}, {queue.count} queued, "
+                f"{self.connection.llen(queue.intermediate_queue_key)} in the intermediate queue, "
+                f"{started_registry(self.connection, self.settings).count} started, {len(self.workers)} workers, "
+                f"{len(self.stopping)} stopping")
+
     def ended(self) -> int:
         """Jobs finished or failed so far (two registry counts: cheap enough to poll)."""
         from service.queue import get_queue
@@ -211,7 +223,7 @@ class Drill:
         ended_before = self.ended()
         begun = time.monotonic()
         ids = self.submit(jobs)
-        assert wait_until(lambda: self.ended() >= ended_before + jobs, timeout, 0.05), self.statuses(ids)
+        assert wait_until(lambda: self.ended() >= ended_before + jobs, timeout, 0.05), self.where(ids)
         drain = time.monotonic() - begun
         counts, per_worker = self.verify(ids)
         self.log(f"fixed {workers} worker(s): {jobs} jobs drained in {drain:.1f} s ({jobs / drain:.1f} jobs/s)")
@@ -250,7 +262,7 @@ class Drill:
             if finished_at is not None and len(self.workers) == minimum and not self.stopping:
                 break
             time.sleep(poll)
-        assert finished_at is not None, f"not drained within {timeout} s: {self.statuses(ids)}"
+        assert finished_at is not None, f"not drained within {timeout} s: {self.where(ids)}; {outcome.timeline[-4:]}"
         assert not self.stopping, "a stopped worker did not exit"
         outcome.drain_s = finished_at - begun
         outcome.statuses, outcome.per_worker = self.verify(ids)

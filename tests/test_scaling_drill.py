@@ -56,3 +56,13 @@ def test_sigterm_of_a_busy_worker_finishes_its_job(drill):
     result = drill.run_sigterm_mid_batch(40, workers=2, timeout=120 * TIME_SCALE)
     assert result["statuses"] == {"finished": 40}
     assert result["per_worker"][result["stopped"]] >= 1
+
+
+def test_a_drill_that_does_not_drain_says_where_the_jobs_are(drill):
+    from service.localstack import wait_until
+
+    drill.scale_to(0)  # SIGTERM to the last worker
+    assert wait_until(lambda: not drill.reap() and not drill.stopping, 60 * TIME_SCALE, 0.05)
+    ids = drill.submit(2)
+    assert drill.where(ids) == ("statuses {'queued': 2}, 2 queued, 0 in the intermediate queue, 0 started, "
+                                "0 workers, 0 stopping")

@@ -428,3 +428,147 @@ def test_a_stop_signal_while_redis_is_down_at_start_ends_the_worker_cleanly(pipe
     assert handler is signal.getsignal(signal.SIGINT) and handler is not _not_rq
     assert stop_event.waits == [1.0, 2.0] and not worker_log.matching(READY)
     assert worker_log.messages[-2:] == ["stop requested (SIGTERM) while no RQ worker runs", "worker stopped"]
+
+
+# --- serve(): a stop signal at each point of the RQ worker's loop -----------------------------------------------
+
+def queued_job(connection: Redis, settings: Settings, seed: int):
+    image = photo(seed)
+    request = JobRequest(text="a photo", tasks=["vqa"], images=[ImageInfo(160, 120, len(image), 160 * 120 * 3)])
+    return submit(connection, settings, request, [image])
+
+
+def test_a_stop_signal_just_after_a_pop_runs_the_popped_job_and_takes_no_other(redis_url, pipeline, worker_log,
+                                                                              signals, monkeypatch):
+    """SIGTERM between RQ's pop (the job moved into the intermediate queue) and the job's start, the window a
+    scale-down hits now and then: the popped job runs and finishes, the intermediate queue is empty, the next job
+    stays queued for another worker, and the worker ends. (RQ's own handler raised there, leaving the job in the
+    intermediate queue until RQ failed it as stuck 10+ minutes later.) The signal is sent from reorder_queues,
+    the first thing RQ does with a popped job: no outside timing lands it in that window every time."""
+    from service.queue import get_queue, started_registry
+    from service.worker.rq_batch import BatchWorker
+
+    settings = settings_for(redis_url)
+    connection = Redis.from_url(redis_url)
+    first, second = queued_job(connection, settings, 3), queued_job(connection, settings, 4)
+    intermediate = get_queue(connection, settings).intermediate_queue_key
+    popped: list[list[bytes]] = []
+    reorder = BatchWorker.reorder_queues
+
+    def reorder_then_stop(self, reference_queue):
+        if not popped:
+            popped.append(connection.lrange(intermediate, 0, -1))
+            os.kill(os.getpid(), signal.SIGTERM)
+        return reorder(self, reference_queue)
+
+    monkeypatch.setattr(BatchWorker, "reorder_queues", reorder_then_stop)
+    context = WorkerContext(settings, pipeline, WorkerMetrics(), worker_main.worker_connection(settings))
+    assert worker_main.serve(context) == 0
+    assert popped == [[first.id.encode()]]  # the signal came with the first job popped and not yet started
+    assert job_status(connection, settings, first.id)["status"] == "finished"
+    assert job_status(connection, settings, second.id)["status"] == "queued"
+    assert get_queue(connection, settings).job_ids == [second.id]
+    assert connection.llen(intermediate) == 0 and started_registry(connection, settings).count == 0
+    assert context.stop.is_set() and worker_log.messages[-1] == "worker stopped"
+
+
+def wait_until_blocked_in_its_pop(admin: Redis) -> None:
+    """Until the worker (the only client of this server besides `admin`) waits in RQ's blocking pop: idle."""
+    deadline = time.monotonic() + WAIT
+    while not any(client["cmd"] == "blmove" for client in admin.client_list()):
+        assert time.monotonic() < deadline, "the worker never blocked in its pop"
+        time.sleep(0.01)
+
+
+class SignalOnReady(logging.Handler):
+    """Sends this process SIGTERM from the worker's "ready" line: after the loop's own handler is in place and
+    before the RQ worker installs its handlers."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if re.fullmatch(READY, record.getMessage()):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_stop_signal_before_the_rq_worker_sets_its_handlers_ends_it_before_any_job(redis_url, pipeline,
+                                                                                   worker_log, signals):
+    """The signal reaches the loop's own handler just before RQ's replaces it: the RQ worker, once started, stops
+    at once instead of serving on with the stop forgotten (a guard thread signals again if it does not)."""
+    settings = settings_for(redis_url)
+    connection = Redis.from_url(redis_url)
+    job = queued_job(connection, settings, 5)
+    context = WorkerContext(settings, pipeline, WorkerMetrics(), worker_main.worker_connection(settings))
+    returned = threading.Event()
+
+    def guard() -> None:
+        if not returned.wait(WAIT):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=guard, daemon=True).start()
+    logger = logging.getLogger("service.worker")
+    trigger = SignalOnReady()
+    logger.addHandler(trigger)
+    try:
+        started = time.monotonic()
+        assert worker_main.serve(context) == 0
+        took = time.monotonic() - started
+    finally:
+        returned.set()
+        logger.removeHandler(trigger)
+    assert took < WAIT, "the RQ worker served on after the stop signal"
+    assert job_status(connection, settings, job.id)["status"] == "queued"  # left for another worker
+    assert len(worker_log.matching(READY)) == 1
+    assert "stop requested (SIGTERM) while no RQ worker runs" in worker_log.messages
+    assert worker_log.messages[-1] == "worker stopped"
+
+
+def test_a_stop_signal_to_an_idle_worker_ends_it_within_seconds(redis_url, pipeline, worker_log, signals):
+    """Idle, the worker pops in waits of at most IDLE_POLL_S (1 s): a stop ends it well inside Kubernetes' 30 s
+    grace period, not after RQ's 45 s blocking pop."""
+    settings = settings_for(redis_url)
+    context = WorkerContext(settings, pipeline, WorkerMetrics(), worker_main.worker_connection(settings))
+    signalled: list[float] = []
+
+    def steps() -> None:
+        worker_log.wait_for(READY)
+        wait_until_blocked_in_its_pop(Redis.from_url(redis_url))
+        signalled.append(time.monotonic())
+
+    check = in_background(steps)
+    assert worker_main.serve(context) == 0
+    ended = time.monotonic()
+    check()
+    assert ended - signalled[0] < 20
+    assert worker_log.messages[-1] == "worker stopped"
+
+
+def test_a_stop_signal_during_a_redis_outage_of_an_idle_worker_ends_its_waits(pipeline, tmp_path, worker_log,
+                                                                              signals):
+    """Redis goes away while the worker waits for jobs: it retries after 1, 2, 4 ... s (RQ's schedule), each wait
+    on the stop event, so SIGTERM in the third wait ends the worker at once (RQ slept those waits out)."""
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    server = start_redis(port, tmp_path, tmp_path / "redis.log")
+    settings = settings_for(url)
+    stop_event = HeldStop(1, 2, 3)
+    context = WorkerContext(settings, pipeline, WorkerMetrics(), worker_main.worker_connection(settings),
+                            stop=stop_event)
+
+    def steps() -> None:
+        worker_log.wait_for(READY)
+        wait_until_blocked_in_its_pop(Redis.from_url(url))  # past RQ's start-up maintenance, idle
+        stop(server)
+        for number in (1, 2):
+            stop_event.wait_for_calls(number)
+            stop_event.release(number)
+        stop_event.wait_for_calls(3)  # then SIGTERM, in the third wait
+
+    check = in_background(steps)
+    try:
+        assert worker_main.serve(context) == 0
+        check()
+    finally:
+        stop(server)
+    assert stop_event.waits == [1.0, 2.0, 4.0]
+    outage = worker_log.matching(r"worker \S+: redis unavailable while idle \(.*\); retrying in \d+ s")
+    assert [line.rsplit(" ", 2)[1] for line in outage] == ["1", "2", "4"]
+    assert worker_log.messages[-1] == "worker stopped"

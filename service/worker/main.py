@@ -22,7 +22,6 @@ from datetime import datetime, timezone
 
 from redis import Redis
 from redis.exceptions import RedisError
-from rq.exceptions import StopRequested
 
 from ..settings import Settings, SettingsError, load_settings
 
@@ -33,7 +32,8 @@ MULTIPROCESS_VARIABLES = ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir"
 
 
 def worker_connection(settings: Settings) -> Redis:
-    # No short socket timeout here: RQ blocks in BLPOP for up to its dequeue timeout (worker_ttl - 15 s).
+    # No short socket timeout: to RQ a read timeout is an outage, and a loaded server may answer slowly. (The idle
+    # worker's blocking pop lasts at most rq_batch.IDLE_POLL_S.)
     return Redis.from_url(settings.redis_url, socket_connect_timeout=settings.redis_timeout, socket_timeout=90,
                           socket_keepalive=True, health_check_interval=30)
 
@@ -132,10 +132,6 @@ def serve(context: "WorkerContext") -> int:
             if not context.stop.is_set():
                 context.stop.wait(backoff)  # a stop signal ends the wait
                 backoff = min(backoff * 2, 10.0)
-    except StopRequested:
-        # RQ's handler of a worker that has already returned (it stays installed) turns a stop signal into this
-        # exception wherever the loop is, in the backoff wait most likely: a stop like any other.
-        context.stop.set()
     finally:
         heartbeat.stopped.set()
         heartbeat.retire(heartbeat.worker_name)

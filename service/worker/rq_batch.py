@@ -37,6 +37,8 @@ all workers on all hosts share the queue, and each batches what it takes.
 from __future__ import annotations
 
 import logging
+import math
+import signal
 import threading
 import time
 from typing import Any
@@ -45,9 +47,11 @@ from redis import Redis
 from redis.client import Pipeline as RedisPipeline
 from redis.exceptions import ConnectionError as RedisConnectionError, RedisError, TimeoutError as RedisTimeoutError
 from rq import Queue, SimpleWorker
+from rq.exceptions import DequeueTimeout
 from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
+from rq.utils import now
 from rq.worker import WorkerStatus
 
 from ..collections import CollectionStore
@@ -64,6 +68,7 @@ log = logging.getLogger(__name__)
 RQ_VERSION = "3.0.0"  # the RQ whose internals this module uses (requirements.txt pins it)
 _UNSET = object()
 REDIS_WAIT_S = 30.0  # how long a batch waits for a restarting Redis before giving its jobs up
+IDLE_POLL_S = 1  # longest blocking pop of an idle worker: a warm stop ends it within about this
 
 
 def batched_only(request: dict) -> None:
@@ -347,8 +352,65 @@ class BatchWorker(SimpleWorker):
         self.context = context
 
     def request_stop(self, signum: Any, frame: Any) -> None:
+        """Warm stop (SIGTERM/SIGINT): noted, never raised. RQ's own raises StopRequested at once in a worker that is
+        not busy, wherever the signal lands, also between the pop that has just moved a job into the intermediate
+        queue and that job's start: the job then stays there until RQ fails it as stuck, two maintenance passes
+        (10+ minutes) later. A scale-down's SIGTERM hits that window now and then. Here the idle pop waits at most
+        IDLE_POLL_S at a time and sees the stop; a job already popped runs first. A second signal is RQ's cold
+        stop. Nothing here talks to Redis: the interrupted code may hold the connection pool's lock."""
         self.context.stop.set()  # remembered across restarts: the outer loop (service.worker.main) ends
-        super().request_stop(signum, frame)
+        self._shutdown_requested_date = now()  # RQ's cold stop ignores a duplicate signal within 1 s of this
+        signal.signal(signal.SIGINT, self.request_force_stop)
+        signal.signal(signal.SIGTERM, self.request_force_stop)
+        self.handle_warm_shutdown_request()
+        self._stop_requested = True
+
+    def _install_signal_handlers(self) -> None:
+        super()._install_signal_handlers()
+        # A signal that came after the loop's own handler (service.worker.main) and before these: stop now.
+        if self.context.stop.is_set():
+            self._stop_requested = True
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None,
+                                     max_idle_time: int | None = None) -> tuple[Job, Queue] | None:
+        """RQ's idle wait for a job, its steps in its order, but in blocking pops of at most IDLE_POLL_S, so that a
+        noted stop (request_stop) ends it: None then, or after `max_idle_time` without a job. A Redis outage is
+        waited out with RQ's growing waits, on the stop event, which a stop ends. `timeout=None` is RQ's burst
+        mode: one non-blocking try, as RQ does it."""
+        if timeout is None:
+            return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        self.set_state(WorkerStatus.IDLE)
+        self.procline("Listening on " + ",".join(self.queue_names()))
+        idle_until = None if max_idle_time is None else time.monotonic() + max_idle_time
+        outage_wait = 1.0
+        while not self._stop_requested:
+            wait = IDLE_POLL_S if idle_until is None else min(IDLE_POLL_S, math.ceil(idle_until - time.monotonic()))
+            if wait < 1:
+                return None  # idle for max_idle_time: RQ's work() then ends, as after its own pop
+            try:
+                self.heartbeat()
+                if self.should_run_maintenance_tasks:
+                    self.run_maintenance_tasks()
+                taken = self.queue_class.dequeue_any(
+                    self._ordered_queues, min(timeout, wait), connection=self.connection, job_class=self.job_class,
+                    serializer=self.serializer, death_penalty_class=self.death_penalty_class)
+            except DequeueTimeout:
+                continue
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                log.error("worker %s: redis unavailable while idle (%s); retrying in %.0f s", self.name, exc,
+                          outage_wait)
+                self.context.stop.wait(outage_wait)
+                outage_wait = min(outage_wait * self.exponential_backoff_factor, self.max_connection_wait_time)
+                continue
+            if taken is None:
+                continue
+            job, queue = taken
+            self.reorder_queues(reference_queue=queue)
+            job.redis_server_version = self.get_redis_server_version()
+            self.log.info("Worker %s: %s: %s", self.name, queue.name, job.id)
+            self.heartbeat()
+            return taken
+        return None
 
     def take_partners(self, first: tuple[Job, Queue]) -> list[tuple[Job, Queue]]:
         """Up to BATCH_MAX_JOBS jobs, but no more once their decoded images reach MAX_DECODED_BYTES_PER_BATCH (so
