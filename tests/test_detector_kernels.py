@@ -10,9 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
-import torchvision.ops
 
 from detector import kernels
+
+
+@pytest.fixture(scope="module")
+def ops():
+    """torchvision.ops, imported here rather than at collection: its import pulls in torch._dynamo (seconds), and
+    pytest imports every test module in every process it starts."""
+    import torchvision.ops
+
+    return torchvision.ops
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,7 +33,7 @@ def random_boxes(generator: torch.Generator, count: int, size: float = 100.0) ->
 
 @pytest.mark.parametrize("count", [0, 1, 7, 300])
 @pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7])
-def test_nms_keeps_what_torchvision_keeps(count, threshold):
+def test_nms_keeps_what_torchvision_keeps(count, threshold, ops):
     generator = torch.Generator().manual_seed(count * 10 + int(threshold * 10))
     boxes = random_boxes(generator, count)
     scores = torch.rand(count, generator=generator)
@@ -33,7 +41,7 @@ def test_nms_keeps_what_torchvision_keeps(count, threshold):
         scores[1] = scores[3]  # a tie
     kept = kernels.nms(boxes, scores, threshold)
     assert kept.dtype == torch.int64
-    assert torch.equal(kept, torchvision.ops.nms(boxes, scores, threshold))
+    assert torch.equal(kept, ops.nms(boxes, scores, threshold))
 
 
 def test_nms_drops_overlapping_boxes_by_score():
@@ -46,13 +54,13 @@ def test_nms_drops_overlapping_boxes_by_score():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # torchvision has no bf16 CPU kernel
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("sampling_ratio", [0, 2])
-def test_roi_align_pools_what_torchvision_pools(dtype, aligned, sampling_ratio):
+def test_roi_align_pools_what_torchvision_pools(dtype, aligned, sampling_ratio, ops):
     generator = torch.Generator().manual_seed(3)
     features = torch.randn(2, 5, 24, 32, generator=generator).to(dtype)
     boxes = random_boxes(generator, 9, size=120.0)
     rois = torch.cat([torch.randint(0, 2, (9, 1), generator=generator).float(), boxes], dim=1).to(dtype)
     pooled = kernels.roi_align(features, rois, 7, 0.25, sampling_ratio, aligned)
-    expected = torchvision.ops.roi_align(features, rois, 7, spatial_scale=0.25, sampling_ratio=sampling_ratio,
+    expected = ops.roi_align(features, rois, 7, spatial_scale=0.25, sampling_ratio=sampling_ratio,
                                          aligned=aligned)
     assert pooled.shape == (9, 5, 7, 7) and pooled.dtype == dtype
     assert torch.equal(pooled, expected)
@@ -60,7 +68,7 @@ def test_roi_align_pools_what_torchvision_pools(dtype, aligned, sampling_ratio):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
-def test_under_autocast_both_run_in_float32_as_torchvision_registers_it(dtype):
+def test_under_autocast_both_run_in_float32_as_torchvision_registers_it(dtype, ops):
     generator = torch.Generator().manual_seed(5)
     features = torch.randn(1, 4, 16, 16, generator=generator).to(dtype)
     boxes = random_boxes(generator, 40, size=60.0)
@@ -68,9 +76,9 @@ def test_under_autocast_both_run_in_float32_as_torchvision_registers_it(dtype):
     scores = torch.rand(40, generator=generator).to(dtype)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         pooled = kernels.roi_align(features, rois, 5, 0.5, 2, False)
-        expected = torchvision.ops.roi_align(features, rois, 5, spatial_scale=0.5, sampling_ratio=2, aligned=False)
+        expected = ops.roi_align(features, rois, 5, spatial_scale=0.5, sampling_ratio=2, aligned=False)
         kept = kernels.nms(boxes.to(dtype), scores, 0.4)
-        expected_kept = torchvision.ops.nms(boxes.to(dtype), scores, 0.4)
+        expected_kept = ops.nms(boxes.to(dtype), scores, 0.4)
     assert pooled.dtype == dtype and torch.equal(pooled, expected)
     assert torch.equal(kept, expected_kept)
     # reduced precision is computed in float32 and rounded once; float64 stays float64
@@ -85,7 +93,9 @@ def test_without_autocast_reduced_precision_is_refused_as_torchvision_refuses_it
         kernels.roi_align(features, rois, 3, 1.0, 2, False)
 
 
-def test_the_library_is_torchvisions_own():
+def test_the_library_is_torchvisions_own(ops):
+    import torchvision
+
     path = Path(kernels._library_path())
     assert path.is_file() and path.parent == Path(torchvision.__file__).parent
     assert path.name.startswith(kernels._LIBRARY_NAMES)

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -26,6 +28,7 @@ def run_checks(out: Path, timeout: float, **env: str) -> int:
             process.wait()
 
 
+@pytest.mark.cpu_heavy
 def test_gpu_checks_script_runs_every_step_and_writes_its_files(tmp_path):
     from vilbert.cpu_inference import native_bf16_linear_available
 
