@@ -195,7 +195,7 @@ def test_the_worker_connection_waits_out_blocking_reads_and_keeps_alive(redis_ur
     connection = worker_main.worker_connection(settings)
     options = connection.connection_pool.connection_kwargs
     assert options["socket_connect_timeout"] == 2.5
-    # RQ blocks in BLMOVE for up to worker_ttl - 15 s (45 s): a shorter read timeout would cut every idle wait
+    # to RQ a read timeout is an outage: it stays far above any command's time on a loaded server
     assert options["socket_timeout"] == 90
     assert options["socket_keepalive"] is True
     assert options["health_check_interval"] == 30
