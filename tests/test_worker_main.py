@@ -439,7 +439,7 @@ def queued_job(connection: Redis, settings: Settings, seed: int):
 
 
 def test_a_stop_signal_just_after_a_pop_runs_the_popped_job_and_takes_no_other(redis_url, pipeline, worker_log,
-                                                                              signals, monkeypatch):
+                                                                              signals, monkeypatch, caplog):
     """SIGTERM between RQ's pop (the job moved into the intermediate queue) and the job's start, the window a
     scale-down hits now and then: the popped job runs and finishes, the intermediate queue is empty, the next job
     stays queued for another worker, and the worker ends. (RQ's own handler raised there, leaving the job in the
@@ -470,6 +470,68 @@ def test_a_stop_signal_just_after_a_pop_runs_the_popped_job_and_takes_no_other(r
     assert get_queue(connection, settings).job_ids == [second.id]
     assert connection.llen(intermediate) == 0 and started_registry(connection, settings).count == 0
     assert context.stop.is_set() and worker_log.messages[-1] == "worker stopped"
+    [name] = [re.fullmatch(READY, line).group(1) for line in worker_log.matching(READY)]
+    rq_lines = [record.getMessage() for record in caplog.records if record.name == "rq.worker"]
+    assert f"Worker {name}: {settings.queue_name}: {first.id}" in rq_lines  # RQ's line for a popped job
+    assert f"Worker {name} [PID {os.getpid()}]: warm shut down requested" in rq_lines
+
+
+def run_with_signals_after_the_pop(redis_url, pipeline, monkeypatch, second: signal.Signals, after: float):
+    """serve() with SIGTERM sent as the first job is popped and `second` `after` seconds later (RQ ignores a
+    second signal within 1 s of the first, as a duplicate); returns (the job, settings, connection, the outcome:
+    serve's return value or the exception it raised)."""
+    from service.worker.rq_batch import BatchWorker
+
+    settings = settings_for(redis_url)
+    connection = Redis.from_url(redis_url)
+    job = queued_job(connection, settings, 6)
+    reorder = BatchWorker.reorder_queues
+    sent: list[float] = []
+
+    def reorder_then_stop_twice(self, reference_queue):
+        if not sent:
+            sent.append(time.monotonic())
+            os.kill(os.getpid(), signal.SIGTERM)
+            while time.monotonic() - sent[0] < after:  # past RQ's duplicate window, or not
+                time.sleep(0.01)
+            os.kill(os.getpid(), second)
+        return reorder(self, reference_queue)
+
+    monkeypatch.setattr(BatchWorker, "reorder_queues", reorder_then_stop_twice)
+    context = WorkerContext(settings, pipeline, WorkerMetrics(), worker_main.worker_connection(settings))
+    try:
+        outcome: object = worker_main.serve(context)
+    except BaseException as exc:  # SystemExit: RQ's cold stop
+        outcome = exc
+    return job, settings, connection, outcome
+
+
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_stop_signal_after_a_second_is_rqs_cold_stop(redis_url, pipeline, worker_log, signals, monkeypatch,
+                                                              caplog, second):
+    job, settings, connection, outcome = run_with_signals_after_the_pop(redis_url, pipeline, monkeypatch, second,
+                                                                        after=1.1)
+    assert isinstance(outcome, SystemExit)  # immediate exit: the job it had popped is left to RQ's maintenance
+    assert job_status(connection, settings, job.id)["status"] != "finished"
+    assert any(record.name == "rq.worker" and record.getMessage().endswith(": cold shut down")
+               for record in caplog.records)
+    assert worker_log.messages[-1] == "worker stopped"  # the loop's own clean-up still ran
+    assert not connection.keys(ALIVE_PREFIX + "*")
+
+
+def test_a_second_stop_signal_within_a_second_is_taken_as_the_same_one(redis_url, pipeline, worker_log, signals,
+                                                                       monkeypatch):
+    job, settings, connection, outcome = run_with_signals_after_the_pop(redis_url, pipeline, monkeypatch,
+                                                                        signal.SIGTERM, after=0)
+    assert outcome == 0
+    assert job_status(connection, settings, job.id)["status"] == "finished"
+
+
+def channel_listeners() -> list[threading.Thread]:
+    """RQ workers' threads listening on their Redis channels (redis-py's PubSubWorkerThread), still running."""
+    from redis.client import PubSubWorkerThread
+
+    return [thread for thread in threading.enumerate() if isinstance(thread, PubSubWorkerThread) and thread.is_alive()]
 
 
 def wait_until_blocked_in_its_pop(admin: Redis) -> None:
@@ -527,10 +589,14 @@ def test_a_stop_signal_to_an_idle_worker_ends_it_within_seconds(redis_url, pipel
     settings = settings_for(redis_url)
     context = WorkerContext(settings, pipeline, WorkerMetrics(), worker_main.worker_connection(settings))
     signalled: list[float] = []
+    seen: dict[str, list] = {}
 
     def steps() -> None:
         worker_log.wait_for(READY)
-        wait_until_blocked_in_its_pop(Redis.from_url(redis_url))
+        admin = Redis.from_url(redis_url)
+        wait_until_blocked_in_its_pop(admin)
+        seen["states"] = [worker.get_state() for worker in Worker.all(connection=admin)
+                          if worker.name.split(".")[1] == str(os.getpid())]
         signalled.append(time.monotonic())
 
     check = in_background(steps)
@@ -538,18 +604,20 @@ def test_a_stop_signal_to_an_idle_worker_ends_it_within_seconds(redis_url, pipel
     ended = time.monotonic()
     check()
     assert ended - signalled[0] < 20
+    assert seen["states"] == ["idle"]  # RQ's record of this worker while it waits
     assert worker_log.messages[-1] == "worker stopped"
 
 
 def test_a_stop_signal_during_a_redis_outage_of_an_idle_worker_ends_its_waits(pipeline, tmp_path, worker_log,
                                                                               signals):
-    """Redis goes away while the worker waits for jobs: it retries after 1, 2, 4 ... s (RQ's schedule), each wait
-    on the stop event, so SIGTERM in the third wait ends the worker at once (RQ slept those waits out)."""
+    """Redis goes away while the worker waits for jobs: it retries after 1, 2, 4 ... 60 s (RQ's schedule), each
+    wait on the stop event (held here by the test), so SIGTERM in the seventh wait ends the worker at once (RQ
+    slept those waits out)."""
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     server = start_redis(port, tmp_path, tmp_path / "redis.log")
     settings = settings_for(url)
-    stop_event = HeldStop(1, 2, 3)
+    stop_event = HeldStop(*range(1, 8))
     context = WorkerContext(settings, pipeline, WorkerMetrics(), worker_main.worker_connection(settings),
                             stop=stop_event)
 
@@ -557,18 +625,24 @@ def test_a_stop_signal_during_a_redis_outage_of_an_idle_worker_ends_its_waits(pi
         worker_log.wait_for(READY)
         wait_until_blocked_in_its_pop(Redis.from_url(url))  # past RQ's start-up maintenance, idle
         stop(server)
-        for number in (1, 2):
+        for number in range(1, 7):
             stop_event.wait_for_calls(number)
             stop_event.release(number)
-        stop_event.wait_for_calls(3)  # then SIGTERM, in the third wait
+        stop_event.wait_for_calls(7)  # then SIGTERM, in the seventh wait
 
+    listeners_before = set(channel_listeners())
     check = in_background(steps)
     try:
         assert worker_main.serve(context) == 0
         check()
     finally:
         stop(server)
-    assert stop_event.waits == [1.0, 2.0, 4.0]
+    # The RQ worker's channel listener ends too, although Redis was down when the worker deregistered.
+    deadline = time.monotonic() + WAIT
+    while set(channel_listeners()) - listeners_before:
+        assert time.monotonic() < deadline, "the worker's channel listener is still running"
+        time.sleep(0.05)
+    assert stop_event.waits == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0]
     outage = worker_log.matching(r"worker \S+: redis unavailable while idle \(.*\); retrying in \d+ s")
-    assert [line.rsplit(" ", 2)[1] for line in outage] == ["1", "2", "4"]
+    assert [line.rsplit(" ", 2)[1] for line in outage] == ["1", "2", "4", "8", "16", "32", "60"]
     assert worker_log.messages[-1] == "worker stopped"

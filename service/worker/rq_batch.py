@@ -37,7 +37,6 @@ all workers on all hosts share the queue, and each batches what it takes.
 from __future__ import annotations
 
 import logging
-import math
 import signal
 import threading
 import time
@@ -365,6 +364,17 @@ class BatchWorker(SimpleWorker):
         self.handle_warm_shutdown_request()
         self._stop_requested = True
 
+    def teardown(self) -> None:
+        """RQ's, with the listener thread of the worker's channel stopped even when Redis is down: RQ deregisters the
+        worker first, and when that fails (an outage) the thread would stay, retrying every 2 s for the life of the
+        process, one more after each outage that ends an RQ worker."""
+        try:
+            super().teardown()
+        finally:
+            listener = getattr(self, "pubsub_thread", None)
+            if listener is not None and listener.is_alive():
+                listener.stop()  # it ends at its next turn (RQ's handler of a failed read waits 2 s first)
+
     def _install_signal_handlers(self) -> None:
         super()._install_signal_handlers()
         # A signal that came after the loop's own handler (service.worker.main) and before these: stop now.
@@ -374,26 +384,22 @@ class BatchWorker(SimpleWorker):
     def dequeue_job_and_maintain_ttl(self, timeout: int | None,
                                      max_idle_time: int | None = None) -> tuple[Job, Queue] | None:
         """RQ's idle wait for a job, its steps in its order, but in blocking pops of at most IDLE_POLL_S, so that a
-        noted stop (request_stop) ends it: None then, or after `max_idle_time` without a job. A Redis outage is
-        waited out with RQ's growing waits, on the stop event, which a stop ends. `timeout=None` is RQ's burst
-        mode: one non-blocking try, as RQ does it."""
-        if timeout is None:
+        noted stop (request_stop) ends it: None then. A Redis outage is waited out with RQ's growing waits, on the
+        stop event, which a stop ends. RQ's burst mode (`timeout=None`) and `max_idle_time`, which the service does
+        not use, are RQ's own."""
+        if timeout is None or max_idle_time is not None:
             return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
         self.set_state(WorkerStatus.IDLE)
         self.procline("Listening on " + ",".join(self.queue_names()))
-        idle_until = None if max_idle_time is None else time.monotonic() + max_idle_time
         outage_wait = 1.0
         while not self._stop_requested:
-            wait = IDLE_POLL_S if idle_until is None else min(IDLE_POLL_S, math.ceil(idle_until - time.monotonic()))
-            if wait < 1:
-                return None  # idle for max_idle_time: RQ's work() then ends, as after its own pop
             try:
                 self.heartbeat()
                 if self.should_run_maintenance_tasks:
                     self.run_maintenance_tasks()
                 taken = self.queue_class.dequeue_any(
-                    self._ordered_queues, min(timeout, wait), connection=self.connection, job_class=self.job_class,
-                    serializer=self.serializer, death_penalty_class=self.death_penalty_class)
+                    self._ordered_queues, min(timeout, IDLE_POLL_S), connection=self.connection,
+                    job_class=self.job_class, serializer=self.serializer, death_penalty_class=self.death_penalty_class)
             except DequeueTimeout:
                 continue
             except (RedisConnectionError, RedisTimeoutError) as exc:
@@ -402,7 +408,7 @@ class BatchWorker(SimpleWorker):
                 self.context.stop.wait(outage_wait)
                 outage_wait = min(outage_wait * self.exponential_backoff_factor, self.max_connection_wait_time)
                 continue
-            if taken is None:
+            if taken is None:  # with a timeout RQ raises DequeueTimeout instead; RQ's own loop checks this too
                 continue
             job, queue = taken
             self.reorder_queues(reference_queue=queue)
