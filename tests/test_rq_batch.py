@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import time
 import uuid
 
 import numpy as np
@@ -1006,3 +1007,14 @@ def test_a_batch_waits_batch_max_wait_ms_for_partners_that_do_not_come(redis_url
     assert job_status(connection, settings, job.id)["result"]["batch_size"] == 1
     stored = Job.fetch(job.id, connection=connection, serializer=JSONSerializer)
     assert (stored.started_at - stored.enqueued_at).total_seconds() >= 1.5  # the batch started after the wait
+
+
+@pytest.mark.timeout(120)
+def test_rqs_max_idle_time_stays_rqs_own(settings, pipeline, connection):
+    """`work(max_idle_time=N)`, RQ's option (the service does not use it), ends an idle worker after N s of waiting,
+    as RQ's own pop does: not at once, and not never."""
+    worker = BatchWorker([get_queue(connection, settings)], context_for(settings, pipeline, connection),
+                         name=f"test-{uuid.uuid4().hex[:8]}")
+    started = time.monotonic()
+    assert worker.work(max_idle_time=2, with_scheduler=False) is False  # no job
+    assert 1.9 <= time.monotonic() - started < 60
