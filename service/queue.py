@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from redis import Redis
 from redis.exceptions import WatchError
 from rq import Queue
+from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.job_lifecycle import record_job_failure
 from rq.registry import StartedJobRegistry
@@ -103,7 +104,11 @@ def fail_if_orphaned(connection: Redis, settings: Settings, job: Job) -> bool:
     writes its outcome (or renews its key) meanwhile, this failure is not committed; and the worker's own writes
     are conditional on the job still being started by it (service.worker.rq_batch's fencing), so once this commits
     the job stays failed."""
-    if job.get_status(refresh=True) != JobStatus.STARTED:
+    try:
+        job.refresh()  # worker and start time as they are now: a copy fetched while the job was queued has neither
+    except NoSuchJobError:
+        return False
+    if job.get_status(refresh=False) != JobStatus.STARTED:
         return False
     # A worker that just reconnected to a restarted Redis may take a job before its next heartbeat: only a job
     # started at least one heartbeat TTL ago, with no live worker, is an orphan.

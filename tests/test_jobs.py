@@ -326,6 +326,26 @@ def test_a_job_whose_worker_is_alive_is_not_an_orphan(connection, settings):
     assert reread(connection, job).get_status() == JobStatus.STARTED
 
 
+def test_a_copy_fetched_while_the_job_was_queued_does_not_make_it_an_orphan(connection, settings):
+    """The web tier's poll fetched the job while it was queued; a live worker started it since. That copy had no
+    worker and no start time: it must not get the job failed (a CI run of the web page saw exactly this)."""
+    connection.set(alive_key("alive"), "{}")
+    queued = submit(connection, settings, request(), [b"x"])
+    stale = reread(connection, queued)
+    start(connection, queued, worker="alive", started_ago_s=60)
+    assert stale.worker_name is None and stale.started_at is None
+    assert not fail_if_orphaned(connection, settings, stale)
+    assert reread(connection, queued).get_status() == JobStatus.STARTED
+    assert not fail_if_orphaned(connection, settings, _deleted_copy(connection, settings))  # gone: nothing to fail
+
+
+def _deleted_copy(connection, settings):
+    job = submit(connection, settings, request(), [b"z"])
+    copy = reread(connection, job)
+    job.delete()
+    return copy
+
+
 @pytest.mark.parametrize("orphan_ttl", [100, 600], ids=["first-in-registry", "last-in-registry"])
 def test_an_orphan_is_failed_once_taken_off_the_started_registry_and_its_uploads_released(connection, settings,
                                                                                           orphan_ttl, caplog):
